@@ -23,6 +23,8 @@ def _implicit_dim(name, ndim, stacklevel):
 def _wrap_dim(name, dim, ndim):
     """Check ``dim`` the way torch does (TypeError, IndexError) and make it non-negative."""
     try:
+        if isinstance(dim, bool):
+            raise TypeError
         dim = operator.index(dim)
     except TypeError:
         raise TypeError(f"{name}(): argument 'dim' must be int, not {type(dim).__name__}") from None

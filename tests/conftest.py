@@ -1,0 +1,66 @@
+"""Test set-up: the kernels run on CUDA when present, else on CPU under Triton's interpreter.
+
+Every test runs with poisoned outputs (NaN-filled before a kernel writes them), and the
+``backend`` fixture proves which implementation served the test: the kernels must have
+launched on 'triton' and must not have on 'torch'.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Must be set before fused_softmax's kernels are first imported: the decorator decides.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import fused_softmax  # noqa: E402
+from fused_softmax import _launch  # noqa: E402
+from fused_softmax.testing import poisoned_outputs  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs():
+    with poisoned_outputs():
+        yield
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Counts kernel launches, so a test can prove the kernels ran."""
+    count = {"n": 0}
+    launch = _launch._launch
+
+    def counted(*args, **kwargs):
+        count["n"] += 1
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(_launch, "_launch", counted)
+    return count
+
+
+@pytest.fixture(params=["torch", "triton"])
+def backend(request, launches):
+    """Runs the test on the eager fallback and on the kernels; checks which one actually ran."""
+    with fused_softmax.use_backend(request.param):
+        yield request.param
+    if request.param == "triton":
+        assert launches["n"] > 0, "the triton backend served this test without launching a kernel"
+    else:
+        assert launches["n"] == 0, "the torch backend launched a kernel"
+
+
+@pytest.fixture
+def kernels(launches):
+    """The Triton backend alone; fails the test if no kernel launched."""
+    with fused_softmax.use_backend("triton"):
+        yield
+    assert launches["n"] > 0, "no kernel launched"

@@ -1,0 +1,66 @@
+"""Shared test data: tolerances, regime cases and the comparison against the float64 reference."""
+
+import os
+
+import torch
+
+from fused_softmax import _launch
+from fused_softmax.kernels import H100, DeviceProperties, launch_config
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+# torch.testing's defaults (rtol, atol). The interpreter truncates fp32 -> bf16 casts
+# instead of rounding: one more bf16 ulp there.
+TOLERANCES = {
+    torch.float16: (1e-3, 1e-5),
+    torch.bfloat16: (1.6e-2 + (2**-7 if INTERPRETED else 0.0), 1e-5),
+    torch.float32: (1.3e-6, 1e-5),
+    torch.float64: (1e-7, 1e-7),
+}
+DTYPES = list(TOLERANCES)
+
+# A grid of one program, so it strides over every block of rows: the persistent loop.
+ONE_PROGRAM = DeviceProperties(name="one program", sm_count=1, max_threads_per_sm=32)
+
+
+def assert_close(actual, expected, dtype=None):
+    """Per-dtype tolerance against a float64 expectation cast to the tested dtype."""
+    dtype = dtype or actual.dtype
+    rtol, atol = TOLERANCES[dtype]
+    expected = torch.as_tensor(expected).to(dtype)
+    torch.testing.assert_close(actual.cpu(), expected, rtol=rtol, atol=atol, equal_nan=True)
+
+
+def regime(n_cols, dtype, *, backward=False, max_block=None):
+    """The regime the heuristic picks on the device under test: 'multi_row', 'single_pass' or 'online'."""
+    device = H100 if not torch.cuda.is_available() else _launch.device_properties(torch.device("cuda"))
+    config = launch_config(n_cols, torch.tensor([], dtype=dtype).element_size(), device,
+                           backward=backward, max_block=max_block)
+    if config.online:
+        return "online"
+    return "multi_row" if config.rows_per_program > 1 else "single_pass"
+
+
+# (shape, max_block). max_block forces a short on-chip row so that tiny rows reach the online
+# regime under the interpreter; the regime each case reaches depends on dtype and direction,
+# and test_cases_reach_every_regime checks that together they reach all three for each.
+CASES = [
+    ((37, 1), None),
+    ((37, 2), None),
+    ((19, 17), None),
+    ((9, 100), None),
+    ((4, 1000), None),
+    ((3, 5000), None),
+    ((2, 8193), None),
+    ((1, 16385), None),
+    ((2, 1023), 1024),
+    ((2, 1024), 1024),
+    ((2, 1025), 1024),
+    ((3, 300), 64),
+    ((2, 63), 32),
+]
+
+
+def case_id(case):
+    shape, max_block = case
+    return "x".join(map(str, shape)) + (f"-block{max_block}" if max_block else "")

@@ -1,0 +1,152 @@
+"""The Triton kernels against the float64 reference, in every regime, dtype and edge value."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from support import CASES, DTYPES, INTERPRETED, ONE_PROGRAM, TOLERANCES, assert_close, case_id, regime
+
+import fused_softmax
+from fused_softmax import _launch, reference
+
+
+def random(shape, dtype, device, scale=3.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+
+
+def test_cases_reach_every_regime():
+    for dtype in DTYPES:
+        for backward in (False, True):
+            reached = {regime(shape[-1], dtype, backward=backward, max_block=block) for shape, block in CASES}
+            assert reached == {"multi_row", "single_pass", "online"}, (dtype, backward, reached)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward(kernels, device, dtype, case):
+    shape, max_block = case
+    x = random(shape, dtype, device)
+    with _launch.limit_block(max_block):
+        y = fused_softmax.softmax(x, dim=-1)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert_close(y, reference.softmax(x))
+    assert_close(y, F.softmax(x, dim=-1).double())
+
+
+def assert_grad_close(actual, expected, torch_actual):
+    """Half precision: within 2x torch's own error in the same dtype, plus atol, plus under the
+    interpreter two bf16 ulps (it truncates both y and dx); else the per-dtype tolerance."""
+    if actual.dtype in (torch.float16, torch.bfloat16):
+        expected = torch.as_tensor(expected)
+        ours = (actual.double().cpu() - expected).abs().max().item()
+        torchs = (torch_actual.double().cpu() - expected).abs().max().item()
+        truncation = 2 * 2**-7 * expected.abs().max().item() if INTERPRETED and actual.dtype == torch.bfloat16 else 0
+        assert ours <= 2 * torchs + TOLERANCES[actual.dtype][1] + truncation, (ours, torchs)
+    else:
+        assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_backward(kernels, device, dtype, case):
+    shape, max_block = case
+    x = random(shape, dtype, device).requires_grad_()
+    dy = random(shape, dtype, device, scale=1.0, seed=1)
+    with _launch.limit_block(max_block):
+        (dx,) = torch.autograd.grad(fused_softmax.softmax(x, dim=-1), x, dy)
+    (torch_dx,) = torch.autograd.grad(F.softmax(x, dim=-1), x, dy)
+    assert dx.dtype == dtype
+    assert_grad_close(dx, reference.softmax_backward(reference.softmax(x), dy), torch_dx)
+
+
+@pytest.mark.parametrize("max_block", [None, 16], ids=["on_chip", "online"])
+def test_persistent_programs_cover_every_row_block(kernels, device, monkeypatch, max_block):
+    monkeypatch.setattr(_launch, "device_properties", lambda device: ONE_PROGRAM)
+    x = random((41, 24), torch.float32, device).requires_grad_()
+    dy = random((41, 24), torch.float32, device, seed=1)
+    with _launch.limit_block(max_block):
+        y = fused_softmax.softmax(x, dim=-1)
+        (dx,) = torch.autograd.grad(y, x, dy)
+    assert_close(y, reference.softmax(x))
+    assert_close(dx, reference.softmax_backward(reference.softmax(x), dy))
+
+
+@pytest.mark.parametrize("max_block", [None, 8], ids=["on_chip", "online"])
+def test_special_values(kernels, device, max_block):
+    inf, nan = float("inf"), float("nan")
+    x = torch.tensor(
+        [
+            [-inf] * 12,  # all -inf: NaN, as torch
+            [-inf] * 8 + [1.0, 2.0, -inf, 0.5],  # first tile all -inf, then finite: no NaN
+            [0.5, -inf, 2.0, -inf] * 3,  # partial -inf: exact zeros there
+            [1.0, inf] + [0.0] * 10,  # +inf: NaN row
+            [1.0, nan] + [0.0] * 10,  # NaN: NaN row
+            [1e4, 1e4 - 1, 0.0, -1e4] * 3,
+            [torch.finfo(torch.float32).max] * 6 + [-torch.finfo(torch.float32).max] * 6,
+        ],
+        device=device,
+    )
+    with _launch.limit_block(max_block):
+        y = fused_softmax.softmax(x, dim=-1)
+    torch.testing.assert_close(y, F.softmax(x, dim=-1), equal_nan=True)
+    assert torch.isnan(y[[0, 3, 4]]).all()
+    assert not torch.isnan(y[[1, 2, 5, 6]]).any()
+    assert (y[2, 1::2] == 0).all() and (y[1, :8] == 0).all()
+
+
+@pytest.mark.parametrize("max_block", [None, 8], ids=["on_chip", "online"])
+def test_gradient_of_masked_rows(kernels, device, max_block):
+    inf = float("inf")
+    x = torch.tensor([[-inf] * 12, [0.5, -inf, 2.0, -inf] * 3], device=device, requires_grad=True)
+    dy = random((2, 12), torch.float32, device)
+    with _launch.limit_block(max_block):
+        (dx,) = torch.autograd.grad(fused_softmax.softmax(x, dim=-1), x, dy)
+    (expected,) = torch.autograd.grad(F.softmax(x, dim=-1), x, dy)
+    torch.testing.assert_close(dx, expected, equal_nan=True)
+    assert torch.isnan(dx[0]).all() and (dx[1, 1::2] == 0).all()
+
+
+@pytest.mark.parametrize("max_block", [None, 4], ids=["on_chip", "online"])
+def test_gradcheck_through_kernels(kernels, device, max_block):
+    """fp64 first and second derivatives, computed by the kernels themselves."""
+    x = random((3, 7), torch.float64, device).requires_grad_()
+    with _launch.limit_block(max_block):
+        assert torch.autograd.gradcheck(lambda t: fused_softmax.softmax(t, dim=-1), (x,))
+        assert torch.autograd.gradgradcheck(lambda t: fused_softmax.softmax(t, dim=-1), (x,))
+
+
+def test_long_row(kernels, device):
+    """No cap on row length: a row of 2^20 + 3 elements streams through the online regime."""
+    n = 2**20 + 3
+    assert regime(n, torch.float32) == "online"
+    x = random((1, n), torch.float32, device, scale=5.0).requires_grad_()
+    dy = random((1, n), torch.float32, device, seed=1)
+    y = fused_softmax.softmax(x, dim=-1)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    assert_close(y, reference.softmax(x))
+    assert_close(dx, reference.softmax_backward(reference.softmax(x), dy))
+
+
+def test_more_rows_than_grid_limit(kernels, device):
+    """65,536+ rows: CUDA's y/z grid limit is 65,535; the persistent grid stays far below any limit."""
+    x = random((65_537, 2), torch.float32, device)
+    assert_close(fused_softmax.softmax(x, dim=-1), reference.softmax(x))
+
+
+def test_row_offsets_are_64_bit(kernels, device):
+    """Row 2 at a stride of 2^30 elements starts at 2^31: int32 row * stride would wrap."""
+    n_cols, stride = 4, 2**30
+    storage = torch.empty(2 * stride + n_cols, dtype=torch.float16, device=device)
+    x = storage.as_strided((3, n_cols), (stride, 1))
+    x.copy_(random((3, n_cols), torch.float16, device))
+    rows = _launch.as_rows(x)
+    assert rows.stride(0) == stride, "the view must reach the kernel uncopied"
+    y = _launch.softmax_forward_rows(rows, torch.float16)
+    assert_close(y, reference.softmax(x))
+
+
+def test_deterministic_and_batch_independent(kernels, device):
+    x = random((33, 700), torch.float32, device)
+    first, again = fused_softmax.softmax(x, dim=-1), fused_softmax.softmax(x, dim=-1)
+    assert torch.equal(first, again)
+    assert torch.equal(fused_softmax.softmax(x[17:18], dim=-1), first[17:18])
