@@ -1,0 +1,211 @@
+"""torch.nn.functional.softmax's contract, kept on both backends, and the backend switch."""
+
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from support import TOLERANCES, assert_close
+
+import fused_softmax
+from fused_softmax import _launch, reference
+
+
+def randn(*shape, device="cpu", dtype=torch.float32):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    "shape, dim",
+    [((5,), 0), ((5, 5), 0), ((5, 5), 1), ((5, 10, 5), 2), ((5, 10, 5), 1), ((32, 20), 0), ((31, 23), 1),
+     ((2, 128, 2, 2), 1), ((2, 2, 4, 4), -1), ((33, 49), -2)],
+)
+def test_matches_torch(backend, device, shape, dim):
+    x = randn(*shape, device=device)
+    y = fused_softmax.softmax(x, dim=dim)
+    assert y.is_contiguous() and y.shape == x.shape
+    assert_close(y, reference.softmax(x, axis=dim))
+    if backend == "torch":
+        assert torch.equal(y, F.softmax(x, dim=dim)), "the fallback must be bit-identical to F.softmax"
+
+
+@pytest.mark.parametrize(
+    "layout",
+    ["transposed", "sliced", "misaligned", "expanded", "channels_last"],
+)
+def test_strided_inputs(backend, device, layout):
+    base = randn(6, 9, 10, 7, device=device)
+    x = {
+        "transposed": base[0, 0].t(),
+        "sliced": base[:, :, 1:8:2, 1:6],
+        "misaligned": base.flatten()[1:1 + 9 * 31].view(9, 31),
+        "expanded": base[0, 0, 0].expand(5, 7),
+        "channels_last": base.contiguous(memory_format=torch.channels_last),
+    }[layout]
+    for dim in range(x.dim()):
+        y = fused_softmax.softmax(x, dim=dim)
+        assert y.is_contiguous()
+        assert_close(y, reference.softmax(x, axis=dim))
+
+
+def test_gradient_of_sum_and_noncontiguous_grad(backend, device):
+    x = randn(7, 12, device=device, dtype=torch.float64).requires_grad_()
+    fused_softmax.softmax(x, dim=1).sum().backward()  # stride-0 grad_output
+    torch.testing.assert_close(x.grad, torch.zeros_like(x), atol=1e-12, rtol=0)
+    dy = randn(12, 7, device=device, dtype=torch.float64).t()  # non-contiguous grad_output
+    (dx,) = torch.autograd.grad(fused_softmax.softmax(x, dim=1), x, dy)
+    assert_close(dx, reference.softmax_backward(reference.softmax(x), dy))
+
+
+def test_saves_only_y(kernels, device):
+    x = randn(4, 9, device=device).requires_grad_()
+    y = fused_softmax.softmax(x, dim=-1)
+    (saved,) = y.grad_fn.saved_tensors
+    assert saved.data_ptr() == y.data_ptr()
+
+
+@pytest.mark.parametrize("ndim, expected_dim", [(0, 0), (1, 0), (2, 1), (3, 0), (4, 1)])
+def test_implicit_dim_warns_and_picks_torchs_dim(backend, device, ndim, expected_dim):
+    x = randn(*[3] * ndim, device=device)
+    with pytest.warns(UserWarning, match="Implicit dimension choice for softmax") as record:
+        y = fused_softmax.softmax(x)
+    assert record[0].filename == __file__, "the warning must point at the caller, as torch's does"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.testing.assert_close(y, F.softmax(x, dim=expected_dim))
+
+
+@pytest.mark.parametrize("name", ["torch", "triton"])
+def test_bad_dims_raise_torchs_errors(device, name):
+    x = randn(3, 4, device=device)
+    with fused_softmax.use_backend(name):
+        for bad in (1.0, True, "1"):
+            with pytest.raises(TypeError):
+                fused_softmax.softmax(x, dim=bad)
+        for bad in (2, -3):
+            with pytest.raises(IndexError, match=r"expected to be in range of \[-2, 1\], but got"):
+                fused_softmax.softmax(x, dim=bad)
+
+
+@pytest.mark.parametrize("name", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64], ids=str)
+def test_non_float_input_needs_dtype(device, name, dtype):
+    x = torch.ones(3, 4, dtype=dtype, device=device)
+    with fused_softmax.use_backend(name):
+        with pytest.raises(RuntimeError):  # NotImplementedError on CPU, RuntimeError on CUDA
+            fused_softmax.softmax(x, dim=1)
+
+
+def test_int_input_with_dtype(backend, device):
+    x = torch.arange(12, device=device).view(3, 4)
+    y = fused_softmax.softmax(x, dim=1, dtype=torch.float32)
+    assert y.dtype == torch.float32
+    assert_close(y, reference.softmax(x, axis=1))
+
+
+def test_dtype_argument(backend, device):
+    x = randn(5, 33, device=device, dtype=torch.float16).requires_grad_()
+    y = fused_softmax.softmax(x, dim=1, dtype=torch.float32)
+    assert y.dtype == torch.float32
+    assert_close(y, reference.softmax(x))
+    y.backward(randn(5, 33, device=device))
+    assert x.grad.dtype == torch.float16
+    assert fused_softmax.softmax(x.float(), dim=1, dtype=torch.float16).dtype == torch.float16
+
+
+def test_zero_dim(backend, device):
+    x = torch.tensor(3.0, device=device, requires_grad=True)
+    for dim in (0, -1):
+        y = fused_softmax.softmax(x, dim=dim)
+        assert y.shape == () and y.item() == 1.0
+    y.backward()
+    assert x.grad.item() == 0.0
+    for special in (float("nan"), float("inf"), -float("inf")):
+        assert torch.isnan(fused_softmax.softmax(torch.tensor(special, device=device), dim=0))
+
+
+@pytest.mark.parametrize("name", ["torch", "triton"])
+@pytest.mark.parametrize("shape, dim", [((0, 10), 1), ((10, 0), 1), ((10, 0), 0), ((5, 0, 0), -1)])
+def test_empty(device, launches, name, shape, dim):
+    x = torch.randn(shape, device=device, requires_grad=True)
+    with fused_softmax.use_backend(name):
+        y = fused_softmax.softmax(x, dim=dim)
+        y.backward(torch.ones_like(y))
+    assert y.shape == shape and x.grad.shape == shape
+    assert launches["n"] == 0
+
+
+def test_backend_is_read_at_call_time(device, launches, monkeypatch):
+    x = randn(4, 8, device=device)
+    monkeypatch.setenv("FUSED_SOFTMAX_BACKEND", "torch")
+    fused_softmax.softmax(x, dim=1)
+    assert launches["n"] == 0
+    monkeypatch.setenv("FUSED_SOFTMAX_BACKEND", "triton")
+    fused_softmax.softmax(x, dim=1)
+    assert launches["n"] == 1
+    with fused_softmax.use_backend("torch"):
+        with fused_softmax.use_backend("triton"):
+            fused_softmax.softmax(x, dim=1)
+        fused_softmax.softmax(x, dim=1)
+    assert launches["n"] == 2
+
+
+def test_auto_backend(device, launches, monkeypatch):
+    monkeypatch.delenv("FUSED_SOFTMAX_BACKEND", raising=False)
+    fused_softmax.softmax(randn(4, 8, device=device), dim=1)
+    assert launches["n"] == (1 if device == "cuda" else 0)
+    fused_softmax.softmax(randn(4, 8), dim=1)  # CPU tensors go to eager PyTorch
+    assert launches["n"] == (1 if device == "cuda" else 0)
+
+
+def test_unknown_backend_raises(monkeypatch):
+    with pytest.raises(ValueError, match="unknown fused_softmax backend"):
+        with fused_softmax.use_backend("cuda"):
+            pass
+    monkeypatch.setenv("FUSED_SOFTMAX_BACKEND", "fast")
+    with pytest.raises(ValueError, match="unknown fused_softmax backend"):
+        fused_softmax.softmax(randn(2, 2), dim=1)
+
+
+def test_triton_backend_never_falls_back(monkeypatch):
+    monkeypatch.setattr(_launch, "kernels_interpreted", lambda: False)
+    with fused_softmax.use_backend("triton"):
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            fused_softmax.softmax(randn(2, 3), dim=1)
+        with pytest.raises(RuntimeError, match="not on meta"):
+            fused_softmax.softmax(torch.empty(2, 3, device="meta"), dim=1)
+
+
+def run_python(code):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+def test_import_is_lazy_and_works_without_triton():
+    lazy = run_python("import sys, fused_softmax; assert 'triton' not in sys.modules, 'imported triton'")
+    assert lazy.returncode == 0, lazy.stderr
+    code = """
+import sys
+sys.modules['triton'] = None  # as if triton were not installed
+import torch, fused_softmax
+x = torch.randn(3, 5)
+assert torch.equal(fused_softmax.softmax(x, dim=1), torch.softmax(x, dim=1))
+with fused_softmax.use_backend('triton'):
+    try:
+        fused_softmax.softmax(x, dim=1)
+    except RuntimeError as e:
+        assert 'needs the triton package' in str(e), e
+    else:
+        raise SystemExit('the triton backend ran without triton')
+"""
+    without = run_python(code)
+    assert without.returncode == 0, without.stderr
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
+def test_output_dtype_is_input_dtype(backend, device, dtype):
+    x = randn(3, 70, device=device, dtype=dtype)
+    y = fused_softmax.softmax(x, dim=-1)
+    assert y.dtype == dtype
+    assert_close(y, reference.softmax(x))
