@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Sets up and runs the whole test suite. Without a GPU the kernels run under Triton's interpreter.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash ci/setup.sh test
+python3 -m pytest -n 2 tests "$@"
