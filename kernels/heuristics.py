@@ -14,6 +14,7 @@ machine without a GPU. The rules, for a row of ``n_cols`` elements:
 - The grid is persistent: at most as many programs as the SMs hold at once.
 """
 
+import functools
 from dataclasses import dataclass
 
 import triton
@@ -68,6 +69,7 @@ def max_on_chip_elements(compute_bytes: int, live_tensors: int, device: DevicePr
     return 1 << (budget.bit_length() - 1)
 
 
+@functools.cache
 def launch_config(
     n_cols: int,
     elem_bytes: int,
