@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash ci/setup.sh test
-python3 -m pytest -n 2 tests "$@"
+python3 -m pytest -n 2 tests benchmarks --benchmark-disable "$@"

@@ -67,7 +67,7 @@ def use_kernels(tensor, dtype):
         if not kernels_interpreted():
             raise RuntimeError(
                 "fused_softmax backend 'triton' runs CPU tensors only under Triton's interpreter: "
-                "set TRITON_INTERPRET=1 before fused_softmax's kernels are first loaded"
+                "set TRITON_INTERPRET=1 before triton is first imported"
             )
     elif not tensor.is_cuda:
         raise RuntimeError(

@@ -31,10 +31,12 @@ def _kernels():
 
 
 def kernels_interpreted():
-    """True when the kernels were decorated under TRITON_INTERPRET=1 and so run on CPU tensors."""
+    """True when the kernels, and Triton's own library of jitted functions (tl.max, tl.cdiv), were
+    decorated under TRITON_INTERPRET=1, so they run on CPU tensors."""
+    import triton.language.standard as standard
     from triton.runtime.interpreter import InterpretedFunction
 
-    return isinstance(_kernels()._softmax_forward_kernel, InterpretedFunction)
+    return all(isinstance(f, InterpretedFunction) for f in (_kernels()._softmax_forward_kernel, standard.cdiv))
 
 
 @functools.cache

@@ -1,0 +1,93 @@
+"""pytest-benchmark of fused_softmax against torch eager and torch.compile: forward, backward, and both.
+
+    pytest benchmarks/ --benchmark-only          # on a CUDA GPU
+    pytest benchmarks/ --benchmark-disable -q    # anywhere: a smoke test that runs each case once
+
+On CUDA each timed call ends in a synchronize, so it times the GPU's work, and extra_info
+records the bytes a perfect kernel moves and the GB/s that makes. Without a GPU the shape is
+tiny, fused_softmax runs its eager fallback, and one case runs the real kernels under Triton's
+interpreter. Every case first checks its results against float64 torch.
+"""
+
+import pytest
+import torch
+
+from fused_softmax import use_backend
+from fused_softmax._backend import triton_available
+from fused_softmax._launch import kernels_interpreted
+from fused_softmax.bench import DTYPE_NAMES, Problem, check, expected_results, implementations
+
+pytest.importorskip("pytest_benchmark")
+
+CUDA = torch.cuda.is_available()
+DIRECTIONS = ("forward", "backward", "forward+backward")
+IMPLEMENTATIONS, _ = implementations(peers=False)
+
+# 256 MiB inputs, past the L2 cache: many short rows; a row on chip (bf16, fp32); online rows; fewer rows than SMs.
+CUDA_PROBLEMS = [
+    Problem(262144, 512, torch.bfloat16, "cuda"),
+    Problem(16384, 8192, torch.bfloat16, "cuda"),
+    Problem(8192, 8192, torch.float32, "cuda"),
+    Problem(2048, 65536, torch.bfloat16, "cuda"),
+    Problem(64, 1048576, torch.float32, "cuda"),
+]
+CPU_PROBLEM = Problem(64, 128, torch.float32, "cpu")
+INTERPRETER_PROBLEM = Problem(4, 256, torch.float32, "interpreter")
+
+
+def _cases():
+    """(implementation, backend, problem): CUDA runs the kernels; CPU the fallback, and once the interpreter."""
+    if CUDA:
+        return [(name, "triton", problem) for problem in CUDA_PROBLEMS for name in IMPLEMENTATIONS]
+    interpreted = ("fused_softmax", "triton", INTERPRETER_PROBLEM)
+    return [(name, "torch", CPU_PROBLEM) for name in IMPLEMENTATIONS] + [interpreted]
+
+
+def _id(case):
+    name, backend, problem = case
+    interpreted = "-interpreted" if backend == "triton" and not CUDA else ""
+    return f"{name}{interpreted}-{problem.n_rows}x{problem.n_cols}-{DTYPE_NAMES[problem.dtype]}"
+
+
+CASES = _cases()
+
+
+def _timed_call(softmax, x, y, dy, direction):
+    """The work a direction repeats; on CUDA it waits for the GPU, so the timer sees the kernels' time."""
+    calls = {
+        "forward": lambda: softmax(x),
+        "backward": lambda: torch.autograd.grad(y, x, dy, retain_graph=True),
+        "forward+backward": lambda: torch.autograd.grad(softmax(x), x, dy),
+    }
+    call = calls[direction]
+    if not CUDA:
+        return call
+
+    def synchronized():
+        call()
+        torch.cuda.synchronize()
+
+    return synchronized
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("name, backend, problem", CASES, ids=[_id(case) for case in CASES])
+def test_softmax(benchmark, name, backend, problem, direction):
+    if backend == "triton" and not CUDA and not (triton_available() and kernels_interpreted()):
+        pytest.skip("the kernels run on CPU only under TRITON_INTERPRET=1, set before triton is imported")
+    device = "cuda" if CUDA else "cpu"
+    x = torch.randn(problem.n_rows, problem.n_cols, dtype=problem.dtype, device=device, requires_grad=True)
+    dy = torch.randn_like(x)
+    expected = expected_results(x.detach(), dy, ("forward", "backward"))
+    softmax = IMPLEMENTATIONS[name]()
+    with use_backend(backend):
+        y = softmax(x)
+        dx = torch.autograd.grad(y, x, dy, retain_graph=True)[0]
+        for out, direction_checked in ((y, "forward"), (dx, "backward")):
+            error, allowed = check(out.detach(), expected[direction_checked])
+            assert error <= allowed, f"{direction_checked}: max abs error {error:.3g} above {allowed:.3g}"
+        benchmark.group = f"{direction} {problem.n_rows}x{problem.n_cols} {DTYPE_NAMES[problem.dtype]}"
+        benchmark.extra_info["bytes_moved"] = problem.bytes_moved(direction)
+        benchmark(_timed_call(softmax, x, y, dy, direction))
+    if CUDA and benchmark.stats:
+        benchmark.extra_info["GB/s"] = problem.bytes_moved(direction) / benchmark.stats.stats.median / 1e9

@@ -1,0 +1,629 @@
+"""Benchmarks of fused_softmax against torch eager, torch.compile and, where installed, Liger-Kernel and QuACK.
+
+Softmax is memory bound, so on a CUDA GPU each point reports bandwidth: the bytes a perfect
+kernel moves over the median time of ``triton.testing.do_bench``, and that as a share of a
+device-to-device copy timed in the same run, the ceiling any softmax can approach. Every
+output is checked against float64 torch, so a fast wrong result shows as WRONG.
+
+A CPU has no bandwidth worth comparing with a GPU's: there the run times the eager
+fallback's per-call overhead and checks the real kernels under Triton's interpreter.
+
+    python -m fused_softmax.bench [--quick] [--dtypes bf16,fp32] [--directions forward] [--out DIR]
+"""
+
+import argparse
+import datetime
+import functools
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import __version__, _launch, functional, reference
+from ._backend import triton_available, use_backend
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+DIRECTIONS = ("forward", "backward")
+TENSORS_MOVED = {"forward": 2, "backward": 3, "forward+backward": 5}
+
+# Largest error allowed, relative to the largest reference value: four roundings to the dtype
+# (unit roundoff 2**-8 for bf16, 2**-11 for fp16); for fp32, sums over rows of millions.
+TOLERANCE = {torch.bfloat16: 2**-6, torch.float16: 2**-9, torch.float32: 1e-5}
+
+SWEEP_COLS = sorted([2**k for k in range(7, 23)] + [1000, 5000, 50257])
+SMALL_M_COLS = [4**k for k in range(6, 12)]
+QUICK_COLS = [128, 1000, 4096, 50257, 262144, 4194304]
+QUICK_SMALL_M_COLS = [65536, 4194304]
+SUMMARY_SHAPES = ((65536, 512), (8192, 8192), (1024, 65536), (32, 1048576))
+
+# Inputs far larger than the L2 cache, so the sweep measures HBM. At most 1/32 of free memory:
+# the float64 references and their temporaries take up to ~20x the input.
+INPUT_BYTES = 512 * 2**20
+QUICK_INPUT_BYTES = 128 * 2**20
+FREE_MEMORY_SHARE = 32
+COPY_BYTES = 2**30
+
+CPU_OVERHEAD_SHAPES = ((1, 128), (8, 512), (64, 1024))
+# (rows, cols, on-chip cap): many short rows per program with the last block part-masked;
+# one whole row on chip; rows longer than the capped tile, so the online loop runs.
+INTERPRETER_CASES = ((37, 100, None), (3, 5000, None), (3, 300, 64))
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Softmax over the last dim of an [n_rows, n_cols] tensor; ``group`` names the sweep it belongs to."""
+
+    n_rows: int
+    n_cols: int
+    dtype: torch.dtype
+    group: str
+
+    def bytes_moved(self, direction):
+        """What a perfect kernel moves: forward reads x, writes y; backward reads y and dy, writes dx."""
+        return TENSORS_MOVED[direction] * self.n_rows * self.n_cols * self.dtype.itemsize
+
+
+def interpret_kernels_without_gpu():
+    """Without a CUDA GPU the kernels run only under Triton's interpreter; it must be on before triton is imported."""
+    if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
+def _fused(x):
+    return functional.softmax(x, dim=-1)
+
+
+def _eager(x):
+    return F.softmax(x, dim=-1)
+
+
+def _compiled():
+    """A fresh static-shape compile; the reset keeps a point from passing dynamo's recompile limit and running eager."""
+    torch._dynamo.reset()
+    return torch.compile(_eager, dynamic=False)
+
+
+def _describe(error):
+    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+
+
+def implementations(peers=True):
+    """name -> factory of a last-dim softmax, called once per problem; and a note for each peer that is missing."""
+    impls = {"fused_softmax": lambda: _fused, "torch": lambda: _eager, "torch.compile": _compiled}
+    skipped = []
+    if not peers:
+        return impls, skipped
+    try:
+        from liger_kernel.ops.softmax import LigerSoftmaxFunction
+    except Exception as error:  # an installed peer can also fail to import for reasons of its own
+        skipped.append(f"Liger-Kernel skipped: liger_kernel.ops.softmax is not importable ({_describe(error)})")
+    else:
+        impls["liger"] = lambda: LigerSoftmaxFunction.apply
+    try:
+        from quack.softmax import softmax as quack_softmax
+    except Exception as error:
+        skipped.append(f"QuACK skipped: quack.softmax is not importable ({_describe(error)})")
+    else:
+        impls["quack"] = lambda: quack_softmax
+    return impls, skipped
+
+
+def regime(n_cols, dtype, direction, device, max_block=None):
+    """How the fused kernel runs rows of ``n_cols``: several rows per program, one pass on chip, or online."""
+    from .kernels import launch_config
+
+    config = launch_config(
+        n_cols, dtype.itemsize, _launch.device_properties(device), backward=direction == "backward", max_block=max_block
+    )
+    if config.online:
+        return "online"
+    if config.rows_per_program > 1:
+        return f"multi-row x{config.rows_per_program}"
+    return "single-pass"
+
+
+def _run(softmax, x, dy, direction):
+    """The direction's output, to check, and a call that repeats the direction's work, to time.
+
+    x requires grad in both directions, so torch.compile builds one training graph per problem.
+    """
+    x = x.detach().requires_grad_()
+    y = softmax(x)
+    if direction == "forward":
+        return y, lambda: softmax(x)
+
+    def backward():
+        return torch.autograd.grad(y, x, dy, retain_graph=True)[0]
+
+    return backward(), backward
+
+
+def check(out, expected):
+    """(max abs error, the most the dtype's rounding explains); NaN fails the comparison."""
+    error = out.double().sub_(expected).abs_().max().item()
+    return error, TOLERANCE[out.dtype] * expected.abs().max().item()
+
+
+def expected_results(x, dy, directions):
+    """float64 torch results, the truth every implementation is checked against."""
+    y = torch.softmax(x.double(), dim=-1)
+    expected = {"forward": y}
+    if "backward" in directions:
+        dy = dy.double()
+        expected["backward"] = y * (dy - (dy * y).sum(-1, keepdim=True))
+    return expected
+
+
+def _measure(problem, direction, name, softmax, x, dy, expected, timer, copy_gbps):
+    record = dict(
+        dtype=DTYPE_NAMES[problem.dtype],
+        direction=direction,
+        group=problem.group,
+        n_rows=problem.n_rows,
+        n_cols=problem.n_cols,
+        implementation=name,
+        fused_regime=regime(problem.n_cols, problem.dtype, direction, x.device),
+    )
+    try:
+        with use_backend("triton"):
+            out, call = _run(softmax, x, dy, direction)
+            record["max_abs_err"], record["allowed_err"] = check(out, expected)
+            del out
+            ms = timer(call)
+    except Exception as error:  # a failing implementation is reported, not fatal to the sweep
+        record.update(ok=False, error=_describe(error))
+        return record
+    gbps = problem.bytes_moved(direction) / ms / 1e6
+    record.update(
+        ok=record["max_abs_err"] <= record["allowed_err"], ms=ms, gbps=gbps, pct_of_copy=100 * gbps / copy_gbps
+    )
+    return record
+
+
+def sweep(problems, impls, directions, timer, copy_gbps, device):
+    """Yield a record per problem, implementation and direction; fused_softmax runs on its kernels, never a fallback."""
+    for problem in problems:
+        x = torch.randn(problem.n_rows, problem.n_cols, dtype=problem.dtype, device=device)
+        dy = torch.randn_like(x)
+        expected = expected_results(x, dy, directions)
+        for name, make in impls.items():
+            softmax = make()
+            for direction in directions:
+                yield _measure(problem, direction, name, softmax, x, dy, expected[direction], timer, copy_gbps)
+        del x, dy, expected
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def do_bench_timer(warmup=25, rep=100):
+    """Median milliseconds of a call, by triton's do_bench (L2 flushed before each run)."""
+    from triton.testing import do_bench
+
+    return lambda call: do_bench(call, warmup=warmup, rep=rep, return_mode="median")
+
+
+def copy_gbps(timer, device, nbytes=COPY_BYTES):
+    """Bandwidth of dst.copy_(src): read and write nbytes each, the ceiling for a kernel that streams."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / timer(lambda: dst.copy_(src)) / 1e6
+
+
+def sweep_problems(dtypes, quick, sm_count, input_bytes):
+    """Large problems over N, then a few rows (a quarter of the SMs' worth) for the long rows."""
+    cols, small_m_cols = (QUICK_COLS, QUICK_SMALL_M_COLS) if quick else (SWEEP_COLS, SMALL_M_COLS)
+    for dtype in dtypes:
+        for n_cols in cols:
+            yield Problem(max(1, input_bytes // (n_cols * dtype.itemsize)), n_cols, dtype, "large")
+        for n_cols in small_m_cols:
+            yield Problem(max(1, sm_count // 4), n_cols, dtype, "small-M")
+
+
+class Progress:
+    """tqdm where installed, else one printed line per step."""
+
+    def __init__(self, total):
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            self._bar = None
+        else:
+            self._bar = tqdm(total=total, unit="run", dynamic_ncols=True)
+        self._total, self._done = total, 0
+
+    def step(self, label):
+        self._done += 1
+        if self._bar is None:
+            print(f"[{self._done}/{self._total}] {label}", flush=True)
+        else:
+            self._bar.set_postfix_str(label, refresh=False)
+            self._bar.update()
+
+    def note(self, message):
+        (print if self._bar is None else self._bar.write)(message)
+
+    def close(self):
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _point(record):
+    return f"{record['dtype']} {record['direction']} {record['n_rows']}x{record['n_cols']} {record['implementation']}"
+
+
+def _cell(record):
+    """'GB/s (% of copy)', with WRONG or the error where the check failed."""
+    if "error" in record:
+        return "error"
+    cell = f"{record['gbps']:,.0f} ({record['pct_of_copy']:.0f}%)"
+    return cell if record["ok"] else f"{cell} WRONG"
+
+
+def _fused_passed(records):
+    return all(record["ok"] for record in records if record["implementation"] == "fused_softmax")
+
+
+def _failure(record):
+    if "error" in record:
+        return f"{_point(record)}: {record['error']}"
+    return f"{_point(record)}: WRONG, max abs err {record['max_abs_err']:.3g} > allowed {record['allowed_err']:.3g}"
+
+
+def table(headers, rows):
+    """An aligned markdown table: readable in a terminal, rendered in a .md file."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)]
+
+    def line(cells):
+        return "| " + " | ".join(str(cell).rjust(width) for cell, width in zip(cells, widths, strict=True)) + " |"
+
+    rule = "|" + "|".join("-" * (width + 1) + ":" for width in widths) + "|"
+    return "\n".join([line(headers), rule, *map(line, rows)])
+
+
+def _by_point(records):
+    """{(dtype, direction): {(group, n_rows, n_cols): {implementation: record}}}, in sweep order."""
+    points = {}
+    for record in records:
+        section = points.setdefault((record["dtype"], record["direction"]), {})
+        section.setdefault((record["group"], record["n_rows"], record["n_cols"]), {})[record["implementation"]] = record
+    return points
+
+
+def markdown(metadata, copy, records, skipped):
+    impls = list(dict.fromkeys(record["implementation"] for record in records))
+    lines = [f"# fused_softmax benchmark: {metadata['device']}", ""]
+    lines += [f"- {key}: {value}" for key, value in metadata.items()]
+    lines += [
+        "",
+        f"Device-to-device copy: {copy:,.0f} GB/s. Cells: GB/s (% of copy), where GB/s is the bytes a perfect kernel "
+        "moves (forward: read x, write y; backward: read y and dy, write dx) over the median time. WRONG: max abs "
+        "error against float64 torch above what rounding explains.",
+        "",
+        *(f"- {note}" for note in skipped),
+    ]
+    for (dtype, direction), points in _by_point(records).items():
+        headers = ["set", "M", "N", "fused regime", *impls, "fused max abs err"]
+        rows = []
+        for (group, n_rows, n_cols), by_impl in points.items():
+            fused = by_impl.get("fused_softmax", {})
+            rows.append(
+                [
+                    group,
+                    n_rows,
+                    n_cols,
+                    next(iter(by_impl.values()))["fused_regime"],
+                    *(_cell(by_impl[impl]) if impl in by_impl else "" for impl in impls),
+                    f"{fused['max_abs_err']:.2g}" if "max_abs_err" in fused else "",
+                ]
+            )
+        lines += ["", f"## {dtype} {direction}", "", table(headers, rows)]
+    failures = [_failure(record) for record in records if not record["ok"]]
+    if failures:
+        lines += ["", "## Failures", "", *(f"- {failure}" for failure in failures)]
+    return "\n".join(lines) + "\n"
+
+
+def plot(out_dir, records, copy, device_name):
+    """One PNG per dtype and direction: GB/s against N, a line per implementation; none without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    impls = list(dict.fromkeys(record["implementation"] for record in records))
+    paths = []
+    for (dtype, direction), points in _by_point(records).items():
+        fig, ax = plt.subplots(figsize=(9, 5.5))
+        for color, impl in enumerate(impls):
+            for group, style in (("large", "-"), ("small-M", "--")):
+                measured = [
+                    by_impl[impl]
+                    for (point_group, _, _), by_impl in points.items()
+                    if point_group == group and "gbps" in by_impl.get(impl, {})
+                ]
+                if not measured:
+                    continue
+                label = impl if group == "large" else f"{impl}, M={measured[0]['n_rows']}"
+                ax.plot(
+                    [r["n_cols"] for r in measured],
+                    [r["gbps"] for r in measured],
+                    style,
+                    color=f"C{color}",
+                    marker="o",
+                    markersize=3,
+                    label=label,
+                )
+                wrong = [r for r in measured if not r["ok"]]
+                if wrong:
+                    ax.plot([r["n_cols"] for r in wrong], [r["gbps"] for r in wrong], "x", color="black", markersize=9)
+        ax.axhline(copy, color="gray", linestyle=":", label="device-to-device copy")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("N (softmax length); x: wrong result")
+        ax.set_ylabel("GB/s")
+        ax.set_ylim(bottom=0)
+        ax.set_title(f"softmax {direction}, {dtype}, {device_name}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        path = out_dir / f"{dtype}-{direction}.png"
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _output(*command):
+    try:
+        return subprocess.run(command, capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def metadata(device):
+    props = torch.cuda.get_device_properties(device)
+    source = Path(__file__).resolve().parent
+    commit = _output("git", "-C", str(source), "rev-parse", "HEAD")
+    driver = _output("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader")
+    return {
+        "device": props.name,
+        "sm_count": props.multi_processor_count,
+        "memory_gib": round(props.total_memory / 2**30, 1),
+        "driver": driver.splitlines()[0] if driver else None,
+        "cuda": torch.version.cuda,
+        "torch": torch.__version__,
+        "triton": importlib.metadata.version("triton"),
+        "python": platform.python_version(),
+        "fused_softmax": __version__,
+        "git_commit": commit,
+        "git_dirty": bool(_output("git", "-C", str(source), "status", "--porcelain")) if commit else None,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+
+
+def default_out_dir(device_name):
+    slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
+    return Path("benchmarks") / "results" / f"{slug}-{datetime.date.today().isoformat()}"
+
+
+def cuda_sweep(dtypes, directions, quick, out_dir):
+    """The full (or --quick) sweep; writes results.json, results.md and plots. Exit status 1 if fused_softmax failed."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    started = time.perf_counter()
+    info = metadata(device)
+    impls, skipped = implementations()
+    for note in skipped:
+        print(note)
+    timer = do_bench_timer(*((10, 40) if quick else (25, 100)))
+    input_bytes = min(
+        QUICK_INPUT_BYTES if quick else INPUT_BYTES, torch.cuda.mem_get_info(device)[0] // FREE_MEMORY_SHARE
+    )
+    copy = copy_gbps(timer, device)
+    print(f"{info['device']}: device-to-device copy {copy:,.0f} GB/s")
+    problems = list(sweep_problems(dtypes, quick, info["sm_count"], input_bytes))
+    progress = Progress(len(problems) * len(impls) * len(directions))
+    records = []
+    for record in sweep(problems, impls, directions, timer, copy, device):
+        records.append(record)
+        progress.step(_point(record))
+        if not record["ok"]:
+            progress.note(_failure(record))
+    progress.close()
+    info["elapsed_s"] = round(time.perf_counter() - started, 1)
+    info["quick"] = quick
+    out_dir = out_dir or default_out_dir(info["device"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = markdown(info, copy, records, skipped)
+    results = {"metadata": info, "copy_gbps": copy, "skipped": skipped, "results": records}
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out_dir / "results.md").write_text(report)
+    plots = plot(out_dir, records, copy, info["device"])
+    print(report)
+    print(f"Wrote results.json, results.md and {len(plots)} plots to {out_dir} in {info['elapsed_s']:.0f} s")
+    if not plots:
+        print("No plots: matplotlib is not installed")
+    return int(not _fused_passed(records))
+
+
+def _interleaved_median_us(*calls, blocks=31, block_s=2e-3):
+    """Median per-call microseconds of each call, timed in alternating blocks so drift hits all alike."""
+    for call in calls:
+        call()
+    start = time.perf_counter()
+    calls[0]()
+    number = max(1, round(block_s / max(time.perf_counter() - start, 1e-7)))
+    samples = [[] for _ in calls]
+    for _ in range(blocks):
+        for call, times in zip(calls, samples, strict=True):
+            start = time.perf_counter()
+            for _ in range(number):
+                call()
+            times.append((time.perf_counter() - start) / number)
+    return [statistics.median(times) * 1e6 for times in samples]
+
+
+def cpu_overhead(dtypes):
+    """Table of per-call time, in microseconds, of F.softmax and of fused_softmax's eager fallback."""
+    rows, threads = [], torch.get_num_threads()
+    # One thread, as torch.utils.benchmark does: thread-pool wake-ups would drown a microsecond of overhead.
+    torch.set_num_threads(1)
+    try:
+        with use_backend("torch"):
+            for n_rows, n_cols in CPU_OVERHEAD_SHAPES:
+                for dtype in dtypes:
+                    x = torch.randn(n_rows, n_cols, dtype=dtype)
+                    eager_us, fused_us = _interleaved_median_us(
+                        functools.partial(_eager, x), functools.partial(_fused, x)
+                    )
+                    rows.append(
+                        [
+                            f"{n_rows}x{n_cols}",
+                            DTYPE_NAMES[dtype],
+                            f"{eager_us:.1f}",
+                            f"{fused_us:.1f}",
+                            f"{fused_us - eager_us:+.1f}",
+                        ]
+                    )
+    finally:
+        torch.set_num_threads(threads)
+    return table(["shape", "dtype", "F.softmax us", "fused (torch backend) us", "overhead us"], rows)
+
+
+def interpreter_checks(dtypes, directions):
+    """(table of the kernels' max abs error against the NumPy reference under Triton's interpreter, all passed)."""
+    if not triton_available() or not _launch.kernels_interpreted():
+        return "Skipped: the interpreter needs triton, and TRITON_INTERPRET=1 set before triton is imported.", True
+    rows, passed = [], True
+    with use_backend("triton"), warnings.catch_warnings():
+        # Masked-off lanes compute -inf - -inf; NumPy warns where a GPU stays silent.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for n_rows, n_cols, max_block in INTERPRETER_CASES:
+            for dtype in dtypes:
+                x, dy = torch.randn(n_rows, n_cols, dtype=dtype), torch.randn(n_rows, n_cols, dtype=dtype)
+                y = reference.softmax(x)
+                expected = {"forward": y, "backward": reference.softmax_backward(y, dy)}
+                for direction in directions:
+                    label = regime(n_cols, dtype, direction, x.device, max_block)
+                    if max_block:
+                        label += f" (limit_block({max_block}))"
+                    with _launch.limit_block(max_block):
+                        try:
+                            out, _ = _run(_fused, x, dy, direction)
+                            error, allowed = check(out, torch.from_numpy(expected[direction]))
+                            verdict = "ok" if error <= allowed else "WRONG"
+                            error = f"{error:.2g}"
+                        except Exception as failure:  # shown in the table, as a wrong result would be
+                            error, verdict = _describe(failure), "error"
+                    passed &= verdict == "ok"
+                    rows.append([f"{n_rows}x{n_cols}", DTYPE_NAMES[dtype], direction, label, error, verdict])
+    return table(["shape", "dtype", "direction", "regime", "max abs err", "check"], rows), passed
+
+
+def cpu_report(dtypes, directions):
+    """The fallback's overhead, and the kernels' correctness under the interpreter. Exit status 1 on a failure."""
+    print("No CUDA GPU: CPU timings of the eager fallback, and correctness of the kernels under Triton's interpreter.")
+    print("\nPer-call time of forward softmax, one thread, median; the fallback's backward is torch's own autograd.\n")
+    print(cpu_overhead(dtypes))
+    checks, passed = interpreter_checks(dtypes, directions)
+    print("\nTriton kernels under the interpreter against the float64 NumPy reference:\n")
+    print(checks)
+    return int(not passed)
+
+
+def comparison_table(records):
+    """fused_softmax against torch eager, a row per problem and direction."""
+    rows = []
+    for points in _by_point(records).values():
+        for (_, n_rows, n_cols), by_impl in points.items():
+            fused, eager = by_impl["fused_softmax"], by_impl["torch"]
+            speedup = f"{fused['gbps'] / eager['gbps']:.2f}x" if "gbps" in fused and "gbps" in eager else ""
+            error = f"{fused['max_abs_err']:.2g}" if "max_abs_err" in fused else fused.get("error", "")
+            rows.append(
+                [
+                    f"{n_rows}x{n_cols}",
+                    fused["dtype"],
+                    fused["direction"],
+                    fused["fused_regime"],
+                    _cell(fused),
+                    _cell(eager),
+                    speedup,
+                    error,
+                    "ok" if fused["ok"] else "FAIL",
+                ]
+            )
+    headers = ["shape", "dtype", "direction", "regime", "fused_softmax", "torch", "speedup", "max abs err", "check"]
+    return table(headers, rows)
+
+
+def cuda_summary():
+    """A handful of shapes, fused_softmax against torch, forward and backward. Exit status 1 on a failure."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    timer = do_bench_timer(warmup=10, rep=40)
+    copy = copy_gbps(timer, device)
+    impls = {name: make for name, make in implementations(peers=False)[0].items() if name != "torch.compile"}
+    problems = [
+        Problem(n_rows, n_cols, dtype, "summary")
+        for dtype in (torch.bfloat16, torch.float32)
+        for n_rows, n_cols in SUMMARY_SHAPES
+    ]
+    print(
+        f"{torch.cuda.get_device_name(device)}: device-to-device copy {copy:,.0f} GB/s. "
+        "Cells: GB/s (% of copy), from the median time of triton.testing.do_bench.\n"
+    )
+    records = list(sweep(problems, impls, DIRECTIONS, timer, copy, device))
+    print(comparison_table(records))
+    return int(not _fused_passed(records))
+
+
+def summary():
+    """The short correctness-and-timing table of ``python -m fused_softmax``, on whatever device is present."""
+    triton = importlib.metadata.version("triton") if triton_available() else "not installed"
+    python = platform.python_version()
+    print(f"fused_softmax {__version__}, torch {torch.__version__}, triton {triton}, Python {python}")
+    if torch.cuda.is_available():
+        return cuda_summary()
+    return cpu_report((torch.float32, torch.bfloat16), DIRECTIONS)
+
+
+def _choices(allowed):
+    def parse(text):
+        chosen = [item.strip() for item in text.split(",") if item.strip()]
+        unknown = [item for item in chosen if item not in allowed]
+        if unknown or not chosen:
+            raise argparse.ArgumentTypeError(f"choose from {', '.join(allowed)} (comma-separated), not {text!r}")
+        return chosen
+
+    return parse
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m fused_softmax.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and shorter timings")
+    parser.add_argument("--dtypes", type=_choices(list(DTYPES)), default=list(DTYPES), help="default: bf16,fp16,fp32")
+    parser.add_argument(
+        "--directions", type=_choices(DIRECTIONS), default=list(DIRECTIONS), help="default: forward,backward"
+    )
+    parser.add_argument(
+        "--out", type=Path, help="results folder (CUDA only); default ./benchmarks/results/<device>-<date>/"
+    )
+    args = parser.parse_args(argv)
+    interpret_kernels_without_gpu()
+    dtypes = [DTYPES[name] for name in args.dtypes]
+    if torch.cuda.is_available():
+        return cuda_sweep(dtypes, args.directions, args.quick, args.out)
+    return cpu_report(dtypes, args.directions)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
