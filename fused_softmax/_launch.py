@@ -1,14 +1,21 @@
-"""Host side of the kernels: row views, outputs, launch configuration and the launch itself.
+"""Host side of the kernels: strided views, outputs, alignment, launch configuration and launch.
 
-Triton is imported on first use only, so ``import fused_softmax`` stays cheap and works
-where Triton is absent.
+A softmax over ``dim`` sees a tensor as [n_outer, n_cols, n_inner]: the dims before ``dim``
+collapsed into one, ``dim``, and the dims after it. Any layout whose dims collapse that way
+(contiguous, transposed, sliced, channels_last, expanded) reaches the kernel as it is; only
+the rest is copied first. Triton is imported on first use only, so ``import fused_softmax``
+stays cheap and works where Triton is absent.
 """
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
+import math
 
 import torch
+
+VECTOR_BYTES = 16
 
 _max_block = contextvars.ContextVar("fused_softmax_max_block", default=None)
 
@@ -57,43 +64,133 @@ def device_properties(device):
     return _kernels().H100
 
 
-def as_rows(t):
-    """A [n_rows, n_cols] view of ``t`` (softmax dim last) with unit column stride; copies only when none exists."""
-    n_cols = t.shape[-1] if t.dim() else 1
-    if t.dim() and t.stride(-1) != 1 and n_cols > 1:
+def _collapse(sizes, strides):
+    """(size, stride) of dims that form one strided run, or None. Size-1 dims never break a run."""
+    size, stride = 1, 0
+    for n, s in zip(reversed(sizes), reversed(strides)):
+        if n == 1:
+            continue
+        if size == 1:
+            size, stride = n, s
+        elif s == stride * size:
+            size *= n
+        else:
+            return None
+    return size, stride
+
+
+def _axes(t, dim):
+    """(n_outer, n_cols, n_inner), (stride_outer, stride_col, stride_inner) of ``t`` around ``dim``, or None.
+
+    When nothing follows ``dim`` (a last-dim softmax) the rows run along the inner axis and the
+    outer axis is 1, so tiles can pack many rows.
+    """
+    if t.dim() == 0:
+        return (1, 1, 1), (0, 1, 0)
+    sizes, strides = t.shape, t.stride()
+    outer = _collapse(sizes[:dim], strides[:dim])
+    inner = _collapse(sizes[dim + 1 :], strides[dim + 1 :])
+    if outer is None or inner is None:
+        return None
+    if inner[0] == 1:
+        outer, inner = (1, 0), outer
+    return (outer[0], sizes[dim], inner[0]), (outer[1], strides[dim], inner[1])
+
+
+def _strided(t, dim):
+    """``t`` and its axes; a contiguous copy only when its layout has no [outer, cols, inner] view."""
+    axes = _axes(t, dim)
+    if axes is None:
         t = t.contiguous()
-    try:
-        return t.view(-1, n_cols)
-    except RuntimeError:
-        return t.contiguous().view(-1, n_cols)
+        axes = _axes(t, dim)
+    return t, axes[1]
 
 
-def empty_rows(n_rows, n_cols, dtype, device):
-    """Allocate an output; tests replace this to poison outputs before a kernel writes them."""
-    return torch.empty((n_rows, n_cols), dtype=dtype, device=device)
+def empty(shape, dtype, device):
+    """Allocate an output (contiguous, as torch returns); tests replace this to poison outputs."""
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _launch(kernel, tensors, n_rows, n_cols, elem_bytes, backward):
-    kernels = _kernels()
+def _alignment(tensors, strides, n_cols):
+    """Largest power of two (in elements) dividing n_cols, every row stride and every start, when the
+    columns are unit-stride; 1 otherwise. It lets the kernel prove 128-bit accesses."""
+    if any(s[1] != 1 for s in strides):
+        return 1
+    align = VECTOR_BYTES // max(t.element_size() for t in tensors)
+    offsets = [n_cols] + [s for st in strides for s in (st[0], st[2])]
+    offsets += [t.data_ptr() // t.element_size() for t in tensors]
+    divisor = math.gcd(*offsets)
+    while divisor % align:
+        align //= 2
+    return align
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How a kernel will run over ``tensors`` (inputs, then the output): views, sizes, alignment, config."""
+
+    tensors: tuple
+    strides: tuple
+    sizes: tuple
+    align: int
+    config: object
+    device: object
+
+    @property
+    def grid(self):
+        n_outer, _, n_inner = self.sizes
+        return (self.config.grid(n_outer, n_inner, self.device),)
+
+
+def plan(tensors, dim):
+    """The launch for ``tensors`` along ``dim``: the regime and tile come from the launch heuristic."""
     device = device_properties(tensors[0].device)
-    config = kernels.launch_config(n_cols, elem_bytes, device, backward=backward, max_block=_max_block.get())
-    strides = [t.stride(0) for t in tensors]
-    kernel[(config.grid(n_rows, device),)](*tensors, n_rows, n_cols, *strides, **config.constexprs())
+    views = [_strided(t, dim) for t in tensors]
+    tensors, strides = tuple(v[0] for v in views), tuple(v[1] for v in views)
+    sizes, _ = _axes(tensors[-1], dim)
+    align = _alignment(tensors, strides, sizes[1])
+    contiguous_rows = sizes[2] if strides[0][2] == 1 and strides[0][1] != 1 else 1
+    config = _kernels().launch_config(
+        sizes[1],
+        max(t.element_size() for t in tensors),
+        device,
+        backward=len(tensors) == 3,
+        align=align,
+        contiguous_rows=contiguous_rows,
+        max_block=_max_block.get(),
+    )
+    return Plan(tensors, strides, sizes, align, config, device)
 
 
-def softmax_forward_rows(x, out_dtype):
-    """y = softmax(x) along dim 1 of a [n_rows, n_cols] view, in ``out_dtype``."""
-    n_rows, n_cols = x.shape
-    y = empty_rows(n_rows, n_cols, out_dtype, x.device)
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        _launch(_kernels()._softmax_forward_kernel, (x, y), n_rows, n_cols, x.element_size(), backward=False)
+def _launch(kernel, tensors, dim, log):
+    """Run ``kernel`` over ``tensors`` (inputs then output) along ``dim``, all of one shape."""
+    p = plan(tensors, dim)
+    n_outer, n_cols, n_inner = p.sizes
+    strides = [s for s_outer, s_col, s_inner in p.strides for s in (s_outer // p.align, s_col, s_inner // p.align)]
+    with torch.cuda.device(p.tensors[0].device) if p.tensors[0].is_cuda else contextlib.nullcontext():
+        kernel[p.grid](
+            *p.tensors,
+            n_outer,
+            n_cols // p.align,
+            n_inner,
+            *strides,
+            LOG=log,
+            ALIGN=p.align,
+            **p.config.constexprs(),
+        )
+
+
+def softmax_forward(x, dim, out_dtype, log=False):
+    """softmax (or log_softmax) of ``x`` along ``dim``, contiguous, in ``out_dtype``."""
+    y = empty(x.shape, out_dtype, x.device)
+    if y.numel():
+        _launch(_kernels()._softmax_forward_kernel, (x, y), dim, log)
     return y
 
 
-def softmax_backward_rows(y, dy):
-    """dx = y * (dy - sum(dy * y)) along dim 1 of [n_rows, n_cols] views, in y's dtype."""
-    n_rows, n_cols = y.shape
-    dx = empty_rows(n_rows, n_cols, y.dtype, y.device)
-    with torch.cuda.device(y.device) if y.is_cuda else contextlib.nullcontext():
-        _launch(_kernels()._softmax_backward_kernel, (y, dy, dx), n_rows, n_cols, y.element_size(), backward=True)
+def softmax_backward(y, dy, dim, out_dtype, log=False):
+    """Input gradient from y and dy along ``dim``, contiguous, in ``out_dtype``."""
+    dx = empty(y.shape, out_dtype, y.device)
+    if dx.numel():
+        _launch(_kernels()._softmax_backward_kernel, (y, dy, dx), dim, log)
     return dx

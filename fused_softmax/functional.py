@@ -1,4 +1,4 @@
-"""``softmax``, the drop-in for torch.nn.functional.softmax, and its autograd Functions."""
+"""``softmax`` and ``log_softmax``, drop-ins for torch.nn.functional's, and their autograd Functions."""
 
 import operator
 import warnings
@@ -34,59 +34,88 @@ def _wrap_dim(name, dim, ndim):
     return dim % bound
 
 
-def _rows(x, dim):
-    """[n_rows, n_cols] view of ``x`` with ``dim`` last (a copy where the layout needs one)."""
-    return _launch.as_rows(x.movedim(dim, -1) if x.dim() else x)
+def _forward(ctx, x, dim, dtype, log):
+    y = _launch.softmax_forward(x, dim, dtype or x.dtype, log)
+    ctx.dim, ctx.log, ctx.input_dtype = dim, log, x.dtype
+    ctx.save_for_backward(y)
+    return y
 
 
-def _unrows(rows, like, dim):
-    """Back from a [n_rows, n_cols] result to ``like``'s shape, contiguous, as torch returns it."""
-    if like.dim() == 0:
-        return rows.view(())
-    moved_shape = like.movedim(dim, -1).shape
-    return rows.view(moved_shape).movedim(-1, dim).contiguous()
+def _backward(ctx, dy):
+    (y,) = ctx.saved_tensors
+    return SoftmaxBackwardFunction.apply(y, dy, ctx.dim, ctx.input_dtype, ctx.log), None, None
 
 
 class SoftmaxFunction(torch.autograd.Function):
-    """Softmax along ``dim`` on the Triton kernels. Saves only y; backward is one kernel."""
+    """Softmax along ``dim`` on the Triton kernels, output in ``dtype`` (default: x's), read and
+    written in one pass. Saves only y; the backward is one kernel and returns x's dtype."""
 
     @staticmethod
-    def forward(ctx, x, dim):
-        if x.numel():
-            y = _unrows(_launch.softmax_forward_rows(_rows(x, dim), x.dtype), x, dim)
-        else:
-            y = torch.empty_like(x, memory_format=torch.contiguous_format)
-        ctx.dim = dim
-        ctx.save_for_backward(y)
-        return y
+    def forward(ctx, x, dim, dtype=None):
+        return _forward(ctx, x, dim, dtype, log=False)
 
     @staticmethod
     def backward(ctx, dy):
-        (y,) = ctx.saved_tensors
-        return SoftmaxBackwardFunction.apply(y, dy, ctx.dim), None
+        return _backward(ctx, dy)
+
+
+class LogSoftmaxFunction(torch.autograd.Function):
+    """Log-softmax along ``dim`` on the same kernels as ``SoftmaxFunction``."""
+
+    @staticmethod
+    def forward(ctx, x, dim, dtype=None):
+        return _forward(ctx, x, dim, dtype, log=True)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _backward(ctx, dy)
 
 
 class SoftmaxBackwardFunction(torch.autograd.Function):
-    """dx = y * (dy - sum(dy * y)), on the backward kernel; itself differentiable for double backward."""
+    """dx from (y, dy) on the backward kernel, in ``dtype``; differentiable, for double backward.
+
+    softmax: dx = y * (dy - sum(dy * y)); log-softmax: dx = dy - exp(y) * sum(dy).
+    """
 
     @staticmethod
-    def forward(ctx, y, dy, dim):
-        ctx.dim = dim
+    def forward(ctx, y, dy, dim, dtype, log):
+        ctx.dim, ctx.log = dim, log
         ctx.save_for_backward(y, dy)
-        if not y.numel():
-            return torch.empty_like(y)
-        return _unrows(_launch.softmax_backward_rows(_rows(y, dim), _rows(dy, dim)), y, dim)
+        return _launch.softmax_backward(y, dy, dim, dtype, log)
 
     @staticmethod
     def backward(ctx, ddx):
         y, dy = ctx.saved_tensors
         dim = ctx.dim
-        # dx is linear in dy with the softmax Jacobian, so its dy-gradient is the same kernel.
-        grad_dy = SoftmaxBackwardFunction.apply(y, ddx, dim) if ctx.needs_input_grad[1] else None
-        grad_y = None
-        if ctx.needs_input_grad[0]:
+        ddx = ddx.to(y.dtype)
+        if ctx.log:
+            e = y.exp()
+            grad_y = -ddx * e * dy.sum(dim, keepdim=True)
+            grad_dy = ddx - (ddx * e).sum(dim, keepdim=True)
+        else:
             grad_y = ddx * (dy - (dy * y).sum(dim, keepdim=True)) - dy * (ddx * y).sum(dim, keepdim=True)
-        return grad_y, grad_dy, None
+            # dx is linear in dy with the (symmetric) softmax Jacobian: its dy-gradient is the same kernel.
+            grad_dy = SoftmaxBackwardFunction.apply(y, ddx, dim, dy.dtype, False)
+        return grad_y, grad_dy.to(dy.dtype), None, None, None
+
+
+def _fusable(input_dtype, dtype):
+    """dtype= is fused into the kernel when it widens: reading the narrower input and casting it
+    in registers equals torch's cast-first. A narrowing cast must round the input first."""
+    return input_dtype in KERNEL_DTYPES and torch.promote_types(input_dtype, dtype) == dtype
+
+
+def _dispatch(name, function, torch_function, input, dim, stacklevel, dtype):
+    if dim is None:
+        dim = _implicit_dim(name, input.dim(), stacklevel + 1)
+    if not use_kernels(input, input.dtype if dtype is None else dtype):
+        return torch_function(input, dim, dtype=dtype)
+    dim = _wrap_dim(name, dim, input.dim())
+    if dtype is not None and not _fusable(input.dtype, dtype):
+        input, dtype = input.to(dtype), None
+    if input.dtype not in KERNEL_DTYPES:
+        raise NotImplementedError(f'"{name}" not implemented for {input.dtype}')
+    return function.apply(input, dim, dtype)
 
 
 def softmax(input, dim=None, _stacklevel=3, dtype=None):
@@ -97,12 +126,11 @@ def softmax(input, dim=None, _stacklevel=3, dtype=None):
     """
     if has_torch_function_unary(input):
         return handle_torch_function(softmax, (input,), input, dim=dim, _stacklevel=_stacklevel, dtype=dtype)
-    if dim is None:
-        dim = _implicit_dim("softmax", input.dim(), _stacklevel)
-    if not use_kernels(input, input.dtype if dtype is None else dtype):
-        return F.softmax(input, dim, dtype=dtype)
-    dim = _wrap_dim("softmax", dim, input.dim())
-    x = input if dtype is None else input.to(dtype)
-    if x.dtype not in KERNEL_DTYPES:
-        raise NotImplementedError(f'"softmax" not implemented for {x.dtype}')
-    return SoftmaxFunction.apply(x, dim)
+    return _dispatch("softmax", SoftmaxFunction, F.softmax, input, dim, _stacklevel, dtype)
+
+
+def log_softmax(input, dim=None, _stacklevel=3, dtype=None):
+    """Drop-in for ``torch.nn.functional.log_softmax``, on the same kernels as ``softmax``."""
+    if has_torch_function_unary(input):
+        return handle_torch_function(log_softmax, (input,), input, dim=dim, _stacklevel=_stacklevel, dtype=dtype)
+    return _dispatch("log_softmax", LogSoftmaxFunction, F.log_softmax, input, dim, _stacklevel, dtype)

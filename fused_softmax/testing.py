@@ -11,16 +11,16 @@ from . import _launch
 @contextlib.contextmanager
 def poisoned_outputs():
     """Fill every kernel output with NaN before the kernel writes it, so a missed element shows."""
-    allocate = _launch.empty_rows
+    allocate = _launch.empty
 
-    def poisoned(n_rows, n_cols, dtype, device):
-        return allocate(n_rows, n_cols, dtype, device).fill_(float("nan"))
+    def poisoned(shape, dtype, device):
+        return allocate(shape, dtype, device).fill_(float("nan"))
 
-    _launch.empty_rows = poisoned
+    _launch.empty = poisoned
     try:
         yield
     finally:
-        _launch.empty_rows = allocate
+        _launch.empty = allocate
 
 
 @dataclasses.dataclass

@@ -1,16 +1,18 @@
-"""Launch configuration: a pure function of (n_cols, dtype, device properties).
+"""Launch configuration: a pure function of the row shape, dtype and device properties.
 
 Pure so that the configuration an H100 gets can be computed, compiled and inspected on a
-machine without a GPU. The rules, for a row of ``n_cols`` elements:
+machine without a GPU (see ``fused_softmax.compiled``). The rules:
 
-- The on-chip budget is half the register file of one SM, in compute-precision values
-  (fp32, or fp64 for fp64 inputs), shared by the tensors a pass keeps live (x for the
-  forward; y and dy for the backward). On an H100 that is a 32,768-element fp32 row forward
-  and 16,384 backward.
-- A row whose power-of-two block fits the budget is kept on chip in one pass. Short rows
-  are packed several to a program until a tile holds ``TILE_BYTES`` of input.
+- A thread keeps at most half the registers it may have at ``MAX_WARPS`` warps for row
+  values, split among the tensors a pass keeps live (x forward; y and dy backward), and half
+  that again when accesses cannot be 128-bit (each element then needs its own address). On
+  an H100 that is a 32,768-element fp32 row forward and 16,384 backward, at 16-byte alignment.
+- A row whose power-of-two block fits is kept on chip in one pass. Short rows are packed
+  several to a tile until it holds ``TILE_BYTES`` of input.
+- Where the rows, not the columns, are unit-stride (a softmax over an earlier dim), a tile
+  takes at least a 32-byte sector's worth of neighbouring rows.
 - Longer rows stream through ``ONLINE_BLOCK``-element tiles (online softmax).
-- Warps are sized so each thread issues about four 16-byte accesses per tile.
+- Warps are sized so each thread issues about four accesses per tile.
 - The grid is persistent: at most as many programs as the SMs hold at once.
 """
 
@@ -24,6 +26,7 @@ TILE_BYTES = 16 * 1024
 ONLINE_BLOCK = 4096
 MAX_WARPS = 16
 VECTOR_BYTES = 16
+SECTOR_BYTES = 32
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,7 @@ class LaunchConfig:
     compute_dtype: tl.dtype
 
     def constexprs(self) -> dict:
-        """Compile-time arguments of the kernels, plus the warp count."""
+        """Compile-time arguments of the kernels that the configuration sets, plus the warp count."""
         return dict(
             BLOCK_N=self.block_n,
             ROWS=self.rows_per_program,
@@ -57,16 +60,18 @@ class LaunchConfig:
             num_warps=self.num_warps,
         )
 
-    def grid(self, n_rows: int, device: DeviceProperties) -> int:
-        """Persistent grid: enough programs to fill every SM, never more than there is work."""
+    def grid(self, n_outer: int, n_inner: int, device: DeviceProperties) -> int:
+        """Persistent grid: enough programs to fill every SM, never more than there are tiles."""
+        tiles = n_outer * triton.cdiv(n_inner, self.rows_per_program)
         resident = max(1, device.max_threads_per_sm // (32 * self.num_warps))
-        return max(1, min(triton.cdiv(n_rows, self.rows_per_program), device.sm_count * resident))
+        return max(1, min(tiles, device.sm_count * resident))
 
 
-def max_on_chip_elements(compute_bytes: int, live_tensors: int, device: DeviceProperties) -> int:
-    """Largest power-of-two row kept in registers: half the SM's register file."""
-    budget = device.registers_per_sm * 4 // 2 // (compute_bytes * live_tensors)
-    return 1 << (budget.bit_length() - 1)
+def max_on_chip_elements(compute_bytes: int, live_tensors: int, wide: bool, device: DeviceProperties) -> int:
+    """Longest power-of-two row a program keeps in registers without spilling."""
+    registers_per_thread = device.registers_per_sm // (MAX_WARPS * 32)
+    values = registers_per_thread // 2 // (compute_bytes // 4) // live_tensors // (1 if wide else 2)
+    return MAX_WARPS * 32 * values
 
 
 @functools.cache
@@ -76,31 +81,36 @@ def launch_config(
     device: DeviceProperties,
     *,
     backward: bool = False,
+    align: int = 1,
+    contiguous_rows: int = 1,
     max_block: int | None = None,
 ) -> LaunchConfig:
-    """Pick the regime, tile and warps for rows of ``n_cols`` elements of ``elem_bytes`` each.
+    """Pick the regime, tile and warps for rows of ``n_cols`` elements.
 
-    Math is fp32, or fp64 for 8-byte (fp64) elements.
-
-    ``max_block`` caps the on-chip row (a power of two); tests use it to reach the online
-    regime with tiny rows.
+    ``elem_bytes``: the widest element the kernel touches; math is fp64 for 8-byte elements,
+    else fp32. ``align``: the proven alignment of rows, in elements (accesses are 128-bit when
+    it reaches 16 bytes). ``contiguous_rows``: how many neighbouring rows lie at unit stride
+    (1 when the columns are unit-stride). ``max_block`` caps the on-chip row, a power of two;
+    tests use it to reach the online regime with tiny rows.
     """
     compute_bytes = 8 if elem_bytes == 8 else 4
-    on_chip = max_on_chip_elements(compute_bytes, 2 if backward else 1, device)
+    wide = align * elem_bytes >= VECTOR_BYTES
+    on_chip = max_on_chip_elements(compute_bytes, 2 if backward else 1, wide, device)
     if max_block is not None:
         on_chip = min(on_chip, max_block)
-    vector = VECTOR_BYTES // elem_bytes
+    row_run = triton.next_power_of_2(contiguous_rows)
+    min_rows = min(row_run, SECTOR_BYTES // elem_bytes) if contiguous_rows > 1 else 1
     block_n = triton.next_power_of_2(max(n_cols, 1))
-    if block_n <= on_chip:
-        rows = max(1, TILE_BYTES // elem_bytes // block_n)
-        tile = rows * block_n
-        online = False
+    online = block_n * min_rows > on_chip
+    if online:
+        rows = min_rows
+        block_n = max(1, min(ONLINE_BLOCK, on_chip) // rows)
     else:
-        block_n = min(ONLINE_BLOCK, on_chip)
-        rows = 1
-        tile = block_n
-        online = True
-    num_warps = min(MAX_WARPS, max(1, tile // (vector * 32 * 4)))
+        rows = max(min_rows, TILE_BYTES // elem_bytes // block_n)
+        if contiguous_rows > 1:
+            rows = min(rows, row_run)
+    vector = align if contiguous_rows == 1 else min(row_run, VECTOR_BYTES // elem_bytes)
+    num_warps = min(MAX_WARPS, max(1, rows * block_n // (vector * 32 * 4)))
     return LaunchConfig(
         block_n=block_n,
         rows_per_program=rows,

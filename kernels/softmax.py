@@ -1,17 +1,32 @@
-"""Softmax forward and backward kernels over the rows of a [n_rows, n_cols] view.
+"""Softmax and log-softmax, forward and backward, over one dim of a strided tensor.
 
-Softmax is memory bound: a kernel is as fast as the bytes it moves. Each kernel covers
-three regimes with compile-time switches, so one body serves them all:
+The tensor is seen as [n_outer, n_cols, n_inner] with a stride per axis: softmax runs along
+n_cols for every (outer, inner) pair, a "row". No layout needs a copy first: a tile takes
+ROWS rows with consecutive inner indices and BLOCK_N columns, and Triton reads whichever
+axis has unit stride coalesced (the columns for a last-dim softmax, the inner axis for an
+earlier dim). A last-dim softmax is the case n_outer == 1, its rows along the inner axis.
 
-- ``ROWS > 1``: several short rows per program, one [ROWS, BLOCK_N] tile.
-- ``ROWS == 1`` and not ``ONLINE``: the whole row sits in registers; one read, one write.
-- ``ONLINE``: the row is longer than a tile. The forward keeps a running max and a
-  rescaled sum per lane (online softmax), then normalises in a second sweep; the backward
-  accumulates sum(dy * y) per lane, then writes dx. The second sweep walks the row
-  backwards so the tiles read last, still in L2, are read again first.
+Softmax is memory bound: a kernel is as fast as the bytes it moves. One body serves every
+regime through compile-time switches:
 
-Programs are persistent: each strides over blocks of rows, so any row count fits the grid.
-Row offsets are int64; column offsets stay int32 unless n_cols itself needs int64.
+- ``ONLINE`` off: the whole row of every row in the tile sits in registers; one read, one
+  write. Many short rows share a tile when ROWS > 1.
+- ``ONLINE`` on: the row is longer than a tile. The forward keeps a running max and a rescaled
+  sum per lane (online softmax), then normalises in a second sweep; the backward accumulates
+  its row sum per lane, then writes dx. The second sweep walks the row backwards, so the tiles
+  read last, still in L2, are read again first.
+- ``LOG``: log-softmax instead of softmax, from the same statistics.
+
+Triton's JIT proves an integer argument a multiple of 16 or nothing, and a load is only
+vectorised when the row starts and the column mask are proven aligned. So where the columns
+are unit-stride, n_cols and the outer/inner strides arrive divided by ALIGN (the alignment,
+in elements, the host proved) and are multiplied back here by the constant: rows of 1000
+fp32 elements then get 128-bit accesses too.
+
+The math is in COMPUTE_DTYPE (fp32, or fp64 for fp64 tensors); loads are cast to it at once,
+stores are cast to the output's dtype, so an fp16 input can give an fp32 output in one pass.
+Programs are persistent: each strides over tiles, so any row count fits the grid. Offsets are
+int64 wherever a product of an index and a stride is formed.
 """
 
 import triton
@@ -19,31 +34,47 @@ import triton.language as tl
 
 
 @triton.jit
+def _tile_rows(tile, n_inner, ROWS: tl.constexpr):
+    """The tile's rows: one outer index, ROWS consecutive inner indices, and which of them exist."""
+    inner_blocks = tl.cdiv(n_inner, ROWS)
+    outer = tl.cast(tile // inner_blocks, tl.int64)
+    inner = tl.cast(tile % inner_blocks, tl.int64) * ROWS + tl.arange(0, ROWS)[:, None]
+    return outer, inner, inner < n_inner
+
+
+@triton.jit
 def _softmax_forward_kernel(
     x_ptr,
     y_ptr,
-    n_rows,
+    n_outer,
     n_cols,
-    x_row_stride,
-    y_row_stride,
+    n_inner,
+    x_stride_outer,
+    x_stride_col,
+    x_stride_inner,
+    y_stride_outer,
+    y_stride_col,
+    y_stride_inner,
     BLOCK_N: tl.constexpr,
     ROWS: tl.constexpr,
     ONLINE: tl.constexpr,
+    LOG: tl.constexpr,
+    ALIGN: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
 ):
+    n_cols = n_cols * ALIGN
     cols = tl.arange(0, BLOCK_N)[None, :]
-    row_in_block = tl.arange(0, ROWS)[:, None].to(tl.int64)
-    for row_block in tl.range(tl.program_id(0), tl.cdiv(n_rows, ROWS), tl.num_programs(0)):
-        rows = row_in_block + row_block * ROWS
-        row_mask = rows < n_rows
-        x_rows = x_ptr + rows * x_row_stride
-        y_rows = y_ptr + rows * y_row_stride
+    for tile in tl.range(tl.program_id(0), n_outer * tl.cdiv(n_inner, ROWS), tl.num_programs(0)):
+        outer, inner, row_mask = _tile_rows(tile, n_inner, ROWS)
+        x_rows = x_ptr + (outer * x_stride_outer + inner * x_stride_inner) * ALIGN
+        y_rows = y_ptr + (outer * y_stride_outer + inner * y_stride_inner) * ALIGN
         if ONLINE:
             lane_max = tl.full([ROWS, BLOCK_N], float("-inf"), COMPUTE_DTYPE)
             lane_sum = tl.zeros([ROWS, BLOCK_N], COMPUTE_DTYPE)
             for start in tl.range(0, n_cols, BLOCK_N):
-                mask = row_mask & (start + cols < n_cols)
-                x = tl.load(x_rows + start + cols, mask=mask, other=float("-inf")).to(COMPUTE_DTYPE)
+                col = tl.cast(start + cols, tl.int64)
+                mask = row_mask & (col < n_cols)
+                x = tl.load(x_rows + col * x_stride_col, mask=mask, other=float("-inf")).to(COMPUTE_DTYPE)
                 new_max = tl.maximum(lane_max, x)
                 # A lane that has seen only -inf keeps its sum at 0 instead of exp(-inf - -inf) = NaN.
                 shift = tl.where(new_max == float("-inf"), 0.0, new_max)
@@ -51,20 +82,29 @@ def _softmax_forward_kernel(
                 lane_max = new_max
             row_max = tl.max(lane_max, axis=1, keep_dims=True)
             row_sum = tl.sum(lane_sum * tl.exp(lane_max - row_max), axis=1, keep_dims=True)
-            inv_sum = 1.0 / row_sum
             n_tiles = tl.cdiv(n_cols, BLOCK_N)
-            for tile in tl.range(0, n_tiles):
-                start = (n_tiles - 1 - tile) * BLOCK_N
-                mask = row_mask & (start + cols < n_cols)
-                x = tl.load(x_rows + start + cols, mask=mask, other=float("-inf")).to(COMPUTE_DTYPE)
-                y = tl.exp(x - row_max) * inv_sum
-                tl.store(y_rows + start + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+            for back in tl.range(0, n_tiles):
+                col = tl.cast((n_tiles - 1 - back) * BLOCK_N + cols, tl.int64)
+                mask = row_mask & (col < n_cols)
+                x = tl.load(x_rows + col * x_stride_col, mask=mask, other=float("-inf")).to(COMPUTE_DTYPE)
+                y = _normalise(x, row_max, row_sum, LOG)
+                tl.store(y_rows + col * y_stride_col, y.to(y_ptr.dtype.element_ty), mask=mask)
         else:
-            mask = row_mask & (cols < n_cols)
-            x = tl.load(x_rows + cols, mask=mask, other=float("-inf")).to(COMPUTE_DTYPE)
-            e = tl.exp(x - tl.max(x, axis=1, keep_dims=True))
-            y = e * (1.0 / tl.sum(e, axis=1, keep_dims=True))
-            tl.store(y_rows + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+            col = tl.cast(cols, tl.int64)
+            mask = row_mask & (col < n_cols)
+            x = tl.load(x_rows + col * x_stride_col, mask=mask, other=float("-inf")).to(COMPUTE_DTYPE)
+            row_max = tl.max(x, axis=1, keep_dims=True)
+            row_sum = tl.sum(tl.exp(x - row_max), axis=1, keep_dims=True)
+            y = _normalise(x, row_max, row_sum, LOG)
+            tl.store(y_rows + col * y_stride_col, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _normalise(x, row_max, row_sum, LOG: tl.constexpr):
+    """softmax = exp(x - max) / sum, with one reciprocal per row; log-softmax = x - max - log(sum)."""
+    if LOG:
+        return (x - row_max) - tl.log(row_sum)
+    return tl.exp(x - row_max) * (1.0 / row_sum)
 
 
 @triton.jit
@@ -72,43 +112,70 @@ def _softmax_backward_kernel(
     y_ptr,
     dy_ptr,
     dx_ptr,
-    n_rows,
+    n_outer,
     n_cols,
-    y_row_stride,
-    dy_row_stride,
-    dx_row_stride,
+    n_inner,
+    y_stride_outer,
+    y_stride_col,
+    y_stride_inner,
+    dy_stride_outer,
+    dy_stride_col,
+    dy_stride_inner,
+    dx_stride_outer,
+    dx_stride_col,
+    dx_stride_inner,
     BLOCK_N: tl.constexpr,
     ROWS: tl.constexpr,
     ONLINE: tl.constexpr,
+    LOG: tl.constexpr,
+    ALIGN: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
 ):
+    """softmax: dx = y * (dy - sum(dy * y)); log-softmax: dx = dy - exp(y) * sum(dy)."""
+    n_cols = n_cols * ALIGN
     cols = tl.arange(0, BLOCK_N)[None, :]
-    row_in_block = tl.arange(0, ROWS)[:, None].to(tl.int64)
-    for row_block in tl.range(tl.program_id(0), tl.cdiv(n_rows, ROWS), tl.num_programs(0)):
-        rows = row_in_block + row_block * ROWS
-        row_mask = rows < n_rows
-        y_rows = y_ptr + rows * y_row_stride
-        dy_rows = dy_ptr + rows * dy_row_stride
-        dx_rows = dx_ptr + rows * dx_row_stride
+    for tile in tl.range(tl.program_id(0), n_outer * tl.cdiv(n_inner, ROWS), tl.num_programs(0)):
+        outer, inner, row_mask = _tile_rows(tile, n_inner, ROWS)
+        y_rows = y_ptr + (outer * y_stride_outer + inner * y_stride_inner) * ALIGN
+        dy_rows = dy_ptr + (outer * dy_stride_outer + inner * dy_stride_inner) * ALIGN
+        dx_rows = dx_ptr + (outer * dx_stride_outer + inner * dx_stride_inner) * ALIGN
         if ONLINE:
-            lane_dot = tl.zeros([ROWS, BLOCK_N], COMPUTE_DTYPE)
+            lane_sum = tl.zeros([ROWS, BLOCK_N], COMPUTE_DTYPE)
             for start in tl.range(0, n_cols, BLOCK_N):
-                mask = row_mask & (start + cols < n_cols)
-                y = tl.load(y_rows + start + cols, mask=mask, other=0.0).to(COMPUTE_DTYPE)
-                dy = tl.load(dy_rows + start + cols, mask=mask, other=0.0).to(COMPUTE_DTYPE)
-                lane_dot += y * dy
-            row_dot = tl.sum(lane_dot, axis=1, keep_dims=True)
+                col = tl.cast(start + cols, tl.int64)
+                mask = row_mask & (col < n_cols)
+                y = tl.load(y_rows + col * y_stride_col, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+                dy = tl.load(dy_rows + col * dy_stride_col, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+                lane_sum += _summand(y, dy, LOG)
+            row_sum = tl.sum(lane_sum, axis=1, keep_dims=True)
             n_tiles = tl.cdiv(n_cols, BLOCK_N)
-            for tile in tl.range(0, n_tiles):
-                start = (n_tiles - 1 - tile) * BLOCK_N
-                mask = row_mask & (start + cols < n_cols)
-                y = tl.load(y_rows + start + cols, mask=mask, other=0.0).to(COMPUTE_DTYPE)
-                dy = tl.load(dy_rows + start + cols, mask=mask, other=0.0).to(COMPUTE_DTYPE)
-                dx = y * (dy - row_dot)
-                tl.store(dx_rows + start + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            for back in tl.range(0, n_tiles):
+                col = tl.cast((n_tiles - 1 - back) * BLOCK_N + cols, tl.int64)
+                mask = row_mask & (col < n_cols)
+                y = tl.load(y_rows + col * y_stride_col, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+                dy = tl.load(dy_rows + col * dy_stride_col, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+                dx = _input_grad(y, dy, row_sum, LOG)
+                tl.store(dx_rows + col * dx_stride_col, dx.to(dx_ptr.dtype.element_ty), mask=mask)
         else:
-            mask = row_mask & (cols < n_cols)
-            y = tl.load(y_rows + cols, mask=mask, other=0.0).to(COMPUTE_DTYPE)
-            dy = tl.load(dy_rows + cols, mask=mask, other=0.0).to(COMPUTE_DTYPE)
-            dx = y * (dy - tl.sum(y * dy, axis=1, keep_dims=True))
-            tl.store(dx_rows + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            col = tl.cast(cols, tl.int64)
+            mask = row_mask & (col < n_cols)
+            y = tl.load(y_rows + col * y_stride_col, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+            dy = tl.load(dy_rows + col * dy_stride_col, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+            row_sum = tl.sum(_summand(y, dy, LOG), axis=1, keep_dims=True)
+            dx = _input_grad(y, dy, row_sum, LOG)
+            tl.store(dx_rows + col * dx_stride_col, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _summand(y, dy, LOG: tl.constexpr):
+    """The backward's row sum is of dy * y (softmax) or of dy (log-softmax)."""
+    if LOG:
+        return dy
+    return dy * y
+
+
+@triton.jit
+def _input_grad(y, dy, row_sum, LOG: tl.constexpr):
+    if LOG:
+        return dy - tl.exp(y) * row_sum
+    return y * (dy - row_sum)

@@ -5,7 +5,7 @@ import os
 import torch
 
 from fused_softmax import _launch
-from fused_softmax.kernels import H100, DeviceProperties, launch_config
+from fused_softmax.kernels import DeviceProperties
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -31,11 +31,11 @@ def assert_close(actual, expected, dtype=None):
     torch.testing.assert_close(actual.cpu(), expected, rtol=rtol, atol=atol, equal_nan=True)
 
 
-def regime(n_cols, dtype, *, backward=False, max_block=None):
-    """The regime the heuristic picks on the device under test: 'multi_row', 'single_pass' or 'online'."""
-    device = H100 if not torch.cuda.is_available() else _launch.device_properties(torch.device("cuda"))
-    config = launch_config(n_cols, torch.tensor([], dtype=dtype).element_size(), device,
-                           backward=backward, max_block=max_block)
+def regime(shape, dtype, *, backward=False, max_block=None, dim=-1):
+    """The regime the launch for a contiguous ``shape`` takes: 'multi_row', 'single_pass' or 'online'."""
+    tensors = [torch.empty(shape, dtype=dtype) for _ in range(3 if backward else 2)]
+    with _launch.limit_block(max_block):
+        config = _launch.plan(tensors, dim % len(shape)).config
     if config.online:
         return "online"
     return "multi_row" if config.rows_per_program > 1 else "single_pass"
