@@ -1,9 +1,9 @@
 """Host side of the kernels: strided views, outputs, alignment, launch configuration and launch.
 
-A softmax over ``dim`` sees a tensor as [n_outer, n_cols, n_inner]: the dims before ``dim``
-collapsed into one, ``dim``, and the dims after it. Any layout whose dims collapse that way
-(contiguous, transposed, sliced, channels_last, expanded) reaches the kernel as it is; only
-the rest is copied first. Triton is imported on first use only, so ``import fused_softmax``
+A softmax over ``dim`` sees its tensors as [n_outer, n_cols, n_inner]: ``dim`` between two
+runs of the other dims, each run one stride. Every layout that has such a view (contiguous,
+transposed, most slices, channels_last along C or N, expanded) reaches the kernel as it is;
+only the rest is copied first. Triton is imported on first use only, so ``import fused_softmax``
 stays cheap and works where Triton is absent.
 """
 
@@ -79,31 +79,38 @@ def _collapse(sizes, strides):
     return size, stride
 
 
-def _axes(t, dim):
-    """(n_outer, n_cols, n_inner), (stride_outer, stride_col, stride_inner) of ``t`` around ``dim``, or None.
+def _split(t, rest, p):
+    """``t``'s dims ``rest`` split at ``p`` into two strided runs, (outer, inner) (size, stride) pairs, or None."""
+    outer = _collapse([t.shape[d] for d in rest[:p]], [t.stride(d) for d in rest[:p]])
+    inner = _collapse([t.shape[d] for d in rest[p:]], [t.stride(d) for d in rest[p:]])
+    return None if outer is None or inner is None else (outer, inner)
 
-    When nothing follows ``dim`` (a last-dim softmax) the rows run along the inner axis and the
-    outer axis is 1, so tiles can pack many rows.
+
+def _views(tensors, dim):
+    """The tensors, their common (n_outer, n_cols, n_inner) and each one's (outer, col, inner) strides.
+
+    The dims other than ``dim`` are split, in order, into an outer and an inner run; the first
+    split at which every tensor has both runs wins, starting with the dims before and after
+    ``dim``. When none exists, the tensors without that natural split are copied. Where the
+    inner run is empty (a last-dim softmax), the rows run along the outer dims instead, so
+    tiles can pack many rows.
     """
-    if t.dim() == 0:
-        return (1, 1, 1), (0, 1, 0)
-    sizes, strides = t.shape, t.stride()
-    outer = _collapse(sizes[:dim], strides[:dim])
-    inner = _collapse(sizes[dim + 1 :], strides[dim + 1 :])
-    if outer is None or inner is None:
-        return None
-    if inner[0] == 1:
-        outer, inner = (1, 0), outer
-    return (outer[0], sizes[dim], inner[0]), (outer[1], strides[dim], inner[1])
-
-
-def _strided(t, dim):
-    """``t`` and its axes; a contiguous copy only when its layout has no [outer, cols, inner] view."""
-    axes = _axes(t, dim)
-    if axes is None:
-        t = t.contiguous()
-        axes = _axes(t, dim)
-    return t, axes[1]
+    if tensors[0].dim() == 0:
+        return tensors, (1, 1, 1), [(0, 1, 0)] * len(tensors)
+    rest = [d for d in range(tensors[0].dim()) if d != dim]
+    for p in [dim, *(p for p in range(len(rest) + 1) if p != dim)]:
+        splits = [_split(t, rest, p) for t in tensors]
+        if all(splits):
+            break
+    else:
+        tensors = [t if s else t.contiguous() for t, s in zip(tensors, (_split(t, rest, dim) for t in tensors))]
+        splits = [_split(t, rest, dim) for t in tensors]
+    (n_outer, _), (n_inner, _) = splits[0]
+    if n_inner == 1:
+        n_outer, n_inner = 1, n_outer
+        splits = [((1, 0), outer) for outer, _ in splits]
+    strides = [(outer[1], t.stride(dim), inner[1]) for t, (outer, inner) in zip(tensors, splits)]
+    return tensors, (n_outer, tensors[0].shape[dim], n_inner), strides
 
 
 def empty(shape, dtype, device):
@@ -145,9 +152,7 @@ class Plan:
 def plan(tensors, dim):
     """The launch for ``tensors`` along ``dim``: the regime and tile come from the launch heuristic."""
     device = device_properties(tensors[0].device)
-    views = [_strided(t, dim) for t in tensors]
-    tensors, strides = tuple(v[0] for v in views), tuple(v[1] for v in views)
-    sizes, _ = _axes(tensors[-1], dim)
+    tensors, sizes, strides = _views(tensors, dim)
     align = _alignment(tensors, strides, sizes[1])
     contiguous_rows = sizes[2] if strides[0][2] == 1 and strides[0][1] != 1 else 1
     config = _kernels().launch_config(
@@ -159,7 +164,7 @@ def plan(tensors, dim):
         contiguous_rows=contiguous_rows,
         max_block=_max_block.get(),
     )
-    return Plan(tensors, strides, sizes, align, config, device)
+    return Plan(tuple(tensors), tuple(strides), sizes, align, config, device)
 
 
 def _launch(kernel, tensors, dim, log):

@@ -12,6 +12,8 @@ def _f64(a):
 def log_softmax(x, axis=-1):
     """x - max - log(sum(exp(x - max))) along ``axis``, in float64."""
     x = _f64(x)
+    if not x.size:
+        return x
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         shifted = x - np.max(x, axis=axis, keepdims=True)
         return shifted - np.log(np.sum(np.exp(shifted), axis=axis, keepdims=True))
@@ -20,6 +22,8 @@ def log_softmax(x, axis=-1):
 def softmax(x, axis=-1):
     """exp(x - max) / sum(exp(x - max)) along ``axis``, in float64."""
     x = _f64(x)
+    if not x.size:
+        return x
     with np.errstate(invalid="ignore", over="ignore"):
         e = np.exp(x - np.max(x, axis=axis, keepdims=True))
         return e / np.sum(e, axis=axis, keepdims=True)

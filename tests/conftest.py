@@ -18,6 +18,7 @@ import pytest  # noqa: E402
 import fused_softmax  # noqa: E402
 from fused_softmax import _launch  # noqa: E402
 from fused_softmax.testing import poisoned_outputs  # noqa: E402
+from support import OPS  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -25,6 +26,12 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 @pytest.fixture
 def device():
     return DEVICE
+
+
+@pytest.fixture(params=OPS, ids=str)
+def op(request):
+    """softmax and log_softmax: every test taking ``op`` runs for both."""
+    return request.param
 
 
 @pytest.fixture(autouse=True)

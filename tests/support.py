@@ -1,10 +1,14 @@
 """Shared test data: tolerances, regime cases and the comparison against the float64 reference."""
 
+import dataclasses
 import os
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
-from fused_softmax import _launch
+import fused_softmax
+from fused_softmax import _launch, reference
 from fused_softmax.kernels import DeviceProperties
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -64,3 +68,23 @@ CASES = [
 def case_id(case):
     shape, max_block = case
     return "x".join(map(str, shape)) + (f"-block{max_block}" if max_block else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+    """A function of the package with its torch twin and its float64 references."""
+
+    name: str
+    fused: Callable
+    torch: Callable
+    reference: Callable
+    reference_backward: Callable
+
+    def __str__(self):
+        return self.name
+
+
+OPS = [
+    Op("softmax", fused_softmax.softmax, F.softmax, reference.softmax, reference.softmax_backward),
+    Op("log_softmax", fused_softmax.log_softmax, F.log_softmax, reference.log_softmax, reference.log_softmax_backward),
+]

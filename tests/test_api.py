@@ -1,4 +1,4 @@
-"""torch.nn.functional.softmax's contract, kept on both backends, and the backend switch."""
+"""torch.nn.functional.softmax's and log_softmax's contract, kept on both backends, and the backend switch."""
 
 import subprocess
 import sys
@@ -22,20 +22,20 @@ def randn(*shape, device="cpu", dtype=torch.float32):
     [((5,), 0), ((5, 5), 0), ((5, 5), 1), ((5, 10, 5), 2), ((5, 10, 5), 1), ((32, 20), 0), ((31, 23), 1),
      ((2, 128, 2, 2), 1), ((2, 2, 4, 4), -1), ((33, 49), -2)],
 )
-def test_matches_torch(backend, device, shape, dim):
+def test_matches_torch(backend, device, op, shape, dim):
     x = randn(*shape, device=device)
-    y = fused_softmax.softmax(x, dim=dim)
+    y = op.fused(x, dim=dim)
     assert y.is_contiguous() and y.shape == x.shape
-    assert_close(y, reference.softmax(x, axis=dim))
+    assert_close(y, op.reference(x, axis=dim))
     if backend == "torch":
-        assert torch.equal(y, F.softmax(x, dim=dim)), "the fallback must be bit-identical to F.softmax"
+        assert torch.equal(y, op.torch(x, dim=dim)), "the fallback must be bit-identical to torch"
 
 
 @pytest.mark.parametrize(
     "layout",
     ["transposed", "sliced", "misaligned", "expanded", "channels_last"],
 )
-def test_strided_inputs(backend, device, layout):
+def test_strided_inputs(backend, device, op, layout):
     base = randn(6, 9, 10, 7, device=device)
     x = {
         "transposed": base[0, 0].t(),
@@ -45,93 +45,118 @@ def test_strided_inputs(backend, device, layout):
         "channels_last": base.contiguous(memory_format=torch.channels_last),
     }[layout]
     for dim in range(x.dim()):
-        y = fused_softmax.softmax(x, dim=dim)
+        y = op.fused(x, dim=dim)
         assert y.is_contiguous()
-        assert_close(y, reference.softmax(x, axis=dim))
+        assert_close(y, op.reference(x, axis=dim))
 
 
-def test_gradient_of_sum_and_noncontiguous_grad(backend, device):
+@pytest.mark.parametrize("dim", [0, 1])
+def test_gradient_of_sum_and_noncontiguous_grad(backend, device, op, dim):
     x = randn(7, 12, device=device, dtype=torch.float64).requires_grad_()
-    fused_softmax.softmax(x, dim=1).sum().backward()  # stride-0 grad_output
-    torch.testing.assert_close(x.grad, torch.zeros_like(x), atol=1e-12, rtol=0)
+    op.fused(x, dim=dim).sum().backward()  # stride-0 grad_output
+    ones = torch.ones_like(x)
+    assert_close(x.grad, op.reference_backward(op.reference(x, axis=dim), ones, axis=dim))
     dy = randn(12, 7, device=device, dtype=torch.float64).t()  # non-contiguous grad_output
-    (dx,) = torch.autograd.grad(fused_softmax.softmax(x, dim=1), x, dy)
-    assert_close(dx, reference.softmax_backward(reference.softmax(x), dy))
+    (dx,) = torch.autograd.grad(op.fused(x, dim=dim), x, dy)
+    assert_close(dx, op.reference_backward(op.reference(x, axis=dim), dy, axis=dim))
+    misaligned = randn(7 * 12 + 1, device=device, dtype=torch.float64)[1:].view(7, 12)
+    (dx,) = torch.autograd.grad(op.fused(x, dim=dim), x, misaligned)
+    assert_close(dx, op.reference_backward(op.reference(x, axis=dim), misaligned, axis=dim))
 
 
-def test_saves_only_y(kernels, device):
+def test_saves_only_y(kernels, device, op):
     x = randn(4, 9, device=device).requires_grad_()
-    y = fused_softmax.softmax(x, dim=-1)
+    y = op.fused(x, dim=-1)
     (saved,) = y.grad_fn.saved_tensors
     assert saved.data_ptr() == y.data_ptr()
 
 
 @pytest.mark.parametrize("ndim, expected_dim", [(0, 0), (1, 0), (2, 1), (3, 0), (4, 1)])
-def test_implicit_dim_warns_and_picks_torchs_dim(backend, device, ndim, expected_dim):
+def test_implicit_dim_warns_and_picks_torchs_dim(backend, device, op, ndim, expected_dim):
     x = randn(*[3] * ndim, device=device)
-    with pytest.warns(UserWarning, match="Implicit dimension choice for softmax") as record:
-        y = fused_softmax.softmax(x)
+    with pytest.warns(UserWarning, match=f"Implicit dimension choice for {op.name} has been deprecated") as record:
+        y = op.fused(x)
     assert record[0].filename == __file__, "the warning must point at the caller, as torch's does"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.testing.assert_close(y, F.softmax(x, dim=expected_dim))
+    torch.testing.assert_close(y, op.torch(x, dim=expected_dim))
+
+
+def test_modules_warn_like_torchs(device, op):
+    module = {"softmax": (fused_softmax.Softmax, torch.nn.Softmax), "log_softmax": (fused_softmax.LogSoftmax, torch.nn.LogSoftmax)}
+    ours, theirs = module[op.name]
+    x = randn(2, 3, device=device)
+    with pytest.warns(UserWarning) as expected:
+        theirs()(x)
+    with pytest.warns(UserWarning) as record:
+        ours()(x)
+    assert record[0].filename == expected[0].filename
 
 
 @pytest.mark.parametrize("name", ["torch", "triton"])
-def test_bad_dims_raise_torchs_errors(device, name):
+def test_bad_dims_raise_torchs_errors(device, op, name):
     x = randn(3, 4, device=device)
     with fused_softmax.use_backend(name):
         for bad in (1.0, True, "1"):
             with pytest.raises(TypeError):
-                fused_softmax.softmax(x, dim=bad)
+                op.fused(x, dim=bad)
         for bad in (2, -3):
             with pytest.raises(IndexError, match=r"expected to be in range of \[-2, 1\], but got"):
-                fused_softmax.softmax(x, dim=bad)
+                op.fused(x, dim=bad)
 
 
 @pytest.mark.parametrize("name", ["torch", "triton"])
 @pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64], ids=str)
-def test_non_float_input_needs_dtype(device, name, dtype):
+def test_non_float_input_needs_dtype(device, op, name, dtype):
     x = torch.ones(3, 4, dtype=dtype, device=device)
     with fused_softmax.use_backend(name):
         with pytest.raises(RuntimeError):  # NotImplementedError on CPU, RuntimeError on CUDA
-            fused_softmax.softmax(x, dim=1)
+            op.fused(x, dim=1)
 
 
-def test_int_input_with_dtype(backend, device):
+def test_int_input_with_dtype(backend, device, op):
     x = torch.arange(12, device=device).view(3, 4)
-    y = fused_softmax.softmax(x, dim=1, dtype=torch.float32)
+    y = op.fused(x, dim=1, dtype=torch.float32)
     assert y.dtype == torch.float32
-    assert_close(y, reference.softmax(x, axis=1))
+    assert_close(y, op.reference(x, axis=1))
 
 
-def test_dtype_argument(backend, device):
-    x = randn(5, 33, device=device, dtype=torch.float16).requires_grad_()
-    y = fused_softmax.softmax(x, dim=1, dtype=torch.float32)
-    assert y.dtype == torch.float32
-    assert_close(y, reference.softmax(x))
-    y.backward(randn(5, 33, device=device))
-    assert x.grad.dtype == torch.float16
-    assert fused_softmax.softmax(x.float(), dim=1, dtype=torch.float16).dtype == torch.float16
+@pytest.mark.parametrize(
+    "in_dtype, out_dtype",
+    [(torch.float16, torch.float32), (torch.bfloat16, torch.float32), (torch.float32, torch.float64),
+     (torch.float32, torch.float16), (torch.bfloat16, torch.float16), (torch.float64, torch.float32)],
+    ids=str,
+)
+def test_dtype_argument(backend, device, op, in_dtype, out_dtype):
+    """As torch: the input is cast to dtype first; the gradient comes back in the input's dtype."""
+    x = randn(5, 33, device=device, dtype=in_dtype).requires_grad_()
+    y = op.fused(x, dim=1, dtype=out_dtype)
+    assert y.dtype == out_dtype
+    assert_close(y, op.reference(x.to(out_dtype)))
+    rtol = 2 * max(TOLERANCES[in_dtype][0], TOLERANCES[out_dtype][0])  # two roundings in the narrower dtype
+    torch.testing.assert_close(y, op.torch(x, dim=1, dtype=out_dtype), rtol=rtol, atol=1e-4)
+    dy = randn(5, 33, device=device, dtype=out_dtype)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    (torch_dx,) = torch.autograd.grad(op.torch(x, dim=1, dtype=out_dtype), x, dy)
+    assert dx.dtype == in_dtype
+    torch.testing.assert_close(dx, torch_dx, rtol=rtol, atol=1e-3)
 
 
-def test_zero_dim(backend, device):
+def test_zero_dim(backend, device, op):
     x = torch.tensor(3.0, device=device, requires_grad=True)
     for dim in (0, -1):
-        y = fused_softmax.softmax(x, dim=dim)
-        assert y.shape == () and y.item() == 1.0
+        y = op.fused(x, dim=dim)
+        assert y.shape == () and y.item() == op.torch(x, dim=0).item()
     y.backward()
     assert x.grad.item() == 0.0
     for special in (float("nan"), float("inf"), -float("inf")):
-        assert torch.isnan(fused_softmax.softmax(torch.tensor(special, device=device), dim=0))
+        assert torch.isnan(op.fused(torch.tensor(special, device=device), dim=0))
 
 
 @pytest.mark.parametrize("name", ["torch", "triton"])
 @pytest.mark.parametrize("shape, dim", [((0, 10), 1), ((10, 0), 1), ((10, 0), 0), ((5, 0, 0), -1)])
-def test_empty(device, launches, name, shape, dim):
+def test_empty(device, launches, op, name, shape, dim):
     x = torch.randn(shape, device=device, requires_grad=True)
     with fused_softmax.use_backend(name):
-        y = fused_softmax.softmax(x, dim=dim)
+        y = op.fused(x, dim=dim)
         y.backward(torch.ones_like(y))
     assert y.shape == shape and x.grad.shape == shape
     assert launches["n"] == 0
@@ -204,8 +229,8 @@ with fused_softmax.use_backend('triton'):
 
 
 @pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
-def test_output_dtype_is_input_dtype(backend, device, dtype):
+def test_output_dtype_is_input_dtype(backend, device, op, dtype):
     x = randn(3, 70, device=device, dtype=dtype)
-    y = fused_softmax.softmax(x, dim=-1)
+    y = op.fused(x, dim=-1)
     assert y.dtype == dtype
-    assert_close(y, reference.softmax(x))
+    assert_close(y, op.reference(x))

@@ -1,23 +1,25 @@
 """Bytes each kernel moves, counted under Triton's interpreter, equal the design exactly.
 
-The counter (``fused_softmax.testing.kernel_traffic``) sees only the loads and stores of
-Triton kernels, lane by lane; torch copies around a launch are invisible to it. The kernels
-are therefore called through ``_launch.softmax_forward_rows`` / ``softmax_backward_rows``,
-which launch exactly one kernel on the given row views, with the configurations the launch
-heuristic picks for an H100 (what the interpreter path uses; no forced small blocks).
+The counter (``fused_softmax.testing.kernel_traffic``) sees the loads and stores of Triton
+kernels lane by lane (a stride-0 tensor counts at its logical size); torch copies around a
+launch are invisible to it, so cases with strided inputs also check that the kernel got the
+caller's storage. Launches use the H100 configurations the heuristic picks, nothing forced.
 
-Design, in bytes moved / the least possible (every tensor touched once):
+Design, in bytes moved / the least possible (every element of every tensor touched once),
+for softmax and log_softmax alike:
 
-- forward, multi-row and single-pass: x read once, y written once             -> 1
-- forward, online: x read twice (statistics sweep, normalising sweep), y once -> 3/2
-- backward, multi-row and single-pass: y and dy read once, dx written once    -> 1
-- backward, online: y and dy read twice, dx written once                      -> 5/3
+- forward on chip (multi-row, single-pass): x read once, y written once       -> 1
+- forward online: x read twice (statistics, then normalising sweep), y once   -> 3/2
+- backward on chip: y and dy read once, dx written once                       -> 1
+- backward online: y and dy read twice, dx written once                       -> 5/3
 
-Each case also checks that the launch used the regime its row length is meant to land in,
-from the on-chip budgets the design states, so that no case silently tests another regime.
+With dtype= fusing an fp16 x into an fp32 y (dx back in fp16), the same sweeps over unequal
+elements give 4/3 and 9/5 online.
+
+Row lengths sit at the regime boundaries the design states, for 16-byte-aligned rows and
+unaligned ones; every case asserts, from the launch's Plan, the regime it claims.
 """
 
-import math
 from fractions import Fraction
 
 import pytest
@@ -25,14 +27,19 @@ import torch
 
 import fused_softmax
 from fused_softmax import _launch, reference
+from fused_softmax._launch import plan
 from fused_softmax.kernels import H100
-from fused_softmax.kernels.heuristics import ONLINE_BLOCK, TILE_BYTES
+from fused_softmax.kernels.heuristics import TILE_BYTES
 from fused_softmax.testing import kernel_traffic, minimum_bytes
+from support import ONE_PROGRAM
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 DIRECTIONS = ["forward", "backward"]
+OPS = ["softmax", "log_softmax"]
+REGIMES = ["multi_row", "single_pass", "online"]
 
-# Longest row kept on chip on an H100, by compute bytes (fp32 math, fp64 for fp64) and direction.
+# Longest row kept on chip on an H100 at 16-byte alignment, by compute bytes (fp32 math, fp64
+# for fp64) and direction. Unaligned rows keep half.
 ON_CHIP = {
     (4, "forward"): 32768,
     (4, "backward"): 16384,
@@ -40,7 +47,6 @@ ON_CHIP = {
     (8, "backward"): 8192,
 }
 
-# Bytes moved / minimum, exactly.
 DESIGN_RATIO = {
     ("forward", "multi_row"): Fraction(1),
     ("forward", "single_pass"): Fraction(1),
@@ -49,6 +55,9 @@ DESIGN_RATIO = {
     ("backward", "single_pass"): Fraction(1),
     ("backward", "online"): Fraction(5, 3),
 }
+# fp16 x -> fp32 y, fp32 y and dy -> fp16 dx. Online: (2*2 + 4) / (2 + 4) and (2*(4 + 4) + 2) / (4 + 4 + 2).
+UPCAST_RATIO = DESIGN_RATIO | {("forward", "online"): Fraction(4, 3), ("backward", "online"): Fraction(9, 5)}
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _interpreted():
@@ -56,52 +65,53 @@ def _interpreted():
         pytest.skip("traffic is counted only under TRITON_INTERPRET=1 (CPU interpreter)")
 
 
-def elem_bytes(dtype):
-    return torch.empty((), dtype=dtype).element_size()
+@pytest.fixture
+def plans(monkeypatch):
+    """The Plan of every launch, in order."""
+    seen = []
+
+    def recorded(tensors, dim):
+        seen.append(plan(tensors, dim))
+        return seen[-1]
+
+    monkeypatch.setattr(_launch, "plan", recorded)
+    return seen
 
 
-def boundaries(dtype, direction):
-    """(last multi-row length, last on-chip length) for this dtype and direction, from the design."""
-    size = elem_bytes(dtype)
-    multi_row_max = TILE_BYTES // size // 2  # a tile of TILE_BYTES holds at least two rows
-    on_chip = ON_CHIP[(8 if size == 8 else 4, direction)]
-    return multi_row_max, on_chip
+def on_chip(dtype, direction):
+    """(aligned, unaligned) longest on-chip row."""
+    limit = ON_CHIP[(8 if dtype == torch.float64 else 4, direction)]
+    return limit, limit // 2
 
 
 def row_lengths(dtype, direction):
-    """(n_cols, expected regime): odd lengths, powers of two, and each block boundary +-1."""
-    mr, chip = boundaries(dtype, direction)
-    ob = ONLINE_BLOCK
+    """(n_cols, regime, aligned) at each boundary: multi-row to single-pass, and on chip to
+    online at 16-byte alignment and without."""
+    multi_row_max = TILE_BYTES // dtype.itemsize // 2  # a tile holds at least two rows
+    aligned, unaligned = on_chip(dtype, direction)
     return [
-        (1, "multi_row"),
-        (3, "multi_row"),
-        (100, "multi_row"),
-        (mr // 2 + 1, "multi_row"),
-        (mr - 1, "multi_row"),
-        (mr, "multi_row"),
-        (mr + 1, "single_pass"),
-        (3 * mr - 5, "single_pass"),
-        (chip - 1, "single_pass"),
-        (chip, "single_pass"),
-        (chip + 1, "online"),
-        (chip + ob - 1, "online"),
-        (chip + ob, "online"),
-        (chip + ob + 1, "online"),
-        (2 * chip + 3 * ob // 2 + 7, "online"),
+        (3, "multi_row", False),
+        (multi_row_max, "multi_row", True),
+        (multi_row_max + 1, "single_pass", False),
+        (unaligned - 1, "single_pass", False),
+        (aligned, "single_pass", True),
+        (unaligned + 1, "online", False),
+        (aligned + 16, "online", True),
     ]
 
 
 CASES = [
-    (direction, dtype, n_cols, regime)
+    (direction, op, dtype, n_cols, regime, aligned)
     for direction in DIRECTIONS
+    for op in OPS
     for dtype in DTYPES
-    for n_cols, regime in row_lengths(dtype, direction)
+    for n_cols, regime, aligned in row_lengths(dtype, direction)
 ]
 
 
 def case_id(case):
-    direction, dtype, n_cols, regime = case
-    return f"{direction}-{str(dtype).removeprefix('torch.')}-{n_cols}-{regime}"
+    direction, op, dtype, n_cols, regime, aligned = case
+    return f"{direction}-{op}-{str(dtype).removeprefix('torch.')}-{n_cols}-{regime}"
 
 
 def regime_of(config):
@@ -110,20 +120,8 @@ def regime_of(config):
     return "multi_row" if config.rows_per_program > 1 else "single_pass"
 
 
-@pytest.fixture
-def configs(monkeypatch):
-    """Records every launch configuration the host code asks for (and the device it asked for)."""
-    kernels = _launch._kernels()
-    launch_config = kernels.launch_config
-    seen = []
-
-    def recorded(n_cols, elem_bytes, device, **kwargs):
-        config = launch_config(n_cols, elem_bytes, device, **kwargs)
-        seen.append(dict(n_cols=n_cols, elem_bytes=elem_bytes, device=device, config=config, **kwargs))
-        return config
-
-    monkeypatch.setattr(kernels, "launch_config", recorded)
-    return seen
+def is_aligned(p):
+    return p.align * max(t.element_size() for t in p.tensors) >= 16
 
 
 def random(shape, dtype, scale=3.0, seed=0):
@@ -131,124 +129,170 @@ def random(shape, dtype, scale=3.0, seed=0):
     return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
 
 
-def n_rows_for(config):
-    """A full block of rows and a partial one for multi-row tiles; a few rows otherwise."""
-    return config.rows_per_program + 3 if config.rows_per_program > 1 else 3
+def inputs(op, shape, dtype, dim=-1):
+    """Random x, y = op(x) and dy, contiguous."""
+    x = random(shape, dtype)
+    y = torch.as_tensor(getattr(reference, op)(x, axis=dim)).to(dtype)
+    return x, y, random(shape, dtype, scale=1.0, seed=1)
 
 
-def run(direction, x, y=None, dy=None):
-    """Launch one kernel directly on [n_rows, n_cols] views; returns (tensors touched, output, traffic)."""
+def run(direction, op, x, y, dy, dim):
+    """One kernel on x (forward) or y and dy (backward); returns (tensors touched, output, traffic)."""
+    log = op == "log_softmax"
     with kernel_traffic() as traffic:
         if direction == "forward":
-            out = _launch.softmax_forward_rows(x, x.dtype)
+            out = _launch.softmax_forward(x, dim, x.dtype, log)
         else:
-            out = _launch.softmax_backward_rows(y, dy)
+            out = _launch.softmax_backward(y, dy, dim, y.dtype, log)
     touched = (x, out) if direction == "forward" else (y, dy, out)
     return touched, out, traffic
 
 
-def inputs(direction, shape, dtype, row_pad=0):
-    """Random x, y = softmax(x) and dy, as [n_rows, n_cols] views with row stride n_cols + row_pad."""
-    n_rows, n_cols = shape
-    x = random((n_rows, n_cols + row_pad), dtype)[:, :n_cols]
-    y = torch.as_tensor(reference.softmax(x)).to(dtype)
-    y = torch.nn.functional.pad(y, (0, row_pad))[:, :n_cols] if row_pad else y
-    dy = random((n_rows, n_cols + row_pad), dtype, scale=1.0, seed=1)[:, :n_cols]
-    return x, y, dy
-
-
-def assert_design_traffic(direction, regime, touched, traffic):
+def assert_design_traffic(direction, regime, touched, traffic, design=DESIGN_RATIO):
     """Stores: every output element once. Loads: every input element once per sweep. Ratio exact."""
     *ins, out = touched
     sweeps = 2 if regime == "online" else 1
     assert traffic.stored == minimum_bytes(out), (traffic.stored, minimum_bytes(out))
     assert traffic.loaded == sweeps * minimum_bytes(*ins), (traffic.loaded, sweeps * minimum_bytes(*ins))
     ratio = Fraction(traffic.total, minimum_bytes(*touched))
-    assert ratio == DESIGN_RATIO[(direction, regime)], f"{float(ratio):.4f} != {DESIGN_RATIO[(direction, regime)]}"
+    assert ratio == design[(direction, regime)], f"{float(ratio):.4f} != {design[(direction, regime)]}"
 
 
-def assert_did_the_work(direction, out, x, y, dy):
+def assert_did_the_work(direction, op, out, x, y, dy, dim):
     """Outputs are poisoned (NaN) before the kernel runs: all finite means all written; loosely right."""
     assert torch.isfinite(out).all()
-    expected = reference.softmax(x) if direction == "forward" else reference.softmax_backward(y, dy)
+    if direction == "forward":
+        expected = getattr(reference, op)(x, axis=dim)
+    else:
+        expected = getattr(reference, f"{op}_backward")(y, dy, axis=dim)
     expected = torch.as_tensor(expected)
     err = (out.double() - expected).abs().max().item()
     assert err <= 2e-2 * expected.abs().max().item() + 1e-6, err
 
 
-def test_cases_cover_every_kernel_regime_and_dtype():
-    covered = {(d, dt, r) for d, dt, _, r in CASES}
-    assert covered == {(d, dt, r) for d in DIRECTIONS for dt in DTYPES for r in ("multi_row", "single_pass", "online")}
+def test_cases_cover_every_kernel_regime_dtype_op_and_alignment():
+    covered = {(d, op, dt, r, a) for d, op, dt, _, r, a in CASES}
+    assert covered == {
+        (d, op, dt, r, a) for d in DIRECTIONS for op in OPS for dt in DTYPES for r in REGIMES for a in (False, True)
+    }
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_bytes_moved_equal_design(configs, launches, case):
-    direction, dtype, n_cols, regime = case
-    backward = direction == "backward"
-    config = _launch._kernels().launch_config(n_cols, elem_bytes(dtype), H100, backward=backward)
-    assert regime_of(config) == regime, (config, regime)
-    configs.clear()
+def test_bytes_moved_equal_design(plans, case):
+    """Contiguous rows at each boundary; multi-row tiles get a full tile of rows and a partial one."""
+    direction, op, dtype, n_cols, regime, aligned = case
+    tensors = [torch.empty(1, n_cols, dtype=dtype)] * (2 if direction == "forward" else 3)
+    config = plan(tensors, 1).config
+    n_rows = config.rows_per_program + 3 if config.rows_per_program > 1 else 2
+    x, y, dy = inputs(op, (n_rows, n_cols), dtype)
+    touched, out, traffic = run(direction, op, x, y, dy, 1)
 
-    x, y, dy = inputs(direction, (n_rows_for(config), n_cols), dtype)
-    touched, out, traffic = run(direction, x, y, dy)
-
-    # Exactly one launch, with the H100 configuration of the intended regime, nothing forced.
-    assert launches["n"] == 1
-    (seen,) = configs
-    assert seen["device"] == H100 and seen["max_block"] is None and seen["backward"] == backward
-    assert seen["config"] == config
+    (p,) = plans
+    assert p.device == H100 and p.config == config
+    assert (regime_of(p.config), is_aligned(p)) == (regime, aligned), p
     assert_design_traffic(direction, regime, touched, traffic)
-    assert_did_the_work(direction, out, x, y, dy)
+    assert_did_the_work(direction, op, out, x, y, dy, 1)
 
 
-@pytest.mark.parametrize("direction", DIRECTIONS)
-@pytest.mark.parametrize("regime", ["multi_row", "single_pass", "online"])
-def test_strided_rows_move_only_their_elements(launches, direction, regime):
-    """Rows with a row stride wider than the row: the padding between rows is never touched."""
-    dtype = torch.float32
-    mr, chip = boundaries(dtype, direction)
-    n_cols = {"multi_row": 100, "single_pass": mr + 1, "online": chip + 1}[regime]
-    config = _launch._kernels().launch_config(n_cols, elem_bytes(dtype), H100, backward=direction == "backward")
-    assert regime_of(config) == regime
-    x, y, dy = inputs(direction, (n_rows_for(config), n_cols), dtype, row_pad=5)
-    assert x.stride(0) == n_cols + 5 and not x.is_contiguous()
-    touched, out, traffic = run(direction, x, y, dy)
-    assert launches["n"] == 1
+def layout(name, n_cols, tensor):
+    """``tensor`` [2, n_cols, 8], contiguous or as a view of [2, 8, n_cols] (columns unit-stride),
+    or [8, n_cols] as the transpose of a contiguous [n_cols, 8]."""
+    if name == "transposed":
+        return tensor[0].t()
+    if name == "dim1-unit-stride-cols":
+        return tensor.transpose(1, 2).contiguous().transpose(1, 2)
+    return tensor
+
+
+def layout_cases(direction):
+    """(layout, n_cols, regime) of a softmax over dim 1, fp32. Where rows are unit-stride, a tile
+    takes 8 of them (a 32-byte sector) and the columns are strided (unaligned)."""
+    sector_limit = on_chip(torch.float32, direction)[1] // 8
+    return [
+        ("dim1-contiguous", sector_limit, "multi_row"),
+        ("dim1-contiguous", sector_limit + 1, "online"),
+        ("dim1-unit-stride-cols", 3000, "single_pass"),
+        ("transposed", 3000, "online"),
+    ]
+
+
+LAYOUT_CASES = [
+    pytest.param(d, c, id="-".join(map(str, (d, *c)))) for d in DIRECTIONS for c in layout_cases(d)
+]
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("direction, case", LAYOUT_CASES)
+def test_strided_layouts_reach_the_kernel_uncopied(plans, direction, case, op):
+    """Non-last dims and transposed inputs: the kernel reads the caller's storage, at design traffic."""
+    name, n_cols, regime = case
+    x, y, dy = (layout(name, n_cols, t) for t in inputs(op, (2, n_cols, 8), torch.float32, dim=1))
+    touched, out, traffic = run(direction, op, x, y, dy, 1)
+
+    (p,) = plans
+    for given, seen in zip(touched[:-1], p.tensors):
+        assert (seen.data_ptr(), seen.stride()) == (given.data_ptr(), given.stride())
+    assert regime_of(p.config) == regime, p
     assert_design_traffic(direction, regime, touched, traffic)
-    assert_did_the_work(direction, out, x, y, dy)
+    assert_did_the_work(direction, op, out, x, y, dy, 1)
 
 
-@pytest.mark.parametrize("regime", ["multi_row", "single_pass", "online"])
-def test_public_api_launches_only_the_kernels(kernels, launches, regime):
-    """fused_softmax.softmax and its autograd backward run one kernel each, with the design traffic."""
-    dtype = torch.float32
-    n_cols = {"multi_row": 100, "single_pass": 5000, "online": ON_CHIP[(4, "forward")] + 1}[regime]
-    for backward in (False, True):
-        assert regime_of(_launch._kernels().launch_config(n_cols, 4, H100, backward=backward)) == regime
-    x = random((3, n_cols), dtype).requires_grad_()
-    dy = random((3, n_cols), dtype, scale=1.0, seed=1)
-
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("n_cols, backward_regime", [(8192, "single_pass"), (8193, "online")])
+def test_expanded_grad_of_sum(kernels, plans, op, n_cols, backward_regime):
+    """y.sum().backward(): dy is stride-0 and reaches the kernel uncopied (so unaligned: half the budget)."""
+    x = random((3, n_cols), torch.float32).requires_grad_()
     with kernel_traffic() as forward:
-        y = fused_softmax.softmax(x, dim=-1)
-    assert launches["n"] == 1
-    assert Fraction(forward.total, minimum_bytes(x, y)) == DESIGN_RATIO[("forward", regime)]
-
+        y = getattr(fused_softmax, op)(x, dim=-1)
     with kernel_traffic() as backward:
-        (dx,) = torch.autograd.grad(y, x, dy)
-    assert launches["n"] == 2
-    assert Fraction(backward.total, minimum_bytes(y, dy, dx)) == DESIGN_RATIO[("backward", regime)]
+        y.sum().backward()
+
+    assert len(plans) == 2 and regime_of(plans[0].config) == "single_pass"
+    assert plans[1].strides[1] == (0, 0, 0) and not is_aligned(plans[1])
+    assert regime_of(plans[1].config) == backward_regime
+    dy = torch.ones(()).expand_as(y)
+    assert_design_traffic("forward", "single_pass", (x, y), forward)
+    assert_design_traffic("backward", backward_regime, (y, dy, x.grad), backward)
+    assert_did_the_work("backward", op, x.grad, x, y, dy, 1)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("n_cols, regime", [(2048, "multi_row"), (16384, "single_pass"), (32784, "online")])
+def test_fused_upcast(kernels, plans, op, n_cols, regime):
+    """dtype=float32 on fp16 x: one kernel reads fp16 and writes fp32 (minimum: x's bytes + y's);
+    the backward reads fp32 y and dy and writes dx in fp16. Budgets are the widest element's."""
+    x = random((3, n_cols), torch.float16).requires_grad_()
+    dy = random((3, n_cols), torch.float32, scale=1.0, seed=1)
+    with kernel_traffic() as forward:
+        y = getattr(fused_softmax, op)(x, dim=-1, dtype=torch.float32)
+    with kernel_traffic() as backward:
+        y.backward(dy)
+
+    assert [[t.dtype for t in p.tensors] for p in plans] == [
+        [torch.float16, torch.float32],
+        [torch.float32, torch.float32, torch.float16],
+    ]
+    assert plans[0].tensors[0].data_ptr() == x.data_ptr()
+    assert all(regime_of(p.config) == regime and is_aligned(p) for p in plans), plans
+    assert_design_traffic("forward", regime, (x, y), forward, UPCAST_RATIO)
+    assert_design_traffic("backward", regime, (y, dy, x.grad), backward, UPCAST_RATIO)
+    assert_did_the_work("forward", op, y, x, None, None, 1)
+    assert_did_the_work("backward", op, x.grad, x, y, dy, 1)
 
 
 @pytest.mark.parametrize("direction", DIRECTIONS)
-def test_persistent_programs_move_each_row_once(launches, direction):
-    """More row blocks than the H100 grid holds: programs stride over blocks, and still no row twice."""
-    dtype, n_cols = torch.float64, 4096  # single-pass, 16 warps: the smallest H100 grid (528 programs)
-    config = _launch._kernels().launch_config(n_cols, 8, H100, backward=direction == "backward")
-    assert regime_of(config) == "single_pass"
-    n_rows = config.grid(10**9, H100) + 2
-    assert config.grid(n_rows, H100) < math.ceil(n_rows / config.rows_per_program)
-    x, y, dy = inputs(direction, (n_rows, n_cols), dtype)
-    touched, out, traffic = run(direction, x, y, dy)
-    assert launches["n"] == 1
-    assert_design_traffic(direction, "single_pass", touched, traffic)
-    assert_did_the_work(direction, out, x, y, dy)
+@pytest.mark.parametrize(
+    "shape, regime", [((67, 100), "multi_row"), ((3, 3000), "single_pass"), ((3, 40000), "online")]
+)
+def test_persistent_program_moves_each_row_once(monkeypatch, plans, direction, shape, regime):
+    """One program (H100 configurations otherwise) strides over every tile: still no row twice."""
+    x, y, dy = inputs("softmax", shape, torch.float32)
+    h100 = plan((x, y) if direction == "forward" else (y, dy, x), 1).config
+    monkeypatch.setattr(_launch, "device_properties", lambda device: ONE_PROGRAM)
+    touched, out, traffic = run(direction, "softmax", x, y, dy, 1)
+
+    (p,) = plans
+    assert p.grid == (1,) and p.config == h100 and regime_of(h100) == regime
+    assert shape[0] > h100.rows_per_program  # more than one tile
+    assert_design_traffic(direction, regime, touched, traffic)
+    assert_did_the_work(direction, "softmax", out, x, y, dy, 1)
