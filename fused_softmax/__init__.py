@@ -10,15 +10,20 @@ from . import reference
 from ._backend import use_backend
 from .functional import LogSoftmaxFunction, SoftmaxFunction, log_softmax, softmax
 from .modules import LogSoftmax, Softmax
+from .dropin import disable, enable, patch, swap_modules
 
 __all__ = [
     "LogSoftmax",
     "LogSoftmaxFunction",
     "Softmax",
     "SoftmaxFunction",
+    "disable",
+    "enable",
     "log_softmax",
+    "patch",
     "reference",
     "softmax",
+    "swap_modules",
     "use_backend",
 ]
 __version__ = "0.1.0"

@@ -16,6 +16,14 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _selected = contextvars.ContextVar("fused_softmax_backend", default=None)
 
 
+def constant_under_compile(fn):
+    """torch.compile calls ``fn`` once per graph and keeps the result, as with
+    torch.compiler.assume_constant_result, which sets this same marker but imports torch._dynamo
+    (and with it triton) when called: too slow for import time."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 def _check(name):
     if name not in BACKENDS:
         raise ValueError(f"unknown fused_softmax backend {name!r}; expected one of {BACKENDS}")
@@ -32,13 +40,16 @@ def use_backend(name):
         _selected.reset(token)
 
 
+@constant_under_compile
 def selected_backend():
+    """The backend in force. torch.compile reads it once, when it compiles a graph."""
     name = _selected.get()
     if name is None:
         name = _check(os.environ.get("FUSED_SOFTMAX_BACKEND", "auto").strip().lower() or "auto")
     return name
 
 
+@constant_under_compile
 def triton_available():
     try:
         import triton  # noqa: F401

@@ -15,6 +15,8 @@ import math
 
 import torch
 
+from ._backend import constant_under_compile
+
 VECTOR_BYTES = 16
 
 _max_block = contextvars.ContextVar("fused_softmax_max_block", default=None)
@@ -37,6 +39,7 @@ def _kernels():
     return kernels
 
 
+@constant_under_compile
 def kernels_interpreted():
     """True when the kernels, and Triton's own library of jitted functions (tl.max, tl.cdiv), were
     decorated under TRITON_INTERPRET=1, so they run on CPU tensors."""

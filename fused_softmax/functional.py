@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import handle_torch_function, has_torch_function_unary
 
-from . import _launch
+from . import _launch, ops
 from ._backend import KERNEL_DTYPES, use_kernels
 
 
@@ -86,16 +86,7 @@ class SoftmaxBackwardFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, ddx):
         y, dy = ctx.saved_tensors
-        dim = ctx.dim
-        ddx = ddx.to(y.dtype)
-        if ctx.log:
-            e = y.exp()
-            grad_y = -ddx * e * dy.sum(dim, keepdim=True)
-            grad_dy = ddx - (ddx * e).sum(dim, keepdim=True)
-        else:
-            grad_y = ddx * (dy - (dy * y).sum(dim, keepdim=True)) - dy * (ddx * y).sum(dim, keepdim=True)
-            # dx is linear in dy with the (symmetric) softmax Jacobian: its dy-gradient is the same kernel.
-            grad_dy = SoftmaxBackwardFunction.apply(y, ddx, dim, dy.dtype, False)
+        grad_y, grad_dy = ops.second_derivatives(y, dy, ddx.to(y.dtype), ctx.dim, ctx.log)
         return grad_y, grad_dy.to(dy.dtype), None, None, None
 
 
@@ -105,32 +96,41 @@ def _fusable(input_dtype, dtype):
     return input_dtype in KERNEL_DTYPES and torch.promote_types(input_dtype, dtype) == dtype
 
 
-def _dispatch(name, function, torch_function, input, dim, stacklevel, dtype):
+# Captured at import, before any patch() can replace them: the eager fallback.
+_TORCH = {"softmax": F.softmax, "log_softmax": F.log_softmax}
+
+
+def _dispatch(name, input, dim, stacklevel, dtype):
     if dim is None:
         dim = _implicit_dim(name, input.dim(), stacklevel + 1)
     if not use_kernels(input, input.dtype if dtype is None else dtype):
-        return torch_function(input, dim, dtype=dtype)
+        return _TORCH[name](input, dim, dtype=dtype)
     dim = _wrap_dim(name, dim, input.dim())
     if dtype is not None and not _fusable(input.dtype, dtype):
         input, dtype = input.to(dtype), None
     if input.dtype not in KERNEL_DTYPES:
         raise NotImplementedError(f'"{name}" not implemented for {input.dtype}')
-    return function.apply(input, dim, dtype)
+    if torch.compiler.is_compiling():
+        return getattr(ops, name)(input, dim, dtype)
+    return _FUNCTIONS[name].apply(input, dim, dtype)
+
+
+_FUNCTIONS = {"softmax": SoftmaxFunction, "log_softmax": LogSoftmaxFunction}
 
 
 def softmax(input, dim=None, _stacklevel=3, dtype=None):
     """Drop-in for ``torch.nn.functional.softmax``: same signature, results, warnings and errors.
 
     CUDA tensors run on the fused Triton kernels; the rest runs eager PyTorch unless the
-    backend says otherwise (see ``use_backend``).
+    backend says otherwise (see ``use_backend``). Under torch.compile it is one custom op.
     """
     if has_torch_function_unary(input):
         return handle_torch_function(softmax, (input,), input, dim=dim, _stacklevel=_stacklevel, dtype=dtype)
-    return _dispatch("softmax", SoftmaxFunction, F.softmax, input, dim, _stacklevel, dtype)
+    return _dispatch("softmax", input, dim, _stacklevel, dtype)
 
 
 def log_softmax(input, dim=None, _stacklevel=3, dtype=None):
     """Drop-in for ``torch.nn.functional.log_softmax``, on the same kernels as ``softmax``."""
     if has_torch_function_unary(input):
         return handle_torch_function(log_softmax, (input,), input, dim=dim, _stacklevel=_stacklevel, dtype=dtype)
-    return _dispatch("log_softmax", LogSoftmaxFunction, F.log_softmax, input, dim, _stacklevel, dtype)
+    return _dispatch("log_softmax", input, dim, _stacklevel, dtype)

@@ -1,0 +1,58 @@
+"""torch.compile(fullgraph=True) over fused_softmax: no graph breaks, results as eager; opcheck on every op."""
+
+import pytest
+import torch
+from support import DTYPES, assert_close
+
+import fused_softmax
+from fused_softmax import _launch, ops
+
+
+def model(x):
+    """Both functions, a non-last dim, a fused dtype= upcast, and torch ops around them."""
+    a = fused_softmax.softmax(x * 2, dim=-1)
+    b = fused_softmax.log_softmax(x, dim=0, dtype=torch.float64)
+    return a.sum(0) + b.exp().to(a.dtype).mean(0)
+
+
+@pytest.mark.parametrize("compiler", ["eager", "aot_eager", "inductor"])
+@pytest.mark.parametrize("name", ["torch", "triton"])
+def test_fullgraph_forward_and_backward_match_eager(device, launches, compiler, name):
+    torch._dynamo.reset()
+    x = torch.randn(6, 33, device=device, requires_grad=True)
+    with fused_softmax.use_backend(name):
+        expected = model(x)
+        (expected_dx,) = torch.autograd.grad(expected.sum(), x)
+        eager_launches = launches["n"]
+        compiled = torch.compile(model, fullgraph=True, backend=compiler)
+        y = compiled(x)
+        (dx,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(y, expected)
+    torch.testing.assert_close(dx, expected_dx)
+    if name == "triton":
+        assert launches["n"] == 2 * eager_launches, "the compiled graph must run the same kernels"
+    else:
+        assert launches["n"] == 0
+
+
+def test_compiled_online_regime(kernels, device):
+    torch._dynamo.reset()
+    x = torch.randn(3, 300, device=device, requires_grad=True)
+    with _launch.limit_block(64):
+        y = torch.compile(lambda t: fused_softmax.log_softmax(t, dim=1), fullgraph=True, backend="aot_eager")(x)
+        y.backward(torch.ones_like(y))
+    assert_close(y, fused_softmax.reference.log_softmax(x))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op_name", ["softmax", "log_softmax"])
+def test_opcheck(kernels, device, op_name, dtype):
+    forward, backward = getattr(ops, op_name), getattr(ops, f"{op_name}_backward")
+    x = torch.randn(4, 19, device=device, dtype=dtype, requires_grad=True)
+    for dim in (0, 1):
+        torch.library.opcheck(forward, (x, dim, None))
+        y = forward(x.detach(), dim, None).requires_grad_()
+        dy = torch.randn_like(y, requires_grad=True)
+        torch.library.opcheck(backward, (y, dy, dim, dtype))
+    if dtype in (torch.float16, torch.bfloat16):
+        torch.library.opcheck(forward, (x, 1, torch.float32))
