@@ -31,6 +31,17 @@ import torch.nn.functional as F
 
 from . import __version__, _launch, functional, reference
 from ._backend import triton_available, use_backend
+from .bench_report import (
+    comparison_table,
+    failure,
+    fused_passed,
+    markdown,
+    plot,
+    point_label,
+    readme_section,
+    table,
+    update_readme,
+)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
@@ -120,12 +131,10 @@ def implementations(peers=True):
 
 
 def regime(n_cols, dtype, direction, device, max_block=None):
-    """How the fused kernel runs rows of ``n_cols``: several rows per program, one pass on chip, or online."""
-    from .kernels import launch_config
-
-    config = launch_config(
-        n_cols, dtype.itemsize, _launch.device_properties(device), backward=direction == "backward", max_block=max_block
-    )
+    """How the fused kernel runs contiguous rows of ``n_cols``: several rows per program, one pass on chip, or online."""
+    tensors = [torch.empty(1, n_cols, dtype=dtype, device=device) for _ in range(3 if direction == "backward" else 2)]
+    with _launch.limit_block(max_block):
+        config = _launch.plan(tensors, 1).config
     if config.online:
         return "online"
     if config.rows_per_program > 1:
@@ -258,132 +267,6 @@ class Progress:
             self._bar.close()
 
 
-def _point(record):
-    return f"{record['dtype']} {record['direction']} {record['n_rows']}x{record['n_cols']} {record['implementation']}"
-
-
-def _cell(record):
-    """'GB/s (% of copy)', with WRONG or the error where the check failed."""
-    if "error" in record:
-        return "error"
-    cell = f"{record['gbps']:,.0f} ({record['pct_of_copy']:.0f}%)"
-    return cell if record["ok"] else f"{cell} WRONG"
-
-
-def _fused_passed(records):
-    return all(record["ok"] for record in records if record["implementation"] == "fused_softmax")
-
-
-def _failure(record):
-    if "error" in record:
-        return f"{_point(record)}: {record['error']}"
-    return f"{_point(record)}: WRONG, max abs err {record['max_abs_err']:.3g} > allowed {record['allowed_err']:.3g}"
-
-
-def table(headers, rows):
-    """An aligned markdown table: readable in a terminal, rendered in a .md file."""
-    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)]
-
-    def line(cells):
-        return "| " + " | ".join(str(cell).rjust(width) for cell, width in zip(cells, widths, strict=True)) + " |"
-
-    rule = "|" + "|".join("-" * (width + 1) + ":" for width in widths) + "|"
-    return "\n".join([line(headers), rule, *map(line, rows)])
-
-
-def _by_point(records):
-    """{(dtype, direction): {(group, n_rows, n_cols): {implementation: record}}}, in sweep order."""
-    points = {}
-    for record in records:
-        section = points.setdefault((record["dtype"], record["direction"]), {})
-        section.setdefault((record["group"], record["n_rows"], record["n_cols"]), {})[record["implementation"]] = record
-    return points
-
-
-def markdown(metadata, copy, records, skipped):
-    impls = list(dict.fromkeys(record["implementation"] for record in records))
-    lines = [f"# fused_softmax benchmark: {metadata['device']}", ""]
-    lines += [f"- {key}: {value}" for key, value in metadata.items()]
-    lines += [
-        "",
-        f"Device-to-device copy: {copy:,.0f} GB/s. Cells: GB/s (% of copy), where GB/s is the bytes a perfect kernel "
-        "moves (forward: read x, write y; backward: read y and dy, write dx) over the median time. WRONG: max abs "
-        "error against float64 torch above what rounding explains.",
-        "",
-        *(f"- {note}" for note in skipped),
-    ]
-    for (dtype, direction), points in _by_point(records).items():
-        headers = ["set", "M", "N", "fused regime", *impls, "fused max abs err"]
-        rows = []
-        for (group, n_rows, n_cols), by_impl in points.items():
-            fused = by_impl.get("fused_softmax", {})
-            rows.append(
-                [
-                    group,
-                    n_rows,
-                    n_cols,
-                    next(iter(by_impl.values()))["fused_regime"],
-                    *(_cell(by_impl[impl]) if impl in by_impl else "" for impl in impls),
-                    f"{fused['max_abs_err']:.2g}" if "max_abs_err" in fused else "",
-                ]
-            )
-        lines += ["", f"## {dtype} {direction}", "", table(headers, rows)]
-    failures = [_failure(record) for record in records if not record["ok"]]
-    if failures:
-        lines += ["", "## Failures", "", *(f"- {failure}" for failure in failures)]
-    return "\n".join(lines) + "\n"
-
-
-def plot(out_dir, records, copy, device_name):
-    """One PNG per dtype and direction: GB/s against N, a line per implementation; none without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return []
-    impls = list(dict.fromkeys(record["implementation"] for record in records))
-    paths = []
-    for (dtype, direction), points in _by_point(records).items():
-        fig, ax = plt.subplots(figsize=(9, 5.5))
-        for color, impl in enumerate(impls):
-            for group, style in (("large", "-"), ("small-M", "--")):
-                measured = [
-                    by_impl[impl]
-                    for (point_group, _, _), by_impl in points.items()
-                    if point_group == group and "gbps" in by_impl.get(impl, {})
-                ]
-                if not measured:
-                    continue
-                label = impl if group == "large" else f"{impl}, M={measured[0]['n_rows']}"
-                ax.plot(
-                    [r["n_cols"] for r in measured],
-                    [r["gbps"] for r in measured],
-                    style,
-                    color=f"C{color}",
-                    marker="o",
-                    markersize=3,
-                    label=label,
-                )
-                wrong = [r for r in measured if not r["ok"]]
-                if wrong:
-                    ax.plot([r["n_cols"] for r in wrong], [r["gbps"] for r in wrong], "x", color="black", markersize=9)
-        ax.axhline(copy, color="gray", linestyle=":", label="device-to-device copy")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("N (softmax length); x: wrong result")
-        ax.set_ylabel("GB/s")
-        ax.set_ylim(bottom=0)
-        ax.set_title(f"softmax {direction}, {dtype}, {device_name}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        path = out_dir / f"{dtype}-{direction}.png"
-        fig.savefig(path, dpi=120, bbox_inches="tight")
-        plt.close(fig)
-        paths.append(path)
-    return paths
-
-
 def _output(*command):
     try:
         return subprocess.run(command, capture_output=True, text=True, check=True, timeout=30).stdout.strip()
@@ -417,7 +300,7 @@ def default_out_dir(device_name):
     return Path("benchmarks") / "results" / f"{slug}-{datetime.date.today().isoformat()}"
 
 
-def cuda_sweep(dtypes, directions, quick, out_dir):
+def cuda_sweep(dtypes, directions, quick, out_dir, readme=None):
     """The full (or --quick) sweep; writes results.json, results.md and plots. Exit status 1 if fused_softmax failed."""
     device = torch.device("cuda", torch.cuda.current_device())
     started = time.perf_counter()
@@ -436,9 +319,9 @@ def cuda_sweep(dtypes, directions, quick, out_dir):
     records = []
     for record in sweep(problems, impls, directions, timer, copy, device):
         records.append(record)
-        progress.step(_point(record))
+        progress.step(point_label(record))
         if not record["ok"]:
-            progress.note(_failure(record))
+            progress.note(failure(record))
     progress.close()
     info["elapsed_s"] = round(time.perf_counter() - started, 1)
     info["quick"] = quick
@@ -453,7 +336,10 @@ def cuda_sweep(dtypes, directions, quick, out_dir):
     print(f"Wrote results.json, results.md and {len(plots)} plots to {out_dir} in {info['elapsed_s']:.0f} s")
     if not plots:
         print("No plots: matplotlib is not installed")
-    return int(not _fused_passed(records))
+    if readme is not None:
+        update_readme(readme, readme_section(results, out_dir.resolve(), readme.resolve().parent))
+        print(f"Updated the performance section of {readme}")
+    return int(not fused_passed(records))
 
 
 def _interleaved_median_us(*calls, blocks=31, block_s=2e-3):
@@ -541,31 +427,6 @@ def cpu_report(dtypes, directions):
     return int(not passed)
 
 
-def comparison_table(records):
-    """fused_softmax against torch eager, a row per problem and direction."""
-    rows = []
-    for points in _by_point(records).values():
-        for (_, n_rows, n_cols), by_impl in points.items():
-            fused, eager = by_impl["fused_softmax"], by_impl["torch"]
-            speedup = f"{fused['gbps'] / eager['gbps']:.2f}x" if "gbps" in fused and "gbps" in eager else ""
-            error = f"{fused['max_abs_err']:.2g}" if "max_abs_err" in fused else fused.get("error", "")
-            rows.append(
-                [
-                    f"{n_rows}x{n_cols}",
-                    fused["dtype"],
-                    fused["direction"],
-                    fused["fused_regime"],
-                    _cell(fused),
-                    _cell(eager),
-                    speedup,
-                    error,
-                    "ok" if fused["ok"] else "FAIL",
-                ]
-            )
-    headers = ["shape", "dtype", "direction", "regime", "fused_softmax", "torch", "speedup", "max abs err", "check"]
-    return table(headers, rows)
-
-
 def cuda_summary():
     """A handful of shapes, fused_softmax against torch, forward and backward. Exit status 1 on a failure."""
     device = torch.device("cuda", torch.cuda.current_device())
@@ -583,7 +444,7 @@ def cuda_summary():
     )
     records = list(sweep(problems, impls, DIRECTIONS, timer, copy, device))
     print(comparison_table(records))
-    return int(not _fused_passed(records))
+    return int(not fused_passed(records))
 
 
 def summary():
@@ -617,11 +478,12 @@ def main(argv=None):
     parser.add_argument(
         "--out", type=Path, help="results folder (CUDA only); default ./benchmarks/results/<device>-<date>/"
     )
+    parser.add_argument("--readme", type=Path, help="regenerate this README's performance section from the results")
     args = parser.parse_args(argv)
     interpret_kernels_without_gpu()
     dtypes = [DTYPES[name] for name in args.dtypes]
     if torch.cuda.is_available():
-        return cuda_sweep(dtypes, args.directions, args.quick, args.out)
+        return cuda_sweep(dtypes, args.directions, args.quick, args.out, args.readme)
     return cpu_report(dtypes, args.directions)
 
 
