@@ -8,7 +8,7 @@ machine without a GPU (see ``fused_softmax.compiled``). The rules:
   that again when accesses cannot be 128-bit (each element then needs its own address). On
   an H100 that is a 32,768-element fp32 row forward and 16,384 backward, at 16-byte alignment.
 - A row whose power-of-two block fits is kept on chip in one pass. Short rows are packed
-  several to a tile until it holds ``TILE_BYTES`` of input.
+  several to a tile until it holds ``TILE_BYTES`` of input (half that for narrow accesses).
 - Where the rows, not the columns, are unit-stride (a softmax over an earlier dim), a tile
   takes at least a 32-byte sector's worth of neighbouring rows.
 - Longer rows stream through ``ONLINE_BLOCK``-element tiles (online softmax).
@@ -27,6 +27,9 @@ ONLINE_BLOCK = 4096
 MAX_WARPS = 16
 VECTOR_BYTES = 16
 SECTOR_BYTES = 32
+# fp64 exp and log (libdevice) need many registers of their own: compiled for sm_90, fp64
+# rows up to this length stay on chip without spilling.
+FP64_ON_CHIP = 8192
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,10 @@ def launch_config(
     """
     compute_bytes = 8 if elem_bytes == 8 else 4
     wide = align * elem_bytes >= VECTOR_BYTES
+    narrow = 1 if wide else 2  # an element that is its own access needs its own address registers
     on_chip = max_on_chip_elements(compute_bytes, 2 if backward else 1, wide, device)
+    if compute_bytes == 8:
+        on_chip = min(on_chip, FP64_ON_CHIP)
     if max_block is not None:
         on_chip = min(on_chip, max_block)
     row_run = triton.next_power_of_2(contiguous_rows)
@@ -104,9 +110,9 @@ def launch_config(
     online = block_n * min_rows > on_chip
     if online:
         rows = min_rows
-        block_n = max(1, min(ONLINE_BLOCK, on_chip) // rows)
+        block_n = max(1, min(ONLINE_BLOCK, on_chip // narrow) // rows)
     else:
-        rows = max(min_rows, TILE_BYTES // elem_bytes // block_n)
+        rows = max(min_rows, TILE_BYTES // narrow // elem_bytes // block_n)
         if contiguous_rows > 1:
             rows = min(rows, row_run)
     vector = align if contiguous_rows == 1 else min(row_run, VECTOR_BYTES // elem_bytes)

@@ -1,0 +1,400 @@
+"""What ptxas makes of every kernel an H100 is given, computed offline (a host-side dev tool).
+
+A register spill or a narrow global access costs bandwidth without failing any numerical
+test, and both are decided at compile time. So every shipped kernel is compiled for sm_90
+with ``triton.compile`` (no GPU needed) and its cubin is read with Triton's bundled tools:
+registers and stack from ``cuobjdump -res-usage``, spills and access widths from the SASS
+(``nvdisasm``).
+
+A kernel is what Triton's JIT compiles for one launch: the constexprs the host passes (the
+launch config, LOG, ALIGN), and the JIT's specialisation of every other argument: a tensor
+becomes a pointer to its dtype, marked ``tt.divisibility=16`` when 16-byte aligned; an
+integer equal to 1 becomes a constant, a multiple of 16 is marked ``tt.divisibility=16``.
+Nothing here re-derives the host's logic: the host's own ``_launch._launch`` runs on real
+(CPU, unwritten) tensors with a stand-in kernel that records its arguments, and Triton's own
+``native_specialize_impl`` (the JIT's, in Triton 3.6 and 3.9 alike) specialises them.
+
+The launches: contiguous [3, N] tensors, softmax over the last dim, for every row length N
+from 1 to ``MAX_COLS``, in each kernel dtype (fp16/bf16/fp32/fp64) and the fused upcasts
+fp16/bf16 -> fp32 (forward x fp16/bf16 -> y fp32; backward y, dy fp32 -> dx fp16/bf16; the
+rarer upcasts to fp64 are left out), forward and backward, softmax and log-softmax. For such rows the config depends
+on N through its next power of two and the host's alignment, and the alignment and the JIT's
+view of the N / ALIGN it is passed depend on the largest power of two dividing N (see
+``_brackets``): a few lengths per power-of-two bracket reach every kernel. 3 rows, odd,
+leave n_inner unspecialised, the least the compiler may assume. Plus a layout whose rows,
+not columns, are unit-stride: a softmax over dim 1 of a contiguous [4, N, 64] tensor, for
+one on-chip and one online row length.
+
+Compiling is the cost: about 0.3 s of CPU per kernel, so ``compile_all`` spreads it over
+processes (Triton's compiler holds the GIL, threads do not overlap).
+"""
+
+import bisect
+import concurrent.futures
+import dataclasses
+import itertools
+import multiprocessing
+import os
+import pickle
+import re
+import struct
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+
+import torch
+import triton
+from triton._C.libtriton import native_specialize_impl
+from triton.backends.compiler import BaseBackend, GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+
+from . import _launch
+from .kernels import LaunchConfig, _softmax_backward_kernel, _softmax_forward_kernel
+
+TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
+ELEM_BYTES = {name: dtype.itemsize for name, dtype in TORCH_DTYPES.items()}
+# Tensor dtypes of a launch: forward (x, y), backward (y, dy, dx) with dx in x's dtype.
+FORWARD_DTYPES = (
+    ("fp16", "fp16"),
+    ("bf16", "bf16"),
+    ("fp32", "fp32"),
+    ("fp64", "fp64"),
+    ("fp16", "fp32"),
+    ("bf16", "fp32"),
+)
+VARIANTS = [(False, d) for d in FORWARD_DTYPES] + [(True, (y, y, x)) for x, y in FORWARD_DTYPES]
+MAX_COLS = 1 << 22
+ROWS = 3
+STRIDED = "dim 1 of [4, N, 64]"
+STRIDED_LENGTHS = (1000, 100_000)
+VECTOR_BITS = 128
+TARGET = GPUTarget("cuda", 90, 32)
+_DIVISIBLE_BY_16 = [["tt.divisibility", 16]]
+
+
+class ToolchainMissing(RuntimeError):
+    """ptxas, cuobjdump or nvdisasm cannot be found, so nothing can be compiled or read here."""
+
+
+def toolchain():
+    """The ptxas Triton uses for sm_90, and its cuobjdump and nvdisasm, as (path, version) tools."""
+    try:
+        from triton import knobs
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return get_ptxas(TARGET.arch), knobs.nvidia.cuobjdump, knobs.nvidia.nvdisasm
+    except (ImportError, RuntimeError) as e:
+        raise ToolchainMissing(f"no CUDA toolchain for Triton: {e}") from None
+
+
+def _spec_class(spec):
+    """An integer argument as the JIT sees it: '1' (a constant), '%16' (divisible by 16) or '-'."""
+    kind, attr = spec
+    return "1" if kind == "constexpr" else "%16" if attr == "D" else "-"
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """One compiled variant, as the JIT would build it for a launch.
+
+    ``spec`` is the JIT's specialisation of each positional argument, in order, as
+    (type, attribute): ("*fp16", "D"), ("i32", ""), ("constexpr", 1). ``layout`` and
+    ``n_range`` (the row lengths that launch this kernel: all of them between the bounds
+    that share ``cols``' class and alignment) describe, and take no part in equality.
+    """
+
+    backward: bool
+    log: bool
+    config: LaunchConfig
+    align: int
+    spec: tuple
+    layout: str = dataclasses.field(default="last dim", compare=False)
+    n_range: tuple = dataclasses.field(default=(0, 0), compare=False)
+
+    @property
+    def function(self):
+        return _softmax_backward_kernel if self.backward else _softmax_forward_kernel
+
+    @property
+    def dtypes(self):
+        """The tensors' dtypes, in argument order."""
+        return tuple(kind[1:] for kind, _ in self.spec if kind.startswith("*"))
+
+    @property
+    def args(self):
+        """The specialisation of each argument by name."""
+        return dict(zip(self.function.arg_names, self.spec))
+
+    @property
+    def cols(self):
+        """The JIT's view of the n_cols argument (N / ALIGN): '1', '%16' or '-'."""
+        return _spec_class(self.args["n_cols"])
+
+    def constexprs(self):
+        """The keyword arguments the host passes: the config's, LOG and ALIGN."""
+        return dict(self.config.constexprs(), LOG=self.log, ALIGN=self.align)
+
+    def source(self):
+        """The ASTSource the JIT would build for this launch."""
+        constexprs = {k: v for k, v in self.constexprs().items() if k != "num_warps"}
+        signature, attrs = {}, {}
+        for i, name in enumerate(self.function.arg_names):
+            if name in constexprs:
+                signature[name] = "constexpr"
+                continue
+            kind, attr = self.spec[i]
+            signature[name] = kind
+            if kind == "constexpr":
+                constexprs[name] = attr
+            elif attr == "D":
+                attrs[(i,)] = _DIVISIBLE_BY_16
+            elif attr:
+                raise ValueError(f"unknown specialisation {attr!r} of {name}")
+        return ASTSource(fn=self.function, signature=signature, constexprs=constexprs, attrs=attrs)
+
+
+class _Recorder:
+    """Stands in for a kernel: ``kernel[grid](*args, **kwargs)`` records the arguments."""
+
+    def __getitem__(self, grid):
+        return self
+
+    def __call__(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
+
+
+def launched(backward, dtypes, log, shape, dim=None, layout="last dim"):
+    """The kernel the host launches for tensors of ``shape`` and ``dtypes`` along ``dim`` (default
+    the last; non-negative, as the API passes it on)."""
+    dim = len(shape) - 1 if dim is None else dim
+    tensors = tuple(torch.empty(shape, dtype=TORCH_DTYPES[d]) for d in dtypes)
+    recorder = _Recorder()
+    _launch._launch(recorder, tensors, dim, log)
+    kwargs = dict(recorder.kwargs)
+    config = LaunchConfig(
+        block_n=kwargs["BLOCK_N"],
+        rows_per_program=kwargs["ROWS"],
+        num_warps=kwargs["num_warps"],
+        online=kwargs["ONLINE"],
+        compute_dtype=kwargs["COMPUTE_DTYPE"],
+    )
+    spec = tuple(native_specialize_impl(BaseBackend, a, False, True, True)[:2] for a in recorder.args)
+    kernel = Kernel(backward, kwargs["LOG"], config, kwargs["ALIGN"], spec, layout)
+    if kernel.constexprs() != kwargs:
+        raise RuntimeError(f"the host passes keyword arguments this module does not know: {kwargs}")
+    return dataclasses.replace(kernel, n_range=(shape[dim], shape[dim]))
+
+
+def _brackets():
+    """(lo, hi, lengths) per power-of-two bracket (lo, hi] of row lengths: hi and hi - 2**j.
+
+    For contiguous rows the host's ALIGN is the largest power of two dividing N, capped at
+    a 16-byte vector (at most 8 elements), and the JIT sees N / ALIGN as 1, a multiple of 16
+    or neither: both depend on N only through that power of two, up to 16 x 8 = 128. hi - 2**j
+    is divisible by exactly 2**j, and hi by itself, so these lengths reach every kernel of
+    the bracket (and the test checks many others against them).
+    """
+    for k in range(MAX_COLS.bit_length()):
+        hi = 1 << k
+        lo = hi // 2 + 1
+        yield lo, hi, sorted({hi} | {hi - (1 << j) for j in range(8) if hi - (1 << j) >= lo})
+
+
+def shipped_kernels():
+    """Every kernel an H100 is given for contiguous rows of 1 to ``MAX_COLS`` elements, and
+    for the strided layout ``STRIDED``: deduplicated, with the row lengths that launch each."""
+    ranges = {}
+    for backward, dtypes in VARIANTS:
+        for log in (False, True):
+            for lo, hi, lengths in _brackets():
+                for n in lengths:
+                    kernel = launched(backward, dtypes, log, (ROWS, n))
+                    # A constant N / ALIGN is launched for exactly one length.
+                    lo_hi = (n, n) if kernel.cols == "1" else (lo, hi)
+                    old = ranges.get(kernel, lo_hi)
+                    ranges[kernel] = (min(old[0], lo_hi[0]), max(old[1], lo_hi[1]))
+            for n in STRIDED_LENGTHS:
+                kernel = launched(backward, dtypes, log, (4, n, 64), 1, STRIDED)
+                ranges.setdefault(kernel, (n, n))
+    return [dataclasses.replace(k, n_range=r) for k, r in ranges.items()]
+
+
+def kernel_for(backward, dtypes, log, n):
+    """The shipped kernel that rows of ``n`` elements launch, by the same route."""
+    return launched(backward, dtypes, log, (ROWS, n))
+
+
+@dataclasses.dataclass(frozen=True)
+class Compiled:
+    """What the cubin of one kernel uses, per thread where it is per thread.
+
+    ``local_bytes`` is the local memory (stack frame, where spills land, plus any other);
+    ``loads`` / ``stores`` map a global access width in bits to its count of SASS instructions.
+    """
+
+    kernel: Kernel
+    registers: int
+    local_bytes: int
+    spill_store_bytes: int
+    spill_load_bytes: int
+    shared_bytes: int
+    loads: dict
+    stores: dict
+
+    @property
+    def spills(self):
+        return self.local_bytes > 0 or self.spill_store_bytes > 0 or self.spill_load_bytes > 0
+
+
+_RES_USAGE = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
+_SASS_OP = re.compile(r"^\s*/\*([0-9a-f]+)\*/\s+(?:@!?U?P[T0-9]+\s+)?(LDG|STG|LDL|STL)((?:\.\w+)*)", re.M)
+_WIDTHS = {"U8": 8, "S8": 8, "U16": 16, "S16": 16, "64": 64, "128": 128}
+
+
+def _width(modifiers):
+    """Bits one lane moves: the size modifier of LDG/STG/LDL/STL, 32 when there is none."""
+    return next((_WIDTHS[m] for m in modifiers.split(".") if m in _WIDTHS), 32)
+
+
+def _build(kernel):
+    """Compile ``kernel``; return its cubin, Triton's shared-memory request and -res-usage's counts."""
+    _, cuobjdump, _ = toolchain()
+    binary = triton.compile(kernel.source(), target=TARGET, options={"num_warps": kernel.config.num_warps})
+    cubin = binary.asm["cubin"]
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([cuobjdump.path, "-res-usage", f.name], check=True, capture_output=True, text=True)
+    return cubin, binary.metadata.shared, tuple(map(int, _RES_USAGE.search(usage.stdout).groups()))
+
+
+def _machine_code(cubin):
+    """The kernel's instructions: the .text.<kernel> section of the cubin, an ELF64 file."""
+    (table,) = struct.unpack_from("<Q", cubin, 0x28)
+    entry_size, count, names_index = struct.unpack_from("<HHH", cubin, 0x3A)
+    # Section header: name offset, (type), flags, address, file offset, size.
+    sections = [struct.unpack_from("<I4xQQQQ", cubin, table + i * entry_size) for i in range(count)]
+    names = sections[names_index][3]
+    for name, _, _, offset, size in sections:
+        start = names + name
+        if cubin[start : cubin.index(b"\0", start)].startswith(b".text."):
+            return cubin[offset : offset + size]
+    raise ValueError("cubin without a .text section")
+
+
+def _global_and_local_accesses(cubins):
+    """Per cubin, {LDG/STG/LDL/STL: Counter(width in bits)} from its SASS.
+
+    nvdisasm and cuobjdump -sass take half a second to start, longer than most compiles, so
+    all the machine code is disassembled in one nvdisasm call as one raw SM90a binary and
+    each instruction is assigned back by its address.
+    """
+    _, _, nvdisasm = toolchain()
+    codes = [_machine_code(c) for c in cubins]
+    ends = list(itertools.accumulate(map(len, codes)))
+    with tempfile.NamedTemporaryFile(suffix=".bin") as f:
+        f.write(b"".join(codes))
+        f.flush()
+        sass = subprocess.run([nvdisasm.path, "-b", "SM90a", f.name], check=True, capture_output=True, text=True)
+    accesses = [{op: Counter() for op in ("LDG", "STG", "LDL", "STL")} for _ in codes]
+    for address, op, modifiers in _SASS_OP.findall(sass.stdout):
+        accesses[bisect.bisect_right(ends, int(address, 16))][op][_width(modifiers)] += 1
+    return accesses
+
+
+def _interpreted():
+    """Under TRITON_INTERPRET=1 (CPU test runs) @triton.jit, Triton's own helpers included, only interprets."""
+    return not isinstance(_softmax_forward_kernel, JITFunction)
+
+
+_CHILD = """
+import pickle, sys
+from fused_softmax.compiled import compile_all
+with open(sys.argv[1], "rb") as f:
+    kernels, workers = pickle.load(f)
+with open(sys.argv[2], "wb") as f:
+    pickle.dump(compile_all(kernels, workers), f)
+"""
+
+
+def _compile_in_child(kernels, workers):
+    """Compile in a fresh Python without TRITON_INTERPRET, where the kernels are JIT functions again."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    with tempfile.TemporaryDirectory() as tmp:
+        args, results = os.path.join(tmp, "kernels.pkl"), os.path.join(tmp, "compiled.pkl")
+        with open(args, "wb") as f:
+            pickle.dump((kernels, workers), f)
+        child = subprocess.run([sys.executable, "-c", _CHILD, args, results], env=env, capture_output=True, text=True)
+        if child.returncode:
+            raise RuntimeError(f"compiling in a child process failed:\n{child.stderr}")
+        with open(results, "rb") as f:
+            return pickle.load(f)
+
+
+def compile_all(kernels=None, workers=None):
+    """Compile ``kernels`` (default: every shipped one) for sm_90 and read what each uses.
+
+    Registers and stack come from cuobjdump -res-usage. Spills land in the stack frame
+    (STACK, not LOCAL), and the bytes of the SASS's STL/LDL add up to ptxas -v's "spill
+    stores" / "spill loads". Compiles run in ``workers`` processes (default: one per core;
+    1: in this one): Triton's compiler holds the GIL, so threads would not overlap.
+    """
+    kernels = shipped_kernels() if kernels is None else list(kernels)
+    toolchain()
+    if _interpreted():
+        return _compile_in_child(kernels, workers)
+    workers = max(1, min(workers or os.cpu_count() or 1, len(kernels)))
+    if workers == 1:
+        built = [_build(k) for k in kernels]
+    else:
+        # Forked workers start at once; nothing has compiled (or started threads) before here.
+        start = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(start)) as pool:
+            built = list(pool.map(_build, kernels))
+    accesses = _global_and_local_accesses([cubin for cubin, _, _ in built])
+    records = []
+    for kernel, (_, shared, (registers, stack, static_shared, local)), bits in zip(kernels, built, accesses):
+        records.append(
+            Compiled(
+                kernel=kernel,
+                registers=registers,
+                local_bytes=stack + local,
+                spill_store_bytes=sum(w * n for w, n in bits["STL"].items()) // 8,
+                spill_load_bytes=sum(w * n for w, n in bits["LDL"].items()) // 8,
+                shared_bytes=shared + static_shared,
+                loads=dict(bits["LDG"]),
+                stores=dict(bits["STG"]),
+            )
+        )
+    return records
+
+
+def compile_kernel(kernel):
+    """``compile_all`` for one kernel, in this process."""
+    return compile_all([kernel], workers=1)[0]
+
+
+def _widths(counts):
+    return " ".join(f"{n}x{w}" for w, n in sorted(counts.items(), reverse=True)) or "-"
+
+
+def format_table(records):
+    """A markdown table, one row per compiled kernel."""
+    lines = [
+        "| pass | dtypes | LOG | layout | N range | ALIGN | N/ALIGN | BLOCK_N | ROWS | online | warps | regs"
+        " | spill st/ld B | local B | smem B | LDG (count x bits) | STG (count x bits) |",
+        "|---|---|---|---|---|--:|---|--:|--:|---|--:|--:|--:|--:|--:|---|---|",
+    ]
+    for r in records:
+        k, c = r.kernel, r.kernel.config
+        lo, hi = k.n_range
+        lines.append(
+            f"| {'bwd' if k.backward else 'fwd'} | {'/'.join(k.dtypes)} | {'yes' if k.log else 'no'} | {k.layout}"
+            f" | {lo if lo == hi else f'{lo}..{hi}'} | {k.align} | {k.cols} | {c.block_n} | {c.rows_per_program}"
+            f" | {'yes' if c.online else 'no'} | {c.num_warps} | {r.registers}"
+            f" | {r.spill_store_bytes}/{r.spill_load_bytes} | {r.local_bytes} | {r.shared_bytes}"
+            f" | {_widths(r.loads)} | {_widths(r.stores)} |"
+        )
+    return "\n".join(lines) + "\n"
