@@ -192,7 +192,7 @@ def softmax_forward(x, dim, out_dtype, log=False):
     """softmax (or log_softmax) of ``x`` along ``dim``, contiguous, in ``out_dtype``."""
     y = empty(x.shape, out_dtype, x.device)
     if y.numel():
-        _launch(_kernels()._softmax_forward_kernel, (x, y), dim, log)
+        _launch(_kernels()._softmax_forward_kernel, (x, y), dim % max(x.dim(), 1), log)
     return y
 
 
@@ -200,5 +200,5 @@ def softmax_backward(y, dy, dim, out_dtype, log=False):
     """Input gradient from y and dy along ``dim``, contiguous, in ``out_dtype``."""
     dx = empty(y.shape, out_dtype, y.device)
     if dx.numel():
-        _launch(_kernels()._softmax_backward_kernel, (y, dy, dx), dim, log)
+        _launch(_kernels()._softmax_backward_kernel, (y, dy, dx), dim % max(y.dim(), 1), log)
     return dx

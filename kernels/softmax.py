@@ -1,10 +1,11 @@
 """Softmax and log-softmax, forward and backward, over one dim of a strided tensor.
 
 The tensor is seen as [n_outer, n_cols, n_inner] with a stride per axis: softmax runs along
-n_cols for every (outer, inner) pair, a "row". No layout needs a copy first: a tile takes
-ROWS rows with consecutive inner indices and BLOCK_N columns, and Triton reads whichever
-axis has unit stride coalesced (the columns for a last-dim softmax, the inner axis for an
-earlier dim). A last-dim softmax is the case n_outer == 1, its rows along the inner axis.
+n_cols for every (outer, inner) pair, a "row". A tile takes ROWS rows with consecutive inner
+indices and BLOCK_N columns, and Triton reads whichever axis has unit stride coalesced (the
+columns for a last-dim softmax, the inner axis for an earlier dim), so transposed, sliced and
+expanded layouts need no copy. A last-dim softmax is the case n_outer == 1, its rows along
+the inner axis.
 
 Softmax is memory bound: a kernel is as fast as the bytes it moves. One body serves every
 regime through compile-time switches:

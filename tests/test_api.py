@@ -64,6 +64,16 @@ def test_gradient_of_sum_and_noncontiguous_grad(backend, device, op, dim):
     assert_close(dx, op.reference_backward(op.reference(x, axis=dim), misaligned, axis=dim))
 
 
+def test_functions_take_negative_dims(kernels, device):
+    x = randn(4, 9, device=device, dtype=torch.float64).requires_grad_()
+    for function, reference_op in ((fused_softmax.SoftmaxFunction, reference.softmax),
+                                   (fused_softmax.LogSoftmaxFunction, reference.log_softmax)):
+        for dim in (-1, -2):
+            y = function.apply(x, dim)
+            assert_close(y, reference_op(x, axis=dim))
+            assert torch.autograd.gradcheck(lambda t: function.apply(t, dim), (x,))
+
+
 def test_saves_only_y(kernels, device, op):
     x = randn(4, 9, device=device).requires_grad_()
     y = op.fused(x, dim=-1)
