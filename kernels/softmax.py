@@ -35,6 +35,12 @@ import triton.language as tl
 
 
 @triton.jit
+def _tile_count(n_outer, n_inner, ROWS: tl.constexpr):
+    """Tiles of ROWS rows, in int64: with few rows per tile, huge tensors have over 2^31 of them."""
+    return tl.cast(n_outer, tl.int64) * tl.cdiv(n_inner, ROWS)
+
+
+@triton.jit
 def _tile_rows(tile, n_inner, ROWS: tl.constexpr):
     """The tile's rows: one outer index, ROWS consecutive inner indices, and which of them exist."""
     inner_blocks = tl.cdiv(n_inner, ROWS)
@@ -65,7 +71,7 @@ def _softmax_forward_kernel(
 ):
     n_cols = n_cols * ALIGN
     cols = tl.arange(0, BLOCK_N)[None, :]
-    for tile in tl.range(tl.program_id(0), n_outer * tl.cdiv(n_inner, ROWS), tl.num_programs(0)):
+    for tile in tl.range(tl.program_id(0), _tile_count(n_outer, n_inner, ROWS), tl.num_programs(0)):
         outer, inner, row_mask = _tile_rows(tile, n_inner, ROWS)
         x_rows = x_ptr + (outer * x_stride_outer + inner * x_stride_inner) * ALIGN
         y_rows = y_ptr + (outer * y_stride_outer + inner * y_stride_inner) * ALIGN
@@ -135,7 +141,7 @@ def _softmax_backward_kernel(
     """softmax: dx = y * (dy - sum(dy * y)); log-softmax: dx = dy - exp(y) * sum(dy)."""
     n_cols = n_cols * ALIGN
     cols = tl.arange(0, BLOCK_N)[None, :]
-    for tile in tl.range(tl.program_id(0), n_outer * tl.cdiv(n_inner, ROWS), tl.num_programs(0)):
+    for tile in tl.range(tl.program_id(0), _tile_count(n_outer, n_inner, ROWS), tl.num_programs(0)):
         outer, inner, row_mask = _tile_rows(tile, n_inner, ROWS)
         y_rows = y_ptr + (outer * y_stride_outer + inner * y_stride_inner) * ALIGN
         dy_rows = dy_ptr + (outer * dy_stride_outer + inner * dy_stride_inner) * ALIGN
