@@ -17,8 +17,6 @@ import torch
 
 from ._backend import constant_under_compile
 
-VECTOR_BYTES = 16
-
 _max_block = contextvars.ContextVar("fused_softmax_max_block", default=None)
 
 
@@ -126,7 +124,7 @@ def _alignment(tensors, strides, n_cols):
     columns are unit-stride; 1 otherwise. It lets the kernel prove 128-bit accesses."""
     if any(s[1] != 1 for s in strides):
         return 1
-    align = VECTOR_BYTES // max(t.element_size() for t in tensors)
+    align = _kernels().heuristics.VECTOR_BYTES // max(t.element_size() for t in tensors)
     offsets = [n_cols] + [s for st in strides for s in (st[0], st[2])]
     offsets += [t.data_ptr() // t.element_size() for t in tensors]
     divisor = math.gcd(*offsets)
