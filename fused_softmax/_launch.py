@@ -104,7 +104,7 @@ def _views(tensors, dim):
         if all(splits):
             break
     else:
-        tensors = [t if s else t.contiguous() for t, s in zip(tensors, (_split(t, rest, dim) for t in tensors))]
+        tensors = [t if _split(t, rest, dim) else t.contiguous() for t in tensors]
         splits = [_split(t, rest, dim) for t in tensors]
     (n_outer, _), (n_inner, _) = splits[0]
     if n_inner == 1:

@@ -21,7 +21,7 @@ _ABSENT = object()  # Tensor.softmax lives on torch._C.TensorBase, not in Tensor
 
 
 def _dim_first(fused, original):
-    """A wrapper for torch.softmax / Tensor.softmax (dim required, dtype keyword-only)."""
+    """A wrapper for torch.softmax / Tensor.softmax: dim required, no implicit-dim warning."""
 
     @functools.wraps(original)
     def wrapper(input, dim, dtype=None):
