@@ -74,8 +74,8 @@ class recorded_plans:
     def __enter__(self):
         self.plans, self.plan = [], _launch.plan
 
-        def recorded(tensors, dim):
-            self.plans.append(self.plan(tensors, dim))
+        def recorded(tensors, dim, **options):
+            self.plans.append(self.plan(tensors, dim, **options))
             return self.plans[-1]
 
         _launch.plan = recorded

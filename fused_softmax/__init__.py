@@ -10,16 +10,20 @@ from . import reference
 from ._backend import use_backend
 from .functional import LogSoftmaxFunction, SoftmaxFunction, log_softmax, softmax
 from .modules import LogSoftmax, Softmax
+from .attention import MaskedSoftmaxFunction, attention, masked_softmax
 from .dropin import disable, enable, patch, swap_modules
 
 __all__ = [
+    "attention",
     "LogSoftmax",
     "LogSoftmaxFunction",
+    "MaskedSoftmaxFunction",
     "Softmax",
     "SoftmaxFunction",
     "disable",
     "enable",
     "log_softmax",
+    "masked_softmax",
     "patch",
     "reference",
     "softmax",

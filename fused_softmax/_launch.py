@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import math
 
+import numpy as np
 import torch
 
 from ._backend import constant_under_compile
@@ -121,16 +122,70 @@ def empty(shape, dtype, device):
 
 def _alignment(tensors, strides, n_cols):
     """Largest power of two (in elements) dividing n_cols, every row stride and every start, when the
-    columns are unit-stride; 1 otherwise. It lets the kernel prove 128-bit accesses."""
-    if any(s[1] != 1 for s in strides):
+    columns are unit-stride; 1 otherwise. It lets the kernel prove 128-bit accesses.
+
+    ``strides`` holds each tensor's (column stride, *row strides)."""
+    if any(s[0] != 1 for s in strides):
         return 1
     align = _kernels().heuristics.VECTOR_BYTES // max(t.element_size() for t in tensors)
-    offsets = [n_cols] + [s for st in strides for s in (st[0], st[2])]
+    offsets = [n_cols] + [s for st in strides for s in st[1:]]
     offsets += [t.data_ptr() // t.element_size() for t in tensors]
     divisor = math.gcd(*offsets)
     while divisor % align:
         align //= 2
     return align
+
+
+@dataclasses.dataclass(frozen=True)
+class Scores:
+    """What masked_softmax adds to a forward launch over [..., Lq, Lk] scores: the scale, the causal
+    diagonal's offset (None: no causal mask), and a mask read through its broadcast strides.
+
+    ``mask`` is bool (read as bytes) or additive float; ``mask_strides`` are its (batch, head, query,
+    key) strides once expanded to the scores' shape, the leading dims folded into batch × head
+    (``n_heads`` being the size of the head run)."""
+
+    scale: float = 1.0
+    causal_offset: int | None = None
+    mask: torch.Tensor | None = None
+    mask_strides: tuple = (0, 0, 0, 0)
+    n_queries: int = 1
+    n_heads: int = 1
+
+    @property
+    def mask_kind(self):
+        if self.mask is None:
+            return ""
+        return "bool" if self.mask.dtype == torch.uint8 else "additive"
+
+
+def _mask_view(mask, scores):
+    """The mask as the kernel reads it: its strides once broadcast to the scores, the dims before
+    [Lq, Lk] folded into two runs, (batch, head). Only a mask whose leading dims fold into no two
+    runs (rare: three interleaved strides) is copied, at its own size times the missing dims."""
+    if mask.dtype == torch.bool:
+        mask = mask.view(torch.uint8)
+    expanded = mask.expand(scores.shape)
+    lead, lead_strides = scores.shape[:-2], expanded.stride()[:-2]
+    for p in range(len(lead) + 1):
+        batch = _collapse(lead[:p], lead_strides[:p])
+        head = _collapse(lead[p:], lead_strides[p:])
+        if batch and head:
+            break
+    else:
+        expanded = expanded.contiguous()
+        batch, head = (1, 0), _collapse(lead, expanded.stride()[:-2])
+    query = expanded.stride(-2) if scores.dim() >= 2 else 0
+    return expanded, (batch[1], head[1], query, expanded.stride(-1)), head[0]
+
+
+def scores_plan(scores, mask, scale, causal_offset):
+    """The ``Scores`` of a masked_softmax launch over ``scores`` [..., Lq, Lk]."""
+    n_queries = scores.shape[-2] if scores.dim() >= 2 else 1
+    if mask is None:
+        return Scores(scale=scale, causal_offset=causal_offset, n_queries=n_queries)
+    mask, strides, n_heads = _mask_view(mask, scores)
+    return Scores(scale, causal_offset, mask, strides, n_queries, n_heads)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,17 +205,26 @@ class Plan:
         return (self.config.grid(n_outer, n_inner, self.device),)
 
 
-def plan(tensors, dim):
-    """The launch for ``tensors`` along ``dim``: the regime and tile come from the launch heuristic."""
+def plan(tensors, dim, *, backward=None, scores=None):
+    """The launch for ``tensors`` along ``dim``: the regime and tile come from the launch heuristic.
+
+    ``backward`` defaults to whether three tensors (y, dy, dx) are given; a mask in ``scores`` must
+    share the alignment."""
     device = device_properties(tensors[0].device)
     tensors, sizes, strides = _views(tensors, dim)
-    align = _alignment(tensors, strides, sizes[1])
+    aligned = list(tensors), [(col, outer, inner) for outer, col, inner in strides]
+    if scores is not None and scores.mask is not None:
+        batch, head, query, key = scores.mask_strides
+        aligned[0].append(scores.mask)
+        aligned[1].append((key, batch, head, query))
+    align = _alignment(*aligned, sizes[1])
     contiguous_rows = sizes[2] if strides[0][2] == 1 and strides[0][1] != 1 else 1
     config = _kernels().launch_config(
         sizes[1],
         max(t.element_size() for t in tensors),
         device,
-        backward=len(tensors) == 3,
+        backward=len(tensors) == 3 if backward is None else backward,
+        masked=scores is not None and scores.mask is not None,
         align=align,
         contiguous_rows=contiguous_rows,
         max_block=_max_block.get(),
@@ -168,35 +232,90 @@ def plan(tensors, dim):
     return Plan(tuple(tensors), tuple(strides), sizes, align, config, device)
 
 
-def _launch(kernel, tensors, dim, log):
-    """Run ``kernel`` over ``tensors`` (inputs then output) along ``dim``, all of one shape."""
-    p = plan(tensors, dim)
+def _scale_parts(scale):
+    """``scale`` as two fp32 numbers whose sum is it to ~2^-48: Triton passes floats as fp32."""
+    high = float(np.float32(scale))
+    return high, scale - high if math.isfinite(high) else 0.0
+
+
+def _launch(kernel, tensors, dim, *, log=False, backward=False, stats=None, row_stats="", scores=None, scale=1.0):
+    """Run ``kernel`` over ``tensors`` along ``dim``, all of one shape: (x, y) forward, (y, dy, dx)
+    backward, without the output when ``row_stats`` is 'store' (the kernel then writes one
+    statistic per row to ``stats`` instead); with 'load' it reads them from ``stats``."""
+    p = plan(tensors, dim % max(tensors[0].dim(), 1), backward=backward, scores=scores)
     n_outer, n_cols, n_inner = p.sizes
     strides = [s for s_outer, s_col, s_inner in p.strides for s in (s_outer // p.align, s_col, s_inner // p.align)]
+    n_pointers = 3 if backward else 2
+    pointers = [*p.tensors, *[None] * (n_pointers - len(p.tensors))]
+    strides += [0] * (3 * n_pointers - len(strides))
+    sizes = (n_outer, n_cols // p.align, n_inner)
+    constexprs = dict(LOG=log, ROW_STATS=row_stats, ALIGN=p.align, **p.config.constexprs())
+    if backward:
+        args = [*pointers, stats, *sizes, *strides, *_scale_parts(scale)]
+    else:
+        s = scores or Scores()
+        batch, head, query, key = s.mask_strides
+        mask_args = [batch // p.align, head // p.align, query // p.align, key, s.n_queries, s.n_heads]
+        args = [*pointers, stats, s.mask, *sizes, *strides, *mask_args, s.causal_offset or 0, *_scale_parts(s.scale)]
+        constexprs.update(ATTENTION=scores is not None, MASK=s.mask_kind, CAUSAL=s.causal_offset is not None)
     with torch.cuda.device(p.tensors[0].device) if p.tensors[0].is_cuda else contextlib.nullcontext():
-        kernel[p.grid](
-            *p.tensors,
-            n_outer,
-            n_cols // p.align,
-            n_inner,
-            *strides,
-            LOG=log,
-            ALIGN=p.align,
-            **p.config.constexprs(),
-        )
+        kernel[p.grid](*args, **constexprs)
 
 
-def softmax_forward(x, dim, out_dtype, log=False):
-    """softmax (or log_softmax) of ``x`` along ``dim``, contiguous, in ``out_dtype``."""
+def _stats_dtype(*tensors):
+    """Row statistics are kept in the kernel's compute dtype."""
+    return torch.float64 if max(t.element_size() for t in tensors) == 8 else torch.float32
+
+
+def _rows_shape(x, dim):
+    """The shape of one statistic per row: x's without ``dim`` (non-negative)."""
+    return x.shape[:dim] + x.shape[dim + 1 :]
+
+
+def softmax_forward(x, dim, out_dtype, log=False, lse=None):
+    """softmax (or log_softmax) of ``x`` along ``dim``, contiguous, in ``out_dtype``. Given the rows'
+    log-sum-exp ``lse`` (from other shards too), exp(x - lse) (or x - lse): one read, one write."""
     y = empty(x.shape, out_dtype, x.device)
     if y.numel():
-        _launch(_kernels()._softmax_forward_kernel, (x, y), dim % max(x.dim(), 1), log)
+        row_stats = "" if lse is None else "load"
+        _launch(_kernels()._softmax_forward_kernel, (x, y), dim, log=log, stats=lse, row_stats=row_stats)
     return y
 
 
-def softmax_backward(y, dy, dim, out_dtype, log=False):
-    """Input gradient from y and dy along ``dim``, contiguous, in ``out_dtype``."""
+def row_stats(x, dim):
+    """Each row's (max, sum of exp(x - max)) along ``dim``: shape x.shape without dim, plus 2."""
+    stats = empty((*_rows_shape(x, dim), 2), _stats_dtype(x), x.device)
+    if x.shape[dim] == 0:
+        stats[..., 0], stats[..., 1] = float("-inf"), 0.0
+    elif stats.numel():
+        _launch(_kernels()._softmax_forward_kernel, (x,), dim, stats=stats, row_stats="store")
+    return stats
+
+
+def masked_softmax_forward(x, out_dtype, scores):
+    """softmax of scale * x + mask over the last dim of [..., Lq, Lk] scores, causal if asked."""
+    y = empty(x.shape, out_dtype, x.device)
+    if y.numel():
+        _launch(_kernels()._softmax_forward_kernel, (x, y), x.dim() - 1, scores=scores)
+    return y
+
+
+def softmax_backward(y, dy, dim, out_dtype, log=False, row_sums=None, scale=1.0):
+    """Input gradient from y and dy along ``dim``, times ``scale``, contiguous, in ``out_dtype``.
+    ``row_sums`` (sum of dy * y, or of dy for log) are computed in the kernel unless given."""
     dx = empty(y.shape, out_dtype, y.device)
     if dx.numel():
-        _launch(_kernels()._softmax_backward_kernel, (y, dy, dx), dim % max(y.dim(), 1), log)
+        row_stats = "" if row_sums is None else "load"
+        kernel = _kernels()._softmax_backward_kernel
+        _launch(kernel, (y, dy, dx), dim, log=log, backward=True, stats=row_sums, row_stats=row_stats, scale=scale)
     return dx
+
+
+def backward_row_sums(y, dy, dim, log=False):
+    """The backward's row sums along ``dim``: of dy * y (softmax) or of dy (log_softmax)."""
+    sums = empty(_rows_shape(y, dim), _stats_dtype(y, dy), y.device)
+    if y.shape[dim] == 0:
+        sums.zero_()
+    elif sums.numel():
+        _launch(_kernels()._softmax_backward_kernel, (y, dy), dim, log=log, backward=True, stats=sums, row_stats="store")
+    return sums

@@ -110,6 +110,7 @@ class Kernel:
     config: LaunchConfig
     align: int
     spec: tuple
+    mode: tuple = ()
     layout: str = dataclasses.field(default="last dim", compare=False)
     n_range: tuple = dataclasses.field(default=(0, 0), compare=False)
 
@@ -133,8 +134,9 @@ class Kernel:
         return _spec_class(self.args["n_cols"])
 
     def constexprs(self):
-        """The keyword arguments the host passes: the config's, LOG and ALIGN."""
-        return dict(self.config.constexprs(), LOG=self.log, ALIGN=self.align)
+        """The keyword arguments the host passes: the config's, LOG, ALIGN and the mode switches
+        (ROW_STATS, and the forward's ATTENTION, MASK and CAUSAL)."""
+        return dict(self.config.constexprs(), LOG=self.log, ALIGN=self.align, **dict(self.mode))
 
     def source(self):
         """The ASTSource the JIT would build for this launch."""
@@ -165,13 +167,16 @@ class _Recorder:
         self.args, self.kwargs = args, kwargs
 
 
-def launched(backward, dtypes, log, shape, dim=None, layout="last dim"):
+MODE_SWITCHES = ("ATTENTION", "MASK", "CAUSAL", "ROW_STATS")
+
+
+def launched(backward, dtypes, log, shape, dim=None, layout="last dim", **options):
     """The kernel the host launches for tensors of ``shape`` and ``dtypes`` along ``dim`` (default
-    the last; non-negative, as the API passes it on)."""
+    the last; non-negative, as the API passes it on); ``options`` go to the launch as they are."""
     dim = len(shape) - 1 if dim is None else dim
     tensors = tuple(torch.empty(shape, dtype=TORCH_DTYPES[d]) for d in dtypes)
     recorder = _Recorder()
-    _launch._launch(recorder, tensors, dim, log)
+    _launch._launch(recorder, tensors, dim, log=log, backward=backward, **options)
     kwargs = dict(recorder.kwargs)
     config = LaunchConfig(
         block_n=kwargs["BLOCK_N"],
@@ -181,7 +186,8 @@ def launched(backward, dtypes, log, shape, dim=None, layout="last dim"):
         compute_dtype=kwargs["COMPUTE_DTYPE"],
     )
     spec = tuple(native_specialize_impl(BaseBackend, a, False, True, True)[:2] for a in recorder.args)
-    kernel = Kernel(backward, kwargs["LOG"], config, kwargs["ALIGN"], spec, layout)
+    mode = tuple((k, kwargs[k]) for k in MODE_SWITCHES if k in kwargs)
+    kernel = Kernel(backward, kwargs["LOG"], config, kwargs["ALIGN"], spec, mode, layout)
     if kernel.constexprs() != kwargs:
         raise RuntimeError(f"the host passes keyword arguments this module does not know: {kwargs}")
     return dataclasses.replace(kernel, n_range=(shape[dim], shape[dim]))

@@ -74,20 +74,21 @@ class LogSoftmaxFunction(torch.autograd.Function):
 class SoftmaxBackwardFunction(torch.autograd.Function):
     """dx from (y, dy) on the backward kernel, in ``dtype``; differentiable, for double backward.
 
-    softmax: dx = y * (dy - sum(dy * y)); log-softmax: dx = dy - exp(y) * sum(dy).
+    softmax: dx = scale * y * (dy - sum(dy * y)); log-softmax: dx = scale * (dy - exp(y) * sum(dy)).
+    ``scale`` is masked_softmax's, the derivative of the scaled scores.
     """
 
     @staticmethod
-    def forward(ctx, y, dy, dim, dtype, log):
-        ctx.dim, ctx.log = dim, log
+    def forward(ctx, y, dy, dim, dtype, log, scale=1.0):
+        ctx.dim, ctx.log, ctx.scale = dim, log, scale
         ctx.save_for_backward(y, dy)
-        return _launch.softmax_backward(y, dy, dim, dtype, log)
+        return _launch.softmax_backward(y, dy, dim, dtype, log, scale=scale)
 
     @staticmethod
     def backward(ctx, ddx):
         y, dy = ctx.saved_tensors
-        grad_y, grad_dy = ops.second_derivatives(y, dy, ddx.to(y.dtype), ctx.dim, ctx.log)
-        return grad_y, grad_dy.to(dy.dtype), None, None, None
+        grad_y, grad_dy = ops.second_derivatives(y, dy, ddx.to(y.dtype) * ctx.scale, ctx.dim, ctx.log)
+        return grad_y, grad_dy.to(dy.dtype), None, None, None, None
 
 
 def _fusable(input_dtype, dtype):

@@ -26,15 +26,15 @@ def _define(name, log):
         return _launch.softmax_forward(x, dim, dtype or x.dtype, log)
 
     @torch.library.custom_op(f"fused_softmax::{name}_backward", mutates_args=())
-    def backward(y: torch.Tensor, dy: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
-        return _launch.softmax_backward(y, dy, dim, dtype, log)
+    def backward(y: torch.Tensor, dy: torch.Tensor, dim: int, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+        return _launch.softmax_backward(y, dy, dim, dtype, log, scale=scale)
 
     @forward.register_fake
     def _(x, dim, dtype=None):
         return _empty_like(x, dtype or x.dtype)
 
     @backward.register_fake
-    def _(y, dy, dim, dtype):
+    def _(y, dy, dim, dtype, scale=1.0):
         return _empty_like(y, dtype)
 
     def setup_forward(ctx, inputs, output):
@@ -47,14 +47,14 @@ def _define(name, log):
         return backward(y, dy, ctx.dim, ctx.input_dtype), None, None
 
     def setup_backward(ctx, inputs, output):
-        y, dy, dim, _ = inputs
-        ctx.dim = dim
+        y, dy, dim, _, scale = inputs
+        ctx.dim, ctx.scale = dim, scale
         ctx.save_for_backward(y, dy)
 
     def backward_grad(ctx, ddx):
         y, dy = ctx.saved_tensors
-        grad_y, grad_dy = second_derivatives(y, dy, ddx.to(y.dtype), ctx.dim, log)
-        return grad_y, grad_dy.to(dy.dtype), None, None
+        grad_y, grad_dy = second_derivatives(y, dy, ddx.to(y.dtype) * ctx.scale, ctx.dim, log)
+        return grad_y, grad_dy.to(dy.dtype), None, None, None
 
     forward.register_autograd(forward_grad, setup_context=setup_forward)
     backward.register_autograd(backward_grad, setup_context=setup_backward)
@@ -73,5 +73,49 @@ def second_derivatives(y, dy, ddx, dim, log):
     return grad_y, y * (ddx - (ddx * y).sum(dim, keepdim=True))
 
 
+def masked_softmax_grads(ctx, y, dy, softmax_backward):
+    """(d scores, d mask) from y and dy, through ``softmax_backward(y, dy, dim, dtype, log, scale)``."""
+    if not ctx.needs_input_grad[1]:
+        return softmax_backward(y, dy, -1, ctx.scores_dtype, False, ctx.scale), None
+    dz = softmax_backward(y, dy, -1, torch.promote_types(ctx.scores_dtype, ctx.mask_dtype), False, 1.0)
+    return (dz * ctx.scale).to(ctx.scores_dtype), dz.sum_to_size(ctx.mask_shape).to(ctx.mask_dtype)
+
+
 softmax, softmax_backward = _define("softmax", log=False)
 log_softmax, log_softmax_backward = _define("log_softmax", log=True)
+
+
+@torch.library.custom_op("fused_softmax::masked_softmax", mutates_args=())
+def masked_softmax(
+    scores: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    scale: float,
+    causal_offset: Optional[int],
+    dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    plan = _launch.scores_plan(scores, mask, scale, causal_offset)
+    return _launch.masked_softmax_forward(scores, dtype or scores.dtype, plan)
+
+
+@masked_softmax.register_fake
+def _(scores, mask, scale, causal_offset, dtype=None):
+    return _empty_like(scores, dtype or scores.dtype)
+
+
+def _setup_masked(ctx, inputs, output):
+    scores, mask, scale, _, _ = inputs
+    ctx.scale, ctx.scores_dtype = scale, scores.dtype
+    ctx.mask_shape, ctx.mask_dtype = (mask.shape, mask.dtype) if mask is not None else (None, None)
+    ctx.save_for_backward(output)
+
+
+def _masked_grad(ctx, dy):
+    (y,) = ctx.saved_tensors
+    return (*masked_softmax_grads(ctx, y, dy, _backward_op), None, None, None)
+
+
+def _backward_op(y, dy, dim, dtype, log, scale):
+    return (log_softmax_backward if log else softmax_backward)(y, dy, dim, dtype, scale)
+
+
+masked_softmax.register_autograd(_masked_grad, setup_context=_setup_masked)

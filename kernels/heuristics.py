@@ -84,6 +84,7 @@ def launch_config(
     device: DeviceProperties,
     *,
     backward: bool = False,
+    masked: bool = False,
     align: int = 1,
     contiguous_rows: int = 1,
     max_block: int | None = None,
@@ -91,7 +92,7 @@ def launch_config(
     """Pick the regime, tile and warps for rows of ``n_cols`` elements.
 
     ``elem_bytes``: the widest element the kernel touches; math is fp64 for 8-byte elements,
-    else fp32. ``align``: the proven alignment of rows, in elements (accesses are 128-bit when
+    else fp32. ``masked``: an attention mask is read beside the scores, one more live tile. ``align``: the proven alignment of rows, in elements (accesses are 128-bit when
     it reaches 16 bytes). ``contiguous_rows``: how many neighbouring rows lie at unit stride
     (1 when the columns are unit-stride). ``max_block`` caps the on-chip row, a power of two;
     tests use it to reach the online regime with tiny rows.
@@ -99,7 +100,7 @@ def launch_config(
     compute_bytes = 8 if elem_bytes == 8 else 4
     wide = align * elem_bytes >= VECTOR_BYTES
     narrow = 1 if wide else 2  # an element that is its own access needs its own address registers
-    on_chip = max_on_chip_elements(compute_bytes, 2 if backward else 1, wide, device)
+    on_chip = max_on_chip_elements(compute_bytes, (2 if backward else 1) + masked, wide, device)
     if compute_bytes == 8:
         on_chip = min(on_chip, FP64_ON_CHIP)
     if max_block is not None:

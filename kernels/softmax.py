@@ -42,17 +42,53 @@ def _tile_count(n_outer, n_inner, ROWS: tl.constexpr):
 
 @triton.jit
 def _tile_rows(tile, n_inner, ROWS: tl.constexpr):
-    """The tile's rows: one outer index, ROWS consecutive inner indices, and which of them exist."""
+    """The tile's rows: one outer index, ROWS consecutive inner indices, which of them exist, and
+    their row numbers in row-major order over the dims other than the softmax dim."""
     inner_blocks = tl.cdiv(n_inner, ROWS)
     outer = tl.cast(tile // inner_blocks, tl.int64)
     inner = tl.cast(tile % inner_blocks, tl.int64) * ROWS + tl.arange(0, ROWS)[:, None]
-    return outer, inner, inner < n_inner
+    return outer, inner, inner < n_inner, outer * n_inner + inner
+
+
+@triton.jit
+def _scores_rows(row, mask_ptr, mask_stride_batch, mask_stride_head, mask_stride_query, n_queries, n_heads,
+                 causal_offset, ALIGN: tl.constexpr, MASK: tl.constexpr):
+    """Attention rows are (batch, head, query) in [..., Lq, Lk] scores: each row's mask row, broadcast
+    through its strides, and its last visible key under a causal mask."""
+    query = row % n_queries
+    batch = row // n_queries
+    mask_rows = mask_ptr
+    if MASK != "":
+        offset = (batch // n_heads) * mask_stride_batch + (batch % n_heads) * mask_stride_head
+        mask_rows = mask_ptr + (offset + query * mask_stride_query) * ALIGN
+    return mask_rows, query + causal_offset
+
+
+@triton.jit
+def _load_scores(x_rows, x_stride_col, col, in_bounds, mask_rows, mask_stride_key, last_key, scale,
+                 ATTENTION: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+    """x, or with ATTENTION scale * x + mask with hidden keys at -inf. Loads are predicated on the
+    bounds alone: a data-dependent predicate would split every 128-bit access into single elements."""
+    x = tl.load(x_rows + col * x_stride_col, mask=in_bounds, other=float("-inf")).to(COMPUTE_DTYPE)
+    if ATTENTION:
+        keep = in_bounds
+        if CAUSAL:
+            keep = keep & (col <= last_key)
+        if MASK == "bool":
+            keep = keep & (tl.load(mask_rows + col * mask_stride_key, mask=in_bounds, other=0) != 0)
+        x = x * scale
+        if MASK == "additive":
+            x += tl.load(mask_rows + col * mask_stride_key, mask=in_bounds, other=0.0).to(COMPUTE_DTYPE)
+        x = tl.where(keep, x, float("-inf"))
+    return x
 
 
 @triton.jit
 def _softmax_forward_kernel(
     x_ptr,
     y_ptr,
+    stats_ptr,
+    mask_ptr,
     n_outer,
     n_cols,
     n_inner,
@@ -62,26 +98,47 @@ def _softmax_forward_kernel(
     y_stride_outer,
     y_stride_col,
     y_stride_inner,
+    mask_stride_batch,
+    mask_stride_head,
+    mask_stride_query,
+    mask_stride_key,
+    n_queries,
+    n_heads,
+    causal_offset,
+    scale_hi,
+    scale_lo,
     BLOCK_N: tl.constexpr,
     ROWS: tl.constexpr,
     ONLINE: tl.constexpr,
     LOG: tl.constexpr,
     ALIGN: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
+    ATTENTION: tl.constexpr,
+    MASK: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    ROW_STATS: tl.constexpr,
 ):
     n_cols = n_cols * ALIGN
     cols = tl.arange(0, BLOCK_N)[None, :]
+    # A Python float arrives as fp32: fp64 math gets the scale back from a two-part split.
+    scale = tl.cast(scale_hi, COMPUTE_DTYPE) + tl.cast(scale_lo, COMPUTE_DTYPE)
     for tile in tl.range(tl.program_id(0), _tile_count(n_outer, n_inner, ROWS), tl.num_programs(0)):
-        outer, inner, row_mask = _tile_rows(tile, n_inner, ROWS)
+        outer, inner, row_mask, row = _tile_rows(tile, n_inner, ROWS)
         x_rows = x_ptr + (outer * x_stride_outer + inner * x_stride_inner) * ALIGN
-        y_rows = y_ptr + (outer * y_stride_outer + inner * y_stride_inner) * ALIGN
-        if ONLINE:
+        mask_rows, last_key = mask_ptr, row
+        if ATTENTION:
+            mask_rows, last_key = _scores_rows(row, mask_ptr, mask_stride_batch, mask_stride_head, mask_stride_query,
+                                               n_queries, n_heads, causal_offset, ALIGN, MASK)
+        if ROW_STATS == "load":
+            row_max = tl.load(stats_ptr + row, mask=row_mask).to(COMPUTE_DTYPE)
+            row_sum = tl.full([ROWS, 1], 1.0, COMPUTE_DTYPE)
+        elif ONLINE:
             lane_max = tl.full([ROWS, BLOCK_N], float("-inf"), COMPUTE_DTYPE)
             lane_sum = tl.zeros([ROWS, BLOCK_N], COMPUTE_DTYPE)
             for start in tl.range(0, n_cols, BLOCK_N):
                 col = tl.cast(start + cols, tl.int64)
-                mask = row_mask & (col < n_cols)
-                x = tl.load(x_rows + col * x_stride_col, mask=mask, other=float("-inf")).to(COMPUTE_DTYPE)
+                x = _load_scores(x_rows, x_stride_col, col, row_mask & (col < n_cols), mask_rows, mask_stride_key,
+                                 last_key, scale, ATTENTION, MASK, CAUSAL, COMPUTE_DTYPE)
                 new_max = tl.maximum(lane_max, x)
                 # A lane that has seen only -inf keeps its sum at 0 instead of exp(-inf - -inf) = NaN.
                 shift = tl.where(new_max == float("-inf"), 0.0, new_max)
@@ -89,29 +146,41 @@ def _softmax_forward_kernel(
                 lane_max = new_max
             row_max = tl.max(lane_max, axis=1, keep_dims=True)
             row_sum = tl.sum(lane_sum * tl.exp(lane_max - row_max), axis=1, keep_dims=True)
-            n_tiles = tl.cdiv(n_cols, BLOCK_N)
-            for back in tl.range(0, n_tiles):
-                col = tl.cast((n_tiles - 1 - back) * BLOCK_N + cols, tl.int64)
-                mask = row_mask & (col < n_cols)
-                x = tl.load(x_rows + col * x_stride_col, mask=mask, other=float("-inf")).to(COMPUTE_DTYPE)
-                y = _normalise(x, row_max, row_sum, LOG)
-                tl.store(y_rows + col * y_stride_col, y.to(y_ptr.dtype.element_ty), mask=mask)
         else:
             col = tl.cast(cols, tl.int64)
-            mask = row_mask & (col < n_cols)
-            x = tl.load(x_rows + col * x_stride_col, mask=mask, other=float("-inf")).to(COMPUTE_DTYPE)
+            x = _load_scores(x_rows, x_stride_col, col, row_mask & (col < n_cols), mask_rows, mask_stride_key,
+                             last_key, scale, ATTENTION, MASK, CAUSAL, COMPUTE_DTYPE)
             row_max = tl.max(x, axis=1, keep_dims=True)
             row_sum = tl.sum(tl.exp(x - row_max), axis=1, keep_dims=True)
-            y = _normalise(x, row_max, row_sum, LOG)
-            tl.store(y_rows + col * y_stride_col, y.to(y_ptr.dtype.element_ty), mask=mask)
+        if ROW_STATS == "store":
+            tl.store(stats_ptr + 2 * row, row_max, mask=row_mask)
+            tl.store(stats_ptr + 2 * row + 1, row_sum, mask=row_mask)
+        else:
+            y_rows = y_ptr + (outer * y_stride_outer + inner * y_stride_inner) * ALIGN
+            if ONLINE or ROW_STATS == "load":
+                n_tiles = tl.cdiv(n_cols, BLOCK_N)
+                for back in tl.range(0, n_tiles):
+                    col = tl.cast((n_tiles - 1 - back) * BLOCK_N + cols, tl.int64)
+                    in_bounds = row_mask & (col < n_cols)
+                    x = _load_scores(x_rows, x_stride_col, col, in_bounds, mask_rows, mask_stride_key,
+                                     last_key, scale, ATTENTION, MASK, CAUSAL, COMPUTE_DTYPE)
+                    y = _normalise(x, row_max, row_sum, LOG, ATTENTION)
+                    tl.store(y_rows + col * y_stride_col, y.to(y_ptr.dtype.element_ty), mask=in_bounds)
+            else:
+                y = _normalise(x, row_max, row_sum, LOG, ATTENTION)
+                tl.store(y_rows + col * y_stride_col, y.to(y_ptr.dtype.element_ty), mask=row_mask & (col < n_cols))
 
 
 @triton.jit
-def _normalise(x, row_max, row_sum, LOG: tl.constexpr):
-    """softmax = exp(x - max) / sum, with one reciprocal per row; log-softmax = x - max - log(sum)."""
+def _normalise(x, row_max, row_sum, LOG: tl.constexpr, ATTENTION: tl.constexpr):
+    """softmax = exp(x - max) / sum, with one reciprocal per row; log-softmax = x - max - log(sum).
+    Attention rows with every key hidden (max -inf) give zeros, as torch's SDPA does."""
     if LOG:
         return (x - row_max) - tl.log(row_sum)
-    return tl.exp(x - row_max) * (1.0 / row_sum)
+    y = tl.exp(x - row_max) * (1.0 / row_sum)
+    if ATTENTION:
+        y = tl.where(row_max == float("-inf"), 0.0, y)
+    return y
 
 
 @triton.jit
@@ -119,6 +188,7 @@ def _softmax_backward_kernel(
     y_ptr,
     dy_ptr,
     dx_ptr,
+    stats_ptr,
     n_outer,
     n_cols,
     n_inner,
@@ -131,22 +201,27 @@ def _softmax_backward_kernel(
     dx_stride_outer,
     dx_stride_col,
     dx_stride_inner,
+    scale_hi,
+    scale_lo,
     BLOCK_N: tl.constexpr,
     ROWS: tl.constexpr,
     ONLINE: tl.constexpr,
     LOG: tl.constexpr,
     ALIGN: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
+    ROW_STATS: tl.constexpr,
 ):
-    """softmax: dx = y * (dy - sum(dy * y)); log-softmax: dx = dy - exp(y) * sum(dy)."""
+    """softmax: dx = scale * y * (dy - sum(dy * y)); log-softmax: dx = scale * (dy - exp(y) * sum(dy))."""
     n_cols = n_cols * ALIGN
     cols = tl.arange(0, BLOCK_N)[None, :]
+    scale = tl.cast(scale_hi, COMPUTE_DTYPE) + tl.cast(scale_lo, COMPUTE_DTYPE)
     for tile in tl.range(tl.program_id(0), _tile_count(n_outer, n_inner, ROWS), tl.num_programs(0)):
-        outer, inner, row_mask = _tile_rows(tile, n_inner, ROWS)
+        outer, inner, row_mask, row = _tile_rows(tile, n_inner, ROWS)
         y_rows = y_ptr + (outer * y_stride_outer + inner * y_stride_inner) * ALIGN
         dy_rows = dy_ptr + (outer * dy_stride_outer + inner * dy_stride_inner) * ALIGN
-        dx_rows = dx_ptr + (outer * dx_stride_outer + inner * dx_stride_inner) * ALIGN
-        if ONLINE:
+        if ROW_STATS == "load":
+            row_sum = tl.load(stats_ptr + row, mask=row_mask).to(COMPUTE_DTYPE)
+        elif ONLINE:
             lane_sum = tl.zeros([ROWS, BLOCK_N], COMPUTE_DTYPE)
             for start in tl.range(0, n_cols, BLOCK_N):
                 col = tl.cast(start + cols, tl.int64)
@@ -155,22 +230,28 @@ def _softmax_backward_kernel(
                 dy = tl.load(dy_rows + col * dy_stride_col, mask=mask, other=0.0).to(COMPUTE_DTYPE)
                 lane_sum += _summand(y, dy, LOG)
             row_sum = tl.sum(lane_sum, axis=1, keep_dims=True)
-            n_tiles = tl.cdiv(n_cols, BLOCK_N)
-            for back in tl.range(0, n_tiles):
-                col = tl.cast((n_tiles - 1 - back) * BLOCK_N + cols, tl.int64)
-                mask = row_mask & (col < n_cols)
-                y = tl.load(y_rows + col * y_stride_col, mask=mask, other=0.0).to(COMPUTE_DTYPE)
-                dy = tl.load(dy_rows + col * dy_stride_col, mask=mask, other=0.0).to(COMPUTE_DTYPE)
-                dx = _input_grad(y, dy, row_sum, LOG)
-                tl.store(dx_rows + col * dx_stride_col, dx.to(dx_ptr.dtype.element_ty), mask=mask)
         else:
             col = tl.cast(cols, tl.int64)
             mask = row_mask & (col < n_cols)
             y = tl.load(y_rows + col * y_stride_col, mask=mask, other=0.0).to(COMPUTE_DTYPE)
             dy = tl.load(dy_rows + col * dy_stride_col, mask=mask, other=0.0).to(COMPUTE_DTYPE)
             row_sum = tl.sum(_summand(y, dy, LOG), axis=1, keep_dims=True)
-            dx = _input_grad(y, dy, row_sum, LOG)
-            tl.store(dx_rows + col * dx_stride_col, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        if ROW_STATS == "store":
+            tl.store(stats_ptr + row, row_sum, mask=row_mask)
+        else:
+            dx_rows = dx_ptr + (outer * dx_stride_outer + inner * dx_stride_inner) * ALIGN
+            if ONLINE or ROW_STATS == "load":
+                n_tiles = tl.cdiv(n_cols, BLOCK_N)
+                for back in tl.range(0, n_tiles):
+                    col = tl.cast((n_tiles - 1 - back) * BLOCK_N + cols, tl.int64)
+                    mask = row_mask & (col < n_cols)
+                    y = tl.load(y_rows + col * y_stride_col, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+                    dy = tl.load(dy_rows + col * dy_stride_col, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+                    dx = _input_grad(y, dy, row_sum, LOG) * scale
+                    tl.store(dx_rows + col * dx_stride_col, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            else:
+                dx = _input_grad(y, dy, row_sum, LOG) * scale
+                tl.store(dx_rows + col * dx_stride_col, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

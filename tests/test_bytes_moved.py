@@ -70,8 +70,8 @@ def plans(monkeypatch):
     """The Plan of every launch, in order."""
     seen = []
 
-    def recorded(tensors, dim):
-        seen.append(plan(tensors, dim))
+    def recorded(tensors, dim, **options):
+        seen.append(plan(tensors, dim, **options))
         return seen[-1]
 
     monkeypatch.setattr(_launch, "plan", recorded)

@@ -28,8 +28,8 @@ def plans(monkeypatch):
     made = []
     plan = _launch.plan
 
-    def recorded(tensors, dim):
-        made.append(plan(tensors, dim))
+    def recorded(tensors, dim, **options):
+        made.append(plan(tensors, dim, **options))
         return made[-1]
 
     monkeypatch.setattr(_launch, "plan", recorded)

@@ -1,0 +1,148 @@
+"""Attention's softmax: ``masked_softmax`` (scale, mask and causal diagonal fused into the softmax
+kernel) and ``attention``, scaled_dot_product_attention's math path around it.
+
+The scores of a batch are [..., Lq, Lk]. A mask is read where it lies, through broadcast
+strides, so a [B, 1, 1, Lk] padding mask or an [Lq, Lk] mask is never expanded in memory; a
+causal mask is not a tensor at all, the kernel compares key and query indices. Rows with
+every key hidden give zeros (and zero gradients), as torch's SDPA does, not NaN.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from . import _launch, ops
+from ._backend import KERNEL_DTYPES, use_kernels
+from .functional import SoftmaxBackwardFunction, _fusable
+
+CAUSAL = ("top_left", "bottom_right")
+
+
+def _causal_offset(causal, scores):
+    """The last key query i sees is i + offset: 0 for 'top_left' (SDPA's is_causal), Lk - Lq for
+    'bottom_right' (a KV cache: the last query sees every key). None: no causal mask."""
+    if causal is False or causal is None:
+        return None
+    if causal is True:
+        causal = "top_left"
+    if causal not in CAUSAL:
+        raise ValueError(f"causal must be a bool or one of {CAUSAL}, not {causal!r}")
+    if scores.dim() < 2:
+        raise ValueError(f"a causal mask needs scores of at least 2 dims [..., Lq, Lk], got {tuple(scores.shape)}")
+    return 0 if causal == "top_left" else scores.shape[-1] - scores.shape[-2]
+
+
+def _check_mask(mask, scores):
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a tensor or None, not {type(mask).__name__}")
+    if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
+        raise TypeError(f"mask must be bool (True = attend) or floating point (added), not {mask.dtype}")
+    if mask.device != scores.device:
+        raise RuntimeError(f"mask is on {mask.device} but scores are on {scores.device}")
+    if torch.broadcast_shapes(mask.shape, scores.shape) != scores.shape:
+        raise RuntimeError(f"mask of shape {tuple(mask.shape)} does not broadcast to scores of shape {tuple(scores.shape)}")
+    return mask
+
+
+class MaskedSoftmaxFunction(torch.autograd.Function):
+    """softmax(scale * scores + mask) over the last dim on the Triton kernels, one read and one
+    write each way. Saves only y. The gradient of an additive mask that requires one is the
+    scores' gradient before scaling, summed over the dims the mask was broadcast along."""
+
+    @staticmethod
+    def forward(ctx, scores, mask, scale, causal_offset, dtype):
+        y = _launch.masked_softmax_forward(scores, dtype or scores.dtype, _launch.scores_plan(scores, mask, scale, causal_offset))
+        ctx.scale, ctx.scores_dtype = scale, scores.dtype
+        ctx.mask_shape, ctx.mask_dtype = (mask.shape, mask.dtype) if mask is not None else (None, None)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        (y,) = ctx.saved_tensors
+        return (*ops.masked_softmax_grads(ctx, y, dy, SoftmaxBackwardFunction.apply), None, None, None)
+
+
+def _masked_softmax_torch(scores, mask, scale, causal_offset, dtype):
+    """The eager fallback, in torch ops; rows with every key hidden give zeros, as in the kernels."""
+    out_dtype = dtype or scores.dtype
+    z = scores.to(out_dtype) * scale if scale != 1.0 else scores.to(out_dtype)
+    keep = None
+    if causal_offset is not None:
+        n_queries, n_keys = z.shape[-2:]
+        keep = torch.ones(n_queries, n_keys, dtype=torch.bool, device=z.device).tril(causal_offset)
+    if mask is not None and mask.dtype == torch.bool:
+        keep = mask if keep is None else keep & mask
+    elif mask is not None:
+        z = z + mask
+    if keep is not None:
+        z = z.masked_fill(~keep, float("-inf"))
+    hidden = (z == float("-inf")).all(-1, keepdim=True)
+    return torch.softmax(z.masked_fill(hidden, 0.0), -1).masked_fill(hidden, 0.0).to(out_dtype)
+
+
+def masked_softmax(scores, mask=None, *, scale=1.0, causal=False, dtype=None):
+    """softmax(scale * scores + mask) over the last dim of ``scores`` [..., Lq, Lk], in one kernel.
+
+    ``mask``: bool (True = attend, as in SDPA) or floating point (added after scaling), of any
+    shape that broadcasts to the scores; it is read through its strides, never expanded.
+    ``causal``: False; True or 'top_left' (query i sees keys <= i, SDPA's ``is_causal``); or
+    'bottom_right' (query i sees keys <= i + Lk - Lq: the queries are the last Lq positions,
+    as when decoding with a KV cache). Rows with every key hidden give zeros, not NaN.
+    ``dtype``: the output dtype; a widening cast is fused into the kernel.
+    """
+    if not isinstance(scores, torch.Tensor):
+        raise TypeError(f"scores must be a tensor, not {type(scores).__name__}")
+    if not scores.dtype.is_floating_point:
+        raise TypeError(f"masked_softmax needs floating point scores, got {scores.dtype}")
+    mask = _check_mask(mask, scores)
+    causal_offset = _causal_offset(causal, scores)
+    scale = float(scale)
+    if not use_kernels(scores, scores.dtype if dtype is None else dtype):
+        return _masked_softmax_torch(scores, mask, scale, causal_offset, dtype)
+    if dtype is not None and not _fusable(scores.dtype, dtype):
+        scores, dtype = scores.to(dtype), None
+    if scores.dtype not in KERNEL_DTYPES:
+        raise NotImplementedError(f'"masked_softmax" not implemented for {scores.dtype}')
+    if torch.compiler.is_compiling():
+        return ops.masked_softmax(scores, mask, scale, causal_offset, dtype)
+    return MaskedSoftmaxFunction.apply(scores, mask, scale, causal_offset, dtype)
+
+
+def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """``torch.nn.functional.scaled_dot_product_attention``'s math path with the softmax fused:
+    softmax(q kᵀ · scale + mask) v, torch matmuls around ``masked_softmax``, dropout from torch's
+    RNG. Grouped-query attention (``enable_gqa``) shares each key/value head among
+    Hq / Hkv query heads without repeating keys and values in memory."""
+    if is_causal and attn_mask is not None:
+        raise RuntimeError("_scaled_dot_product_attention: Explicit attn_mask should not be set when is_causal=True")
+    if not query.dtype == key.dtype == value.dtype:
+        raise RuntimeError(
+            f"Expected query, key, and value to have the same dtype, but got query.dtype: {query.dtype} "
+            f"key.dtype: {key.dtype} and value.dtype: {value.dtype} instead."
+        )
+    scale = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
+    groups = 1
+    if enable_gqa and query.dim() >= 3 and query.size(-3) != key.size(-3):
+        heads, kv_heads = query.size(-3), key.size(-3)
+        if kv_heads == 0 or heads % kv_heads or value.size(-3) != kv_heads:
+            raise RuntimeError(
+                f"enable_gqa needs the query heads ({heads}) to be a multiple of the key/value heads "
+                f"({kv_heads}, {value.size(-3)})"
+            )
+        groups = heads // kv_heads
+    # Query heads sharing a key head are stacked along the query dim: one batched matmul, no repeat.
+    q = query.unflatten(-3, (-1, groups)).flatten(-3, -2) if groups > 1 else query
+    scores = q @ key.transpose(-2, -1)
+    if groups > 1:
+        scores = scores.unflatten(-2, (groups, -1)).flatten(-4, -3)
+    p = masked_softmax(scores, attn_mask, scale=scale, causal=is_causal)
+    if dropout_p > 0.0:
+        p = F.dropout(p, dropout_p)
+    if groups == 1:
+        return p @ value
+    out = p.unflatten(-3, (-1, groups)).flatten(-3, -2) @ value
+    return out.unflatten(-2, (groups, -1)).flatten(-4, -3)
