@@ -67,9 +67,10 @@ class MaskedSoftmaxFunction(torch.autograd.Function):
 
 
 def _masked_softmax_torch(scores, mask, scale, causal_offset, dtype):
-    """The eager fallback, in torch ops; rows with every key hidden give zeros, as in the kernels."""
+    """The eager fallback, in torch ops; rows with every key hidden give zeros, as in the kernels.
+    Like the kernels it computes in fp32 at least: half-precision scale * x + mask would round twice."""
     out_dtype = dtype or scores.dtype
-    z = scores.to(out_dtype) * scale if scale != 1.0 else scores.to(out_dtype)
+    z = scores.to(out_dtype).to(torch.promote_types(out_dtype, torch.float32)) * scale
     keep = None
     if causal_offset is not None:
         n_queries, n_keys = z.shape[-2:]

@@ -35,6 +35,16 @@ def assert_close(actual, expected, dtype=None):
     torch.testing.assert_close(actual.cpu(), expected, rtol=rtol, atol=atol, equal_nan=True)
 
 
+def assert_no_less_accurate_than_torch(actual, expected, torch_actual):
+    """Error against float64 within 2x torch's own in the same dtype, plus atol, plus under the
+    interpreter two bf16 ulps (it truncates each cast)."""
+    expected = torch.as_tensor(expected)
+    ours = (actual.double().cpu() - expected).abs().nan_to_num().max().item()
+    torchs = (torch_actual.double().cpu() - expected).abs().nan_to_num().max().item()
+    truncation = 2 * 2**-7 * expected.abs().max().item() if INTERPRETED and actual.dtype == torch.bfloat16 else 0
+    assert ours <= 2 * torchs + TOLERANCES[actual.dtype][1] + truncation, (ours, torchs)
+
+
 def regime(shape, dtype, *, backward=False, max_block=None, dim=-1):
     """The regime the launch for a contiguous ``shape`` takes: 'multi_row', 'single_pass' or 'online'."""
     tensors = [torch.empty(shape, dtype=dtype) for _ in range(3 if backward else 2)]

@@ -4,7 +4,17 @@ for softmax and log_softmax."""
 import pytest
 import torch
 import torch.nn.functional as F
-from support import CASES, DTYPES, INTERPRETED, ONE_PROGRAM, TOLERANCES, assert_close, case_id, regime
+from support import (
+    CASES,
+    DTYPES,
+    INTERPRETED,
+    ONE_PROGRAM,
+    TOLERANCES,
+    assert_close,
+    assert_no_less_accurate_than_torch,
+    case_id,
+    regime,
+)
 
 import fused_softmax
 from fused_softmax import _launch, reference
@@ -32,16 +42,6 @@ def test_forward(kernels, device, op, dtype, case):
     assert y.dtype == dtype and y.shape == x.shape
     assert_close(y, op.reference(x))
     assert_no_less_accurate_than_torch(y, op.reference(x), op.torch(x, dim=-1))
-
-
-def assert_no_less_accurate_than_torch(actual, expected, torch_actual):
-    """Error against float64 within 2x torch's own in the same dtype, plus atol, plus under the
-    interpreter two bf16 ulps (it truncates each cast)."""
-    expected = torch.as_tensor(expected)
-    ours = (actual.double().cpu() - expected).abs().nan_to_num().max().item()
-    torchs = (torch_actual.double().cpu() - expected).abs().nan_to_num().max().item()
-    truncation = 2 * 2**-7 * expected.abs().max().item() if INTERPRETED and actual.dtype == torch.bfloat16 else 0
-    assert ours <= 2 * torchs + TOLERANCES[actual.dtype][1] + truncation, (ours, torchs)
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
