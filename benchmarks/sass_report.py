@@ -5,7 +5,8 @@ memory and the width of every global load and store in the SASS.
 Compiled offline for sm_90 with Triton's bundled ptxas and read with its cuobjdump and
 nvdisasm (``fused_softmax.compiled``), so no GPU is needed. The kernels are those the host
 launches for contiguous rows of 1 to 4M elements (every dtype, fused upcast, pass, softmax and
-log-softmax, alignment class) and for one strided layout. A summary comes first, then the
+log-softmax, alignment class), for one strided layout, and the attention and row-statistics
+kernels at a few row lengths. A summary comes first, then the
 kernels that spill, then one row per kernel.
 
     python benchmarks/sass_report.py
@@ -37,8 +38,8 @@ def _width_summary(records):
     for r in records:
         k = r.kernel
         vector = compiled.VECTOR_BITS // 8 // max(compiled.ELEM_BYTES[d] for d in k.dtypes)
-        if k.layout == compiled.STRIDED:
-            kind = "strided layout"
+        if not k.plain or k.layout == compiled.STRIDED:
+            kind = k.layout
         elif k.align == vector:
             kind = "16-byte aligned rows (ALIGN = vector)"
         elif k.align == 1:

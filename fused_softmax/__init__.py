@@ -11,6 +11,7 @@ from ._backend import use_backend
 from .functional import LogSoftmaxFunction, SoftmaxFunction, log_softmax, softmax
 from .modules import LogSoftmax, Softmax
 from .attention import MaskedSoftmaxFunction, attention, masked_softmax
+from .multihead_attention import MultiheadAttention
 from .dropin import disable, enable, patch, swap_modules
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "LogSoftmax",
     "LogSoftmaxFunction",
     "MaskedSoftmaxFunction",
+    "MultiheadAttention",
     "Softmax",
     "SoftmaxFunction",
     "disable",

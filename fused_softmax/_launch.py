@@ -224,7 +224,7 @@ def plan(tensors, dim, *, backward=None, scores=None):
         max(t.element_size() for t in tensors),
         device,
         backward=len(tensors) == 3 if backward is None else backward,
-        masked=scores is not None and scores.mask is not None,
+        attention=scores is not None,
         align=align,
         contiguous_rows=contiguous_rows,
         max_block=_max_block.get(),

@@ -119,6 +119,11 @@ class Kernel:
         return _softmax_backward_kernel if self.backward else _softmax_forward_kernel
 
     @property
+    def plain(self):
+        """A softmax / log-softmax kernel, not one of the attention or row-statistics modes."""
+        return not any(dict(self.mode).get(k) for k in MODE_SWITCHES)
+
+    @property
     def dtypes(self):
         """The tensors' dtypes, in argument order."""
         return tuple(kind[1:] for kind, _ in self.spec if kind.startswith("*"))
@@ -210,7 +215,8 @@ def _brackets():
 
 def shipped_kernels():
     """Every kernel an H100 is given for contiguous rows of 1 to ``MAX_COLS`` elements, and
-    for the strided layout ``STRIDED``: deduplicated, with the row lengths that launch each."""
+    for the strided layout ``STRIDED``: deduplicated, with the row lengths that launch each.
+    Then the attention and row-statistics kernels (``mode_kernels``)."""
     ranges = {}
     for backward, dtypes in VARIANTS:
         for log in (False, True):
@@ -224,7 +230,39 @@ def shipped_kernels():
             for n in STRIDED_LENGTHS:
                 kernel = launched(backward, dtypes, log, (4, n, 64), 1, STRIDED)
                 ranges.setdefault(kernel, (n, n))
-    return [dataclasses.replace(k, n_range=r) for k, r in ranges.items()]
+    return [dataclasses.replace(k, n_range=r) for k, r in ranges.items()] + mode_kernels()
+
+
+MODE_LENGTHS = (64, 1000, 4096, 16384, 32768, 131072)
+MODE_DTYPES = ("fp16", "bf16", "fp32", "fp64")
+
+
+def _mode_launches(n):
+    """(backward, dtypes, launch options, description) of the attention and row-statistics kernels
+    for rows of ``n``: masked_softmax with each mask kind, and each statistics mode."""
+    for d in MODE_DTYPES:
+        x = torch.empty(ROWS, n, dtype=TORCH_DTYPES[d])
+        stats_dtype = torch.float64 if d == "fp64" else torch.float32
+        for mask, causal, name in (
+            (None, 0, "attention, causal"),
+            (torch.ones(1, n, dtype=torch.bool), None, "attention, bool mask"),
+            (torch.empty(ROWS, n, dtype=x.dtype), 0, "attention, additive mask, causal"),
+        ):
+            yield False, (d, d), dict(scores=_launch.scores_plan(x, mask, 0.125, causal)), name
+        yield False, (d,), dict(stats=torch.empty(ROWS, 2, dtype=stats_dtype), row_stats="store"), "row stats out"
+        yield False, (d, d), dict(stats=torch.empty(ROWS, dtype=stats_dtype), row_stats="load"), "row lse in"
+        yield True, (d, d), dict(stats=torch.empty(ROWS, dtype=stats_dtype), row_stats="store"), "row sums out"
+        yield True, (d, d, d), dict(stats=torch.empty(ROWS, dtype=stats_dtype), row_stats="load"), "row sums in"
+
+
+def mode_kernels():
+    """The attention and row-statistics kernels at ``MODE_LENGTHS``, deduplicated."""
+    kernels = {}
+    for n in MODE_LENGTHS:
+        for backward, dtypes, options, name in _mode_launches(n):
+            kernel = launched(backward, dtypes, False, (ROWS, n), layout=name, **options)
+            kernels.setdefault(kernel, dataclasses.replace(kernel, n_range=(n, n)))
+    return list(kernels.values())
 
 
 def kernel_for(backward, dtypes, log, n):

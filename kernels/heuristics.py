@@ -4,15 +4,17 @@ Pure so that the configuration an H100 gets can be computed, compiled and inspec
 machine without a GPU (see ``fused_softmax.compiled``). The rules:
 
 - A thread keeps at most half the registers it may have at ``MAX_WARPS`` warps for row
-  values, split among the tensors a pass keeps live (x forward; y and dy backward), and half
-  that again when accesses cannot be 128-bit (each element then needs its own address). On
+  values, split among the tensors a pass keeps live (x forward, and a mask's worth more for
+  attention scores; y and dy backward), and half that again when accesses cannot be 128-bit
+  (each element then needs its own address). On
   an H100 that is a 32,768-element fp32 row forward and 16,384 backward, at 16-byte alignment.
 - A row whose power-of-two block fits is kept on chip in one pass. Short rows are packed
   several to a tile until it holds ``TILE_BYTES`` of input (half that for narrow accesses).
 - Where the rows, not the columns, are unit-stride (a softmax over an earlier dim), a tile
   takes at least a 32-byte sector's worth of neighbouring rows.
 - Longer rows stream through ``ONLINE_BLOCK``-element tiles (online softmax).
-- Warps are sized so each thread issues about four accesses per tile.
+- Warps are sized so each thread issues about four accesses per tile (two for attention
+  scores, whose masking needs registers; its online tile is half the size too).
 - The grid is persistent: at most as many programs as the SMs hold at once.
 """
 
@@ -84,7 +86,7 @@ def launch_config(
     device: DeviceProperties,
     *,
     backward: bool = False,
-    masked: bool = False,
+    attention: bool = False,
     align: int = 1,
     contiguous_rows: int = 1,
     max_block: int | None = None,
@@ -100,7 +102,7 @@ def launch_config(
     compute_bytes = 8 if elem_bytes == 8 else 4
     wide = align * elem_bytes >= VECTOR_BYTES
     narrow = 1 if wide else 2  # an element that is its own access needs its own address registers
-    on_chip = max_on_chip_elements(compute_bytes, (2 if backward else 1) + masked, wide, device)
+    on_chip = max_on_chip_elements(compute_bytes, (2 if backward else 1) + attention, wide, device)
     if compute_bytes == 8:
         on_chip = min(on_chip, FP64_ON_CHIP)
     if max_block is not None:
@@ -111,13 +113,13 @@ def launch_config(
     online = block_n * min_rows > on_chip
     if online:
         rows = min_rows
-        block_n = max(1, min(ONLINE_BLOCK, on_chip // narrow) // rows)
+        block_n = max(1, min(ONLINE_BLOCK >> attention, on_chip // narrow) // rows)
     else:
         rows = max(min_rows, TILE_BYTES // narrow // elem_bytes // block_n)
         if contiguous_rows > 1:
             rows = min(rows, row_run)
     vector = align if contiguous_rows == 1 else min(row_run, VECTOR_BYTES // elem_bytes)
-    num_warps = min(MAX_WARPS, max(1, rows * block_n // (vector * 32 * 4)))
+    num_warps = min(MAX_WARPS, max(1, rows * block_n // (vector * 32 * (4 >> attention))))
     return LaunchConfig(
         block_n=block_n,
         rows_per_program=rows,

@@ -51,20 +51,6 @@ def _tile_rows(tile, n_inner, ROWS: tl.constexpr):
 
 
 @triton.jit
-def _scores_rows(row, mask_ptr, mask_stride_batch, mask_stride_head, mask_stride_query, n_queries, n_heads,
-                 causal_offset, ALIGN: tl.constexpr, MASK: tl.constexpr):
-    """Attention rows are (batch, head, query) in [..., Lq, Lk] scores: each row's mask row, broadcast
-    through its strides, and its last visible key under a causal mask."""
-    query = row % n_queries
-    batch = row // n_queries
-    mask_rows = mask_ptr
-    if MASK != "":
-        offset = (batch // n_heads) * mask_stride_batch + (batch % n_heads) * mask_stride_head
-        mask_rows = mask_ptr + (offset + query * mask_stride_query) * ALIGN
-    return mask_rows, query + causal_offset
-
-
-@triton.jit
 def _load_scores(x_rows, x_stride_col, col, in_bounds, mask_rows, mask_stride_key, last_key, scale,
                  ATTENTION: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
     """x, or with ATTENTION scale * x + mask with hidden keys at -inf. Loads are predicated on the
@@ -127,8 +113,14 @@ def _softmax_forward_kernel(
         x_rows = x_ptr + (outer * x_stride_outer + inner * x_stride_inner) * ALIGN
         mask_rows, last_key = mask_ptr, row
         if ATTENTION:
-            mask_rows, last_key = _scores_rows(row, mask_ptr, mask_stride_batch, mask_stride_head, mask_stride_query,
-                                               n_queries, n_heads, causal_offset, ALIGN, MASK)
+            # Rows are (batch, head, query) of [..., Lq, Lk] scores; the mask is read through its
+            # broadcast strides, the causal diagonal is an index comparison.
+            query = row % n_queries
+            last_key = query + causal_offset
+            if MASK != "":
+                batch = row // n_queries
+                offset = (batch // n_heads) * mask_stride_batch + (batch % n_heads) * mask_stride_head
+                mask_rows = mask_ptr + (offset + query * mask_stride_query) * ALIGN
         if ROW_STATS == "load":
             row_max = tl.load(stats_ptr + row, mask=row_mask).to(COMPUTE_DTYPE)
             row_sum = tl.full([ROWS, 1], 1.0, COMPUTE_DTYPE)
