@@ -132,18 +132,17 @@ def _softmax_forward_kernel(
                 x = _load_scores(x_rows, x_stride_col, col, row_mask & (col < n_cols), mask_rows, mask_stride_key,
                                  last_key, scale, ATTENTION, MASK, CAUSAL, COMPUTE_DTYPE)
                 new_max = tl.maximum(lane_max, x)
-                # A lane that has seen only -inf keeps its sum at 0 instead of exp(-inf - -inf) = NaN.
-                shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+                shift = _finite(new_max)
                 lane_sum = lane_sum * tl.exp(lane_max - shift) + tl.exp(x - shift)
                 lane_max = new_max
             row_max = tl.max(lane_max, axis=1, keep_dims=True)
-            row_sum = tl.sum(lane_sum * tl.exp(lane_max - row_max), axis=1, keep_dims=True)
+            row_sum = tl.sum(lane_sum * tl.exp(lane_max - _finite(row_max)), axis=1, keep_dims=True)
         else:
             col = tl.cast(cols, tl.int64)
             x = _load_scores(x_rows, x_stride_col, col, row_mask & (col < n_cols), mask_rows, mask_stride_key,
                              last_key, scale, ATTENTION, MASK, CAUSAL, COMPUTE_DTYPE)
             row_max = tl.max(x, axis=1, keep_dims=True)
-            row_sum = tl.sum(tl.exp(x - row_max), axis=1, keep_dims=True)
+            row_sum = tl.sum(tl.exp(x - _finite(row_max)), axis=1, keep_dims=True)
         if ROW_STATS == "store":
             tl.store(stats_ptr + 2 * row, row_max, mask=row_mask)
             tl.store(stats_ptr + 2 * row + 1, row_sum, mask=row_mask)
@@ -161,6 +160,13 @@ def _softmax_forward_kernel(
             else:
                 y = _normalise(x, row_max, row_sum, LOG, ATTENTION)
                 tl.store(y_rows + col * y_stride_col, y.to(y_ptr.dtype.element_ty), mask=row_mask & (col < n_cols))
+
+
+@triton.jit
+def _finite(row_max):
+    """The shift of exp(x - shift): a row (or lane) of only -inf sums to 0 instead of
+    exp(-inf - -inf) = NaN, so its statistics are (-inf, 0), the identity of their combination."""
+    return tl.where(row_max == float("-inf"), 0.0, row_max)
 
 
 @triton.jit

@@ -295,3 +295,53 @@ def test_persistent_program_moves_each_row_once(monkeypatch, plans, direction, s
     assert shape[0] > h100.rows_per_program  # more than one tile
     assert_design_traffic(direction, regime, touched, traffic)
     assert_did_the_work(direction, "softmax", out, x, y, dy, 1)
+
+
+def _mask(kind, rows_shape, n):
+    b, h, q = rows_shape
+    if kind == "bool [B,1,1,Lk]":
+        return torch.rand(b, 1, 1, n) > 0.2
+    if kind == "additive [Lq,Lk]":
+        return random((q, n), torch.float32)
+    return None
+
+
+@pytest.mark.parametrize("mask_kind", ["causal only", "bool [B,1,1,Lk]", "additive [Lq,Lk]"])
+@pytest.mark.parametrize("n, regime", [(1000, "multi_row"), (20000, "online")], ids=["on_chip", "online"])
+def test_masked_softmax_reads_scores_and_mask_once_per_sweep(plans, mask_kind, n, regime):
+    """Every key is read (the causal diagonal predicates nothing: loads stay 128-bit), the mask at
+    its broadcast size, once per sweep; y written once. The mask's own bytes are all it adds."""
+    rows_shape = (2, 1, 2) if regime == "online" else (2, 2, 3)
+    scores, mask = random((*rows_shape, n), torch.float32), _mask(mask_kind, rows_shape, n)
+    with kernel_traffic() as traffic:
+        y = _launch.masked_softmax_forward(scores, scores.dtype, _launch.scores_plan(scores, mask, 0.5, 0))
+    assert plans[-1].config.online == (regime == "online")
+    sweeps = 2 if regime == "online" else 1
+    mask_reads = 0 if mask is None else mask.element_size() * scores.numel()
+    assert traffic.stored == minimum_bytes(y)
+    assert traffic.loaded == sweeps * (minimum_bytes(scores) + mask_reads)
+    assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("n, online", [(1000, False), (40000, True)], ids=["on_chip", "online"])
+def test_row_statistics_modes_move_one_sweep(plans, n, online):
+    """Sharded softmax's kernels: statistics out (x read once, 2 values a row written), normalise
+    with the given log-sum-exp (x and the lse read once, y written once, even for rows past the
+    on-chip limit), and the backward's row sums out and in, each one sweep."""
+    x, y, dy = inputs("softmax", (3, n), torch.float32)
+    with kernel_traffic() as stats_traffic:
+        stats = _launch.row_stats(x, 1)
+    lse = stats[:, 0] + stats[:, 1].log()
+    with kernel_traffic() as forward_traffic:
+        out = _launch.softmax_forward(x, 1, x.dtype, lse=lse)
+    with kernel_traffic() as sums_traffic:
+        sums = _launch.backward_row_sums(y, dy, 1)
+    with kernel_traffic() as backward_traffic:
+        dx = _launch.softmax_backward(y, dy, 1, y.dtype, row_sums=sums)
+    assert all(p.config.online == online for p in plans)
+    assert (stats_traffic.loaded, stats_traffic.stored) == (minimum_bytes(x), minimum_bytes(stats))
+    assert (forward_traffic.loaded, forward_traffic.stored) == (minimum_bytes(x, lse), minimum_bytes(out))
+    assert (sums_traffic.loaded, sums_traffic.stored) == (minimum_bytes(y, dy), minimum_bytes(sums))
+    assert (backward_traffic.loaded, backward_traffic.stored) == (minimum_bytes(y, dy, sums), minimum_bytes(dx))
+    assert_did_the_work("forward", "softmax", out, x, y, dy, 1)
+    assert_did_the_work("backward", "softmax", dx, x, y, dy, 1)

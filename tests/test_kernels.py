@@ -153,3 +153,29 @@ def test_deterministic_and_batch_independent(kernels, device):
     first, again = fused_softmax.softmax(x, dim=-1), fused_softmax.softmax(x, dim=-1)
     assert torch.equal(first, again)
     assert torch.equal(fused_softmax.softmax(x[17:18], dim=-1), first[17:18])
+
+
+@pytest.mark.parametrize("max_block", [None, 4], ids=["on_chip", "online"])
+def test_row_statistics_and_normalising_with_them(kernels, device, op, max_block):
+    """The sharded-softmax modes: each row's (max, sum of exp(x - max)), (-inf, 0) for a row of -inf
+    (the identity when shards combine); y from a given log-sum-exp; dx from given row sums."""
+    x = random((4, 10), torch.float32, device)
+    x[1] = float("-inf")
+    x[2, :6] = float("-inf")
+    log = op.name == "log_softmax"
+    y = torch.as_tensor(op.reference(x)).float().to(device)
+    dy = random((4, 10), torch.float32, device, seed=1)
+    with _launch.limit_block(max_block):
+        stats = _launch.row_stats(x, 1)
+        lse = stats[:, 0] + stats[:, 1].log()
+        out = _launch.softmax_forward(x, 1, x.dtype, log, lse=lse)
+        sums = _launch.backward_row_sums(y, dy, 1, log)
+        dx = _launch.softmax_backward(y, dy, 1, y.dtype, log, row_sums=sums)
+    row_max = x.amax(1)
+    torch.testing.assert_close(stats[:, 0], row_max)
+    expected_sum = (x - row_max.nan_to_num(neginf=0.0)[:, None]).exp().sum(1)
+    assert_close(stats[:, 1], expected_sum)
+    assert stats[1, 1] == 0
+    assert_close(out, op.reference(x))
+    assert_close(sums, (dy if log else dy * y).sum(1))
+    assert_close(dx, op.reference_backward(y, dy))
