@@ -1,0 +1,230 @@
+"""Softmax, log_softmax and cross entropy over a dim sharded across processes (torch.distributed).
+
+Each rank holds a contiguous shard of the dim, of any size (empty included). A row's softmax
+needs from the other shards only their (max, Σ exp(x − max)): one all_gather of those packed
+statistics gives every rank the row's log-sum-exp, exactly, and each rank then writes its own
+slice. The backward needs one row sum, one all_reduce. Nothing as long as the sharded dim
+crosses the wire, and each rank keeps only its shard. torch.distributed communicates (gloo,
+NCCL, any backend); the local work runs on the fused kernels, or on eager PyTorch where the
+backend says so (see ``use_backend``).
+
+A submodule, imported explicitly: ``import fused_softmax.distributed``. Every function is a
+collective, its backward too: call them on every rank of ``group``, in the same order.
+"""
+
+import torch
+import torch.distributed as dist
+from torch.autograd.function import once_differentiable
+
+from . import _launch
+from ._backend import use_kernels
+from .functional import _wrap_dim
+
+
+def _stats_dtype(dtype):
+    """Statistics are float32 (float64 for float64 tensors), as the kernels keep them."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _row_stats(x, dim, kernels):
+    """[..., 2]: each row's max and Σ exp(x − max) over this shard. Where the max is −inf (the
+    shard holds only −inf, or nothing) the sum is not used: see ``_log_sum_exp``."""
+    if kernels:
+        return _launch.row_stats(x, dim)
+    x = x.to(_stats_dtype(x.dtype))
+    if x.shape[dim] == 0:
+        rows = x.shape[:dim] + x.shape[dim + 1 :]
+        return torch.stack([x.new_full(rows, float("-inf")), x.new_zeros(rows)], -1)
+    row_max = x.amax(dim, keepdim=True)
+    return torch.stack([row_max.squeeze(dim), torch.exp(x - row_max).sum(dim)], -1)
+
+
+def _all_gather(t, group):
+    """[world, *t.shape]: every rank's ``t``, in rank order."""
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.stack(parts)
+
+
+def _log_sum_exp(maxes, sums):
+    """Each row's log-sum-exp from every rank's (max m_r, sumexp s_r), ranks along dim 0, exactly:
+    M + log Σ_r s_r·exp(m_r − M) with M = max_r m_r.
+
+    Shards with m_r = −inf (only −inf, or nothing) add nothing, whatever their sum; a row of −inf
+    on every shard gets −inf, so its softmax is NaN, as torch's.
+    """
+    row_max = maxes.amax(0)
+    terms = torch.where(maxes == float("-inf"), 0.0, sums * torch.exp(maxes - row_max))
+    return row_max + torch.log(terms.sum(0))
+
+
+def _normalise(x, dim, lse, log, out_dtype, kernels):
+    """exp(x − lse), or x − lse for log, along ``dim``, in ``out_dtype``."""
+    if kernels:
+        return _launch.softmax_forward(x, dim, out_dtype, log, lse=lse)
+    shifted = x.to(lse.dtype) - lse.unsqueeze(dim)
+    return (shifted if log else torch.exp(shifted)).to(out_dtype)
+
+
+def _backward_row_sums(y, dy, dim, log, kernels):
+    """This shard's part of Σ dy·y (softmax) or Σ dy (log_softmax), per row."""
+    if kernels:
+        return _launch.backward_row_sums(y, dy, dim, log)
+    dy = dy.to(_stats_dtype(y.dtype))
+    return (dy if log else dy * y.to(dy.dtype)).sum(dim)
+
+
+def _input_grad(y, dy, dim, log, row_sums, kernels):
+    """dx = y·(dy − Σ dy·y) (softmax) or dy − exp(y)·Σ dy (log_softmax), given the global sums."""
+    if kernels:
+        return _launch.softmax_backward(y, dy, dim, y.dtype, log, row_sums=row_sums)
+    sums = row_sums.unsqueeze(dim)
+    y_wide, dy = y.to(sums.dtype), dy.to(sums.dtype)
+    return (dy - torch.exp(y_wide) * sums if log else y_wide * (dy - sums)).to(y.dtype)
+
+
+class ShardedSoftmaxFunction(torch.autograd.Function):
+    """Softmax (or log-softmax, ``log``) of a dim sharded across ``group``, this rank's slice.
+
+    Forward: one all_gather of the packed row stats; backward: one all_reduce of the row sums.
+    Saves only y. The kernels or eager PyTorch are chosen once, in the forward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, dim, group, log):
+        kernels = use_kernels(x, x.dtype)
+        stats = _all_gather(_row_stats(x, dim, kernels), group)
+        y = _normalise(x, dim, _log_sum_exp(stats[..., 0], stats[..., 1]), log, x.dtype, kernels)
+        ctx.dim, ctx.group, ctx.log, ctx.kernels = dim, group, log, kernels
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        (y,) = ctx.saved_tensors
+        row_sums = _backward_row_sums(y, dy, ctx.dim, ctx.log, ctx.kernels)
+        dist.all_reduce(row_sums, group=ctx.group)
+        return _input_grad(y, dy, ctx.dim, ctx.log, row_sums, ctx.kernels), None, None, None
+
+
+def softmax(x_local, dim=-1, group=None):
+    """This rank's slice of the softmax over ``dim``, whose elements are sharded across ``group``.
+
+    ``x_local`` is this rank's contiguous shard of ``dim`` (ranks in order; sizes may differ, and
+    be 0); the other dims must match across ranks. ``group=None`` is the default group. The result
+    has ``x_local``'s shape and dtype, and is differentiable (first derivatives).
+    """
+    return ShardedSoftmaxFunction.apply(x_local, _wrap_dim("softmax", dim, x_local.dim()), group, False)
+
+
+def log_softmax(x_local, dim=-1, group=None):
+    """This rank's slice of the log-softmax over a sharded ``dim``; see ``softmax``."""
+    return ShardedSoftmaxFunction.apply(x_local, _wrap_dim("log_softmax", dim, x_local.dim()), group, True)
+
+
+def _local_targets(target, vocab_start, width, ignore_index):
+    """The rows whose target class lives in this shard, and those targets' indices in it."""
+    local = target - vocab_start
+    owned = (local >= 0) & (local < width) & (target != ignore_index)
+    return owned, local[owned]
+
+
+def _class_count(layout):
+    """The number of classes, from every rank's (start, width); raises unless the shards tile the
+    classes in rank order. Every rank sees the same layout, so all raise together."""
+    starts, widths = layout[:, 0].long(), layout[:, 1].long()
+    if not torch.equal(starts, widths.cumsum(0) - widths):
+        raise ValueError(
+            f"cross_entropy: the shards must tile the classes in rank order, but the ranks start at "
+            f"{starts.tolist()} with widths {widths.tolist()}; shards of different widths need vocab_start"
+        )
+    return int(widths.sum())
+
+
+class VocabParallelCrossEntropyFunction(torch.autograd.Function):
+    """Per-row cross entropy (0 where ignored) of logits sharded over the classes, in the stats'
+    dtype (float32, float64 for float64 logits).
+
+    Forward: one all_gather of packed per-row stats; backward: no communication. Saves the local
+    logits and the per-row log-sum-exp only: never the gathered logits, nor the probabilities.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, target, group, ignore_index, label_smoothing, vocab_start):
+        kernels = use_kernels(logits, logits.dtype)
+        stats = _row_stats(logits, 1, kernels)
+        owned, local_target = _local_targets(target, vocab_start, logits.shape[1], ignore_index)
+        target_logit = stats.new_zeros(len(target))
+        target_logit[owned] = logits[owned, local_target].to(stats.dtype)
+        columns = [stats, target_logit[:, None]]
+        if label_smoothing:
+            columns.append(logits.sum(1, dtype=stats.dtype)[:, None])
+        rows = torch.cat(columns, 1)
+        # A last row carries the shard's (start, width): every rank learns the class count and can
+        # check the tiling, in the same collective. Exact in float32 below 2^24 classes.
+        layout = rows.new_zeros(1, rows.shape[1])
+        layout[0, :2] = layout.new_tensor([vocab_start, logits.shape[1]])
+        gathered = _all_gather(torch.cat([rows, layout]), group)
+        classes = _class_count(gathered[:, -1])
+        valid = target != ignore_index
+        out_of_range = valid & ((target < 0) | (target >= classes))
+        if out_of_range.any():
+            raise IndexError(f"Target {target[out_of_range][0].item()} is out of bounds.")
+        gathered = gathered[:, :-1]
+        lse = _log_sum_exp(gathered[..., 0], gathered[..., 1])
+        # The target logit is non-zero on the one rank holding it: the sum over ranks is that logit.
+        loss = lse - (1 - label_smoothing) * gathered[..., 2].sum(0)
+        if label_smoothing:
+            loss = loss - label_smoothing / classes * gathered[..., 3].sum(0)
+        ctx.group, ctx.ignore_index, ctx.label_smoothing = group, ignore_index, label_smoothing
+        ctx.vocab_start, ctx.classes, ctx.kernels = vocab_start, classes, kernels
+        ctx.save_for_backward(logits, target, lse)
+        return torch.where(valid, loss, 0.0)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss):
+        """dlogits = (softmax − (1 − ε)·onehot − ε/V)·grad_row, on this shard alone."""
+        logits, target, lse = ctx.saved_tensors
+        grad_row = torch.where(target != ctx.ignore_index, grad_loss, 0.0)
+        grad = _normalise(logits, 1, lse, False, lse.dtype, ctx.kernels)
+        grad.mul_(grad_row[:, None]).sub_(ctx.label_smoothing / ctx.classes * grad_row[:, None])
+        owned, local_target = _local_targets(target, ctx.vocab_start, logits.shape[1], ctx.ignore_index)
+        grad[owned, local_target] -= (1 - ctx.label_smoothing) * grad_row[owned]
+        return grad.to(logits.dtype), None, None, None, None, None
+
+
+def cross_entropy(
+    logits_local, target, group=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, *, vocab_start=None
+):
+    """``F.cross_entropy`` of logits whose classes are sharded across ``group``: vocab-parallel.
+
+    ``logits_local`` is [N, V_local], this rank's contiguous shard of the classes (the only
+    shape supported: flatten batch dims first); ``target`` is [N] global class indices (int64),
+    the same on every rank. Shards are in rank order and of equal width unless ``vocab_start``
+    gives this rank's first class. Same result, on every rank, as ``F.cross_entropy`` on the
+    gathered logits, with ``ignore_index``, ``reduction`` and ``label_smoothing`` as torch's.
+    Memory stays proportional to the shard: the logits are never gathered.
+    """
+    if logits_local.dim() != 2 or target.shape != logits_local.shape[:1]:
+        raise ValueError(
+            f"cross_entropy: expected logits [N, V_local] and target [N], got {list(logits_local.shape)} "
+            f"and {list(target.shape)}"
+        )
+    if target.dtype not in (torch.int64, torch.uint8):
+        raise RuntimeError(f"expected target dtype to be Long or Byte (class indices), but got {target.dtype}")
+    if reduction not in ("none", "mean", "sum"):
+        raise ValueError(f"{reduction} is not a valid value for reduction")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    if vocab_start is None:
+        vocab_start = dist.get_rank(group) * logits_local.shape[1]
+    losses = VocabParallelCrossEntropyFunction.apply(
+        logits_local, target.long(), group, ignore_index, label_smoothing, vocab_start
+    )
+    if reduction == "sum":
+        losses = losses.sum()
+    elif reduction == "mean":
+        losses = losses.sum() / (target != ignore_index).sum()
+    return losses.to(logits_local.dtype)

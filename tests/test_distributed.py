@@ -1,0 +1,344 @@
+"""fused_softmax.distributed on 2 and 4 gloo processes over loopback, against single-process
+torch on the concatenated tensor: uneven shards with an empty one, rows of −inf, fp32 and
+bf16, the eager fallback and the kernels, softmax, log_softmax and cross entropy, forward and
+backward, and an fp64 gradcheck of the distributed derivative through the kernels.
+
+A spawn costs seconds (each child imports torch), so one spawn per world size runs every case.
+Each child runs them all, keeping the collectives in step, and raises every failed case with
+its traceback; the parent re-raises that. Every wait is bounded: init and collectives by the
+process group's timeout, the children by a deadline after which they are killed.
+"""
+
+import contextlib
+import datetime
+import functools
+import itertools
+import multiprocessing
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    # The children import this module afresh: the kernels are interpreted only if this is set
+    # before triton is imported (support imports it).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from support import assert_close  # noqa: E402
+from test_kernels import assert_no_less_accurate_than_torch  # noqa: E402
+
+import fused_softmax  # noqa: E402
+from fused_softmax import _launch, distributed  # noqa: E402
+from fused_softmax.testing import poisoned_outputs  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Shard widths along the sharded dim, one tuple per layout: uneven with an empty shard (the first
+# of each world size), and even (the default vocab_start of cross_entropy).
+WIDTHS = {2: [(7, 0), (4, 4)], 4: [(3, 0, 5, 2)]}
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(seconds=60)
+DEADLINE_S = 300
+
+
+def random(shape, dtype, seed, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(device=DEVICE, dtype=dtype)
+
+
+def shard(full, dim, widths, rank):
+    return full.narrow(dim, sum(widths[:rank]), widths[rank])
+
+
+def assert_matches(actual, expected, torch_actual):
+    """NaN where the float64 result has NaN; elsewhere within the dtype's tolerance, or for bf16
+    gradients (from a rounded y) no less accurate than torch in bf16, as in test_kernels."""
+    numbers = ~expected.isnan()
+    assert torch.equal(actual.isnan(), ~numbers)
+    if actual.dtype == torch.bfloat16 and numbers.any():
+        assert_no_less_accurate_than_torch(actual[numbers], expected[numbers], torch_actual[numbers])
+    else:
+        assert_close(actual, expected)
+
+
+def check_softmax(rank, log, dtype, widths, layout):
+    """Forward and backward on this rank's shard against torch on the whole tensor. Row 0 is −inf
+    everywhere (NaN, as torch); row 1 is −inf on the first shard only (it adds nothing)."""
+    base = random((6, sum(widths)), dtype, seed=0)
+    base[0] = float("-inf")
+    base[1, : widths[0]] = float("-inf")
+    # 'middle': the sharded dim between two others, strided (a transposed view).
+    x, dim = (base, -1) if layout == "last" else (base.reshape(2, 3, -1).transpose(1, 2), 1)
+    dy = random(x.shape, dtype, seed=1, scale=1.0)
+    name = "log_softmax" if log else "softmax"
+
+    x_local = shard(x, dim, widths, rank).detach().requires_grad_()
+    y = getattr(distributed, name)(x_local, dim=dim)
+    (dx,) = torch.autograd.grad(y, x_local, shard(dy, dim, widths, rank))
+
+    x64 = x.double().requires_grad_()
+    y64 = getattr(F, name)(x64, dim)
+    (dx64,) = torch.autograd.grad(y64, x64, dy.double())
+    x_same = x.detach().requires_grad_()
+    (dx_same,) = torch.autograd.grad(getattr(F, name)(x_same, dim), x_same, dy)
+
+    assert y.dtype == dx.dtype == dtype and y.shape == dx.shape == x_local.shape
+    assert_close(y, shard(y64, dim, widths, rank))
+    assert_matches(dx, shard(dx64, dim, widths, rank), shard(dx_same, dim, widths, rank))
+    return x_local.numel()
+
+
+def check_cross_entropy(rank, dtype, widths, reduction, label_smoothing, ignore_index):
+    """Loss (the same on every rank) and logit gradients against F.cross_entropy on the whole logits."""
+    n, classes = 6, sum(widths)
+    logits = random((n, classes), dtype, seed=2)
+    target = torch.randint(classes, (n,), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    target[1] = ignore_index
+    if not label_smoothing:  # masked classes: −inf logits on the first shard, off the target (smoothing makes it inf)
+        columns = torch.arange(classes, device=DEVICE)
+        logits[2, (columns < widths[0]) & (columns != target[2])] = float("-inf")
+    grad = random((n,) if reduction == "none" else (), dtype, seed=4, scale=1.0)
+    options = {"ignore_index": ignore_index, "reduction": reduction, "label_smoothing": label_smoothing}
+
+    local = shard(logits, 1, widths, rank).detach().requires_grad_()
+    vocab_start = None if len(set(widths)) == 1 else sum(widths[:rank])
+    loss = distributed.cross_entropy(local, target, vocab_start=vocab_start, **options)
+    (dlogits,) = torch.autograd.grad(loss, local, grad)
+
+    logits64 = logits.double().requires_grad_()
+    loss64 = F.cross_entropy(logits64, target, **options)
+    (dlogits64,) = torch.autograd.grad(loss64, logits64, grad.double())
+
+    assert loss.dtype == dlogits.dtype == dtype and loss.shape == loss64.shape
+    assert_close(loss, loss64)
+    assert_close(dlogits, shard(dlogits64, 1, widths, rank))
+    return local.numel()
+
+
+def check_errors(rank, widths):
+    """Clear errors, raised on every rank alike (so none is left waiting in a collective)."""
+    classes = sum(widths)
+    logits = shard(random((3, classes), torch.float32, seed=5), 1, widths, rank)
+    start = sum(widths[:rank])
+    with pytest.raises(IndexError, match=f"Target {classes} is out of bounds"):
+        distributed.cross_entropy(logits, torch.tensor([0, classes, 1], device=DEVICE), vocab_start=start)
+    with pytest.raises(IndexError, match="Target -1 is out of bounds"):
+        distributed.cross_entropy(logits, torch.tensor([0, -1, 1], device=DEVICE), vocab_start=start)
+    with pytest.raises(ValueError, match=r"expected logits \[N, V_local\]"):
+        distributed.cross_entropy(logits[None], torch.tensor([[0, 1, 1]], device=DEVICE))
+    with pytest.raises(ValueError, match="shards of different widths need vocab_start"):
+        distributed.cross_entropy(logits, torch.tensor([0, 1, 1], device=DEVICE))
+    return logits.numel()
+
+
+class Replicated(torch.autograd.Function):
+    """Identity forward, all_reduce backward: each rank's gradient, nonzero on its shard only,
+    summed into the full one."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class Summed(torch.autograd.Function):
+    """all_reduce forward, identity backward: the ranks' zero-padded slices summed into the full output."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def check_gradcheck(rank, widths):
+    """gradcheck, in float64, of the whole sharded computation as a function of the full input:
+    the same function of the same input on every rank, so the ranks' evaluations stay in step.
+    Fast mode (a random projection of the Jacobian) keeps the interpreter's launches few; the
+    same seed on every rank draws the same projection."""
+    classes, start = sum(widths), sum(widths[:rank])
+    x = random((2, classes), torch.float64, seed=6).requires_grad_()
+    target = torch.tensor([classes - 1, -100], device=DEVICE)
+
+    def local(full):
+        return Replicated.apply(full).narrow(1, start, widths[rank])
+
+    def full_softmax(full, op):
+        return Summed.apply(F.pad(op(local(full)), (start, classes - start - widths[rank])))
+
+    def cross_entropy(full):
+        return distributed.cross_entropy(local(full), target, reduction="none", label_smoothing=0.1, vocab_start=start)
+
+    for fn in (
+        functools.partial(full_softmax, op=distributed.softmax),
+        functools.partial(full_softmax, op=distributed.log_softmax),
+        cross_entropy,
+    ):
+        torch.manual_seed(7)
+        assert torch.autograd.gradcheck(fn, (x,), fast_mode=True)
+    return widths[rank]
+
+
+def cases(world_size):
+    """(name, backend, check) for everything a spawn of ``world_size`` processes runs; check(rank)
+    returns how many elements the rank's shard holds (none: no kernel to launch)."""
+    dtypes = (torch.float32, torch.bfloat16)
+    for backend, widths in itertools.product(("torch", "triton"), WIDTHS[world_size]):
+        for log, dtype, layout in itertools.product((False, True), dtypes, ("last", "middle")):
+            name = f"{backend}-{widths}-{'log_softmax' if log else 'softmax'}-{dtype}-{layout}"
+            yield name, backend, functools.partial(check_softmax, log=log, dtype=dtype, widths=widths, layout=layout)
+        # Each reduction, with and without smoothing; ignore_index 2 is a class, ignored all the same.
+        options = (("none", 0.0, -100), ("mean", 0.1, -100), ("sum", 0.1, 2), ("mean", 0.0, 2))
+        for dtype, (reduction, smoothing, ignore) in itertools.product(dtypes, options):
+            name = f"{backend}-{widths}-cross_entropy-{dtype}-{reduction}-smoothing{smoothing}-ignore{ignore}"
+            yield name, backend, functools.partial(
+                check_cross_entropy,
+                dtype=dtype,
+                widths=widths,
+                reduction=reduction,
+                label_smoothing=smoothing,
+                ignore_index=ignore,
+            )
+    uneven = WIDTHS[world_size][0]
+    yield "errors", "torch", functools.partial(check_errors, widths=uneven)
+    yield "gradcheck", "triton", functools.partial(check_gradcheck, widths=uneven)
+
+
+def count_launches():
+    """Counts kernel launches in this process, so each case can prove which backend served it."""
+    count = {"n": 0}
+    launch = _launch._launch
+
+    def counted(*args, **kwargs):
+        count["n"] += 1
+        return launch(*args, **kwargs)
+
+    _launch._launch = counted
+    return count
+
+
+def run_cases(rank, world_size):
+    """Every case, each failure recorded with its traceback so that the collectives stay in step."""
+    launches, failures = count_launches(), []
+    for name, backend, check in cases(world_size):
+        before = launches["n"]
+        try:
+            with poisoned_outputs(), fused_softmax.use_backend(backend):
+                local_elements = check(rank)
+            launched = launches["n"] - before
+            assert launched > 0 if backend == "triton" and local_elements else launched == 0, (backend, launched)
+        except (AssertionError, pytest.fail.Exception):
+            failures.append(f"--- {name}\n{traceback.format_exc()}")
+    assert not failures, f"{len(failures)} cases failed\n" + "\n".join(failures)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def reported(report_dir, rank):
+    """Writes a failure's traceback to ``report_dir``, stamped with the time, for the parent."""
+    try:
+        yield
+    except BaseException:
+        (report_dir / f"rank {rank}").write_text(f"{time.time()}\n{traceback.format_exc()}")
+        raise
+
+
+def run_child(fn, rank, world_size, port, report_dir):
+    """A child: fn(rank, world_size) in a gloo process group. A failure is reported before the
+    group goes, since its peers fail then too."""
+    torch.set_num_threads(1)  # up to 4 ranks share the cores: spare them idle intra-op threads
+    with reported(report_dir, rank):
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=world_size,
+            timeout=PROCESS_GROUP_TIMEOUT,
+        )
+    try:
+        with reported(report_dir, rank):
+            fn(rank, world_size)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(fn, world_size, report_dir):
+    """Runs fn(rank, world_size) on ``world_size`` processes and fails with every failed rank's
+    traceback, earliest first: the rest usually follow from it (a peer gone). Children still
+    running at the deadline are killed."""
+    context = multiprocessing.get_context("spawn")
+    port = free_port()
+    processes = [
+        context.Process(target=run_child, args=(fn, rank, world_size, port, report_dir)) for rank in range(world_size)
+    ]
+    for process in processes:
+        process.start()
+    deadline = time.monotonic() + DEADLINE_S
+    try:
+        for process in processes:
+            process.join(max(deadline - time.monotonic(), 0.0))
+    finally:
+        hung = [rank for rank, process in enumerate(processes) if process.is_alive()]
+        for process in processes:
+            if process.is_alive():
+                process.kill()
+            process.join()
+    reports = []
+    for path in report_dir.iterdir():
+        stamp, trace = path.read_text().split("\n", 1)
+        reports.append((float(stamp), path.name, trace))
+    failures = "".join(f"\n--- {rank}:\n{trace}" for _, rank, trace in sorted(reports))
+    assert not hung, f"ranks {hung} still running after {DEADLINE_S} s, killed{failures}"
+    assert not failures, failures
+    assert all(process.exitcode == 0 for process in processes), [process.exitcode for process in processes]
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_matches_torch_on_the_gathered_tensor(world_size, tmp_path):
+    spawn(run_cases, world_size, tmp_path)
+
+
+def test_imported_only_on_request_and_without_triton():
+    """A submodule for the code that shards: ``import fused_softmax`` leaves it out, and importing it
+    imports no Triton."""
+    code = (
+        "import sys, fused_softmax; assert 'fused_softmax.distributed' not in sys.modules, 'eager'; "
+        "import fused_softmax.distributed; assert 'triton' not in sys.modules, 'imported triton'"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=DEADLINE_S)
+    assert run.returncode == 0, run.stderr
+
+
+def test_example_runs():
+    """The example spawns its own 2 processes; a new session, so a timeout kills them all."""
+    example = Path(__file__).parents[1] / "examples" / "vocab_parallel_lm_head.py"
+    process = subprocess.Popen(
+        [sys.executable, example], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        output, _ = process.communicate(timeout=DEADLINE_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+    assert process.returncode == 0 and "gradients match" in output, output
