@@ -2,5 +2,5 @@
 # Sets up and runs the whole test suite. Without a GPU the kernels run under Triton's interpreter.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash ci/setup.sh test
+bash ci/setup.sh test hf
 python3 -m pytest -n 2 tests benchmarks --benchmark-disable "$@"

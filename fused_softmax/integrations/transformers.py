@@ -1,0 +1,73 @@
+"""fused_softmax as a transformers attention implementation, ``attn_implementation="fused_softmax"``:
+
+    from fused_softmax.integrations import transformers as fused_transformers
+
+    fused_transformers.register()
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="fused_softmax")
+
+Attention runs on ``fused_softmax.attention``: torch matmuls around the fused masked softmax, on the
+backend fused_softmax selects (Triton kernels for CUDA tensors, eager PyTorch on CPU by default).
+
+Masks. transformers builds no mask at all for an implementation without a mask function, so
+``register`` also registers SDPA's under the same name. It gives None when causality is the only
+constraint (no padding, one sequence): the kernel then compares key and query indices, with no
+mask tensor. Otherwise it gives a bool mask [B, 1, Lq, Lk], True = attend, holding the padding,
+sliding window, chunks or packed sequences; the kernel broadcasts it across the heads.
+Queries that see no key (the ones before the first real token of a left-padded sequence) get
+zeros, as with SDPA, where eager attends uniformly to every key: no real token attends to them.
+
+Attention weights are not returned (None, as with SDPA): the fused path keeps them internal.
+Features the fused path lacks raise NotImplementedError rather than being silently dropped.
+"""
+
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+import fused_softmax
+
+NAME = "fused_softmax"
+
+# Keyword arguments some models pass that change the math: the fused path does not implement them.
+UNSUPPORTED = {
+    "softcap": "logit softcapping",
+    "s_aux": "attention sinks",
+    "position_bias": "position biases",
+    "cache": "paged KV caches (continuous batching)",
+}
+
+
+def fused_attention_forward(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, is_causal=None, **kwargs
+):
+    """transformers' attention contract: query [B, Hq, Lq, D], key and value [B, Hkv, Lk, D] and the
+    mask from ``sdpa_mask`` give (output [B, Lq, Hq, D] contiguous, None). Key/value heads are
+    shared by Hq / Hkv query heads without being repeated."""
+    for name, feature in UNSUPPORTED.items():
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(f"attn_implementation={NAME!r} does not support {feature} ({name}=); use 'eager'")
+    if kwargs.get("output_attentions"):
+        raise NotImplementedError(f"attn_implementation={NAME!r} does not return attention weights; use 'eager'")
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    # As with SDPA: a missing mask stands for the causal one, except for a single query (decoding
+    # with a cache), which sees every key. The diagonal is top-left, which also hides the unfilled
+    # slots of a static cache at prefill.
+    causal = is_causal and attention_mask is None and query.shape[2] > 1
+    output = fused_softmax.attention(
+        query,
+        key,
+        value,
+        attn_mask=attention_mask,
+        dropout_p=dropout if module.training else 0.0,
+        is_causal=causal,
+        scale=scaling,
+        enable_gqa=True,
+    )
+    return output.transpose(1, 2).contiguous(), None
+
+
+def register():
+    """Makes ``attn_implementation="fused_softmax"`` available to every transformers model that
+    routes attention through ``AttentionInterface``. Calling it again changes nothing."""
+    AttentionInterface.register(NAME, fused_attention_forward)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
