@@ -6,13 +6,16 @@
 On CUDA each timed call ends in a synchronize, so it times the GPU's work, and extra_info
 records the bytes a perfect kernel moves and the GB/s that makes. Without a GPU the shape is
 tiny, fused_softmax runs its eager fallback, and one case runs the real kernels under Triton's
-interpreter. Every case first checks its results against float64 torch.
+interpreter. Every case first checks its results against float64 torch. ``test_masked_softmax``
+times attention's masked softmax (padding mask and causal diagonal) against the torch code it
+replaces, eager and compiled.
 """
 
 import pytest
 import torch
 
-from fused_softmax import use_backend
+import fused_softmax
+from fused_softmax import reference, use_backend
 from fused_softmax._backend import triton_available
 from fused_softmax._launch import kernels_interpreted
 from fused_softmax.bench import DTYPE_NAMES, Problem, check, expected_results, implementations
@@ -91,3 +94,45 @@ def test_softmax(benchmark, name, backend, problem, direction):
         benchmark(_timed_call(softmax, x, y, dy, direction))
     if CUDA and benchmark.stats:
         benchmark.extra_info["GB/s"] = problem.bytes_moved(direction) / benchmark.stats.stats.median / 1e9
+
+
+def _torch_masked_softmax(scores, keep, scale):
+    """What attention code writes without the fused kernel: scale, mask, causal diagonal, softmax."""
+    causal = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
+    return torch.softmax((scores * scale).masked_fill(~(keep & causal), float("-inf")), -1)
+
+
+MASKED_IMPLEMENTATIONS = {
+    "fused_softmax": lambda scores, keep, scale: fused_softmax.masked_softmax(scores, keep, scale=scale, causal=True),
+    "torch": _torch_masked_softmax,
+    "torch.compile": torch.compile(_torch_masked_softmax),
+}
+# bf16 scores [B, H, L, L] with a [B, 1, 1, L] padding mask and the causal diagonal; 128 MiB on CUDA.
+MASKED_SHAPE = (4, 16, 1024, 1024) if CUDA else (2, 2, 4, 16)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("name", list(MASKED_IMPLEMENTATIONS) if CUDA else ["fused_softmax", "torch"])
+def test_masked_softmax(benchmark, name, direction):
+    backend = "triton" if CUDA or kernels_interpreted() else "torch"
+    device = "cuda" if CUDA else "cpu"
+    b, h, n, _ = MASKED_SHAPE
+    scores = torch.randn(MASKED_SHAPE, dtype=torch.bfloat16, device=device, requires_grad=True)
+    keep = torch.rand(b, 1, 1, n, device=device) > 0.1
+    dy = torch.randn_like(scores)
+    masked_softmax = MASKED_IMPLEMENTATIONS[name]
+
+    def call(x):
+        return masked_softmax(x, keep, 0.125)
+
+    with use_backend(backend):
+        y = call(scores)
+        expected = reference.masked_softmax(scores, keep, 0.125, 0)
+        error, allowed = check(y.detach(), torch.as_tensor(expected, device=device))
+        assert error <= allowed, f"max abs error {error:.3g} above {allowed:.3g}"
+        minimum = scores.numel() * scores.element_size() * {"forward": 2, "backward": 3, "forward+backward": 5}[direction]
+        benchmark.group = f"masked_softmax {direction} {'x'.join(map(str, MASKED_SHAPE))} bf16"
+        benchmark.extra_info["bytes_moved"] = minimum
+        benchmark(_timed_call(call, scores, y, dy, direction))
+    if CUDA and benchmark.stats:
+        benchmark.extra_info["GB/s"] = minimum / benchmark.stats.stats.median / 1e9

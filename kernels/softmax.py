@@ -17,6 +17,13 @@ regime through compile-time switches:
   its row sum per lane, then writes dx. The second sweep walks the row backwards, so the tiles
   read last, still in L2, are read again first.
 - ``LOG``: log-softmax instead of softmax, from the same statistics.
+- ``ATTENTION`` (forward): the row is attention scores [..., Lq, Lk], softmax'd as scale * x +
+  mask, with a ``MASK`` ('bool' or 'additive') read through broadcast strides and a ``CAUSAL``
+  diagonal from the row's query index; rows with every key hidden give zeros. Under a causal
+  mask the online sweeps stop at the tile's last visible key; the rest is written as zeros.
+- ``ROW_STATS``: 'store' writes each row's statistics instead of an output (forward: max and
+  sum of exp; backward: the row sum), 'load' takes them as given and writes the output in one
+  sweep. A softmax over a dim sharded across processes combines the shards' statistics between.
 
 Triton's JIT proves an integer argument a multiple of 16 or nothing, and a load is only
 vectorised when the row starts and the column mask are proven aligned. So where the columns
@@ -121,13 +128,17 @@ def _softmax_forward_kernel(
                 batch = row // n_queries
                 offset = (batch // n_heads) * mask_stride_batch + (batch % n_heads) * mask_stride_head
                 mask_rows = mask_ptr + (offset + query * mask_stride_query) * ALIGN
+        # The columns a sweep reads: under a causal mask, up to the tile's last visible key.
+        n_read = n_cols
+        if CAUSAL:
+            n_read = tl.minimum(n_cols, tl.maximum(tl.max(last_key) + 1, 0))
         if ROW_STATS == "load":
             row_max = tl.load(stats_ptr + row, mask=row_mask).to(COMPUTE_DTYPE)
             row_sum = tl.full([ROWS, 1], 1.0, COMPUTE_DTYPE)
         elif ONLINE:
             lane_max = tl.full([ROWS, BLOCK_N], float("-inf"), COMPUTE_DTYPE)
             lane_sum = tl.zeros([ROWS, BLOCK_N], COMPUTE_DTYPE)
-            for start in tl.range(0, n_cols, BLOCK_N):
+            for start in tl.range(0, n_read, BLOCK_N):
                 col = tl.cast(start + cols, tl.int64)
                 x = _load_scores(x_rows, x_stride_col, col, row_mask & (col < n_cols), mask_rows, mask_stride_key,
                                  last_key, scale, ATTENTION, MASK, CAUSAL, COMPUTE_DTYPE)
@@ -136,20 +147,22 @@ def _softmax_forward_kernel(
                 lane_sum = lane_sum * tl.exp(lane_max - shift) + tl.exp(x - shift)
                 lane_max = new_max
             row_max = tl.max(lane_max, axis=1, keep_dims=True)
-            row_sum = tl.sum(lane_sum * tl.exp(lane_max - _finite(row_max)), axis=1, keep_dims=True)
+            row_sum = tl.sum(lane_sum * tl.exp(lane_max - row_max), axis=1, keep_dims=True)
         else:
             col = tl.cast(cols, tl.int64)
             x = _load_scores(x_rows, x_stride_col, col, row_mask & (col < n_cols), mask_rows, mask_stride_key,
                              last_key, scale, ATTENTION, MASK, CAUSAL, COMPUTE_DTYPE)
             row_max = tl.max(x, axis=1, keep_dims=True)
-            row_sum = tl.sum(tl.exp(x - _finite(row_max)), axis=1, keep_dims=True)
+            row_sum = tl.sum(tl.exp(x - row_max), axis=1, keep_dims=True)
         if ROW_STATS == "store":
+            # A row of only -inf sums to 0, not exp(-inf - -inf) = NaN: (-inf, 0) is the identity
+            # when shards combine their statistics.
             tl.store(stats_ptr + 2 * row, row_max, mask=row_mask)
-            tl.store(stats_ptr + 2 * row + 1, row_sum, mask=row_mask)
+            tl.store(stats_ptr + 2 * row + 1, tl.where(row_max == float("-inf"), 0.0, row_sum), mask=row_mask)
         else:
             y_rows = y_ptr + (outer * y_stride_outer + inner * y_stride_inner) * ALIGN
             if ONLINE or ROW_STATS == "load":
-                n_tiles = tl.cdiv(n_cols, BLOCK_N)
+                n_tiles = tl.cdiv(n_read, BLOCK_N)
                 for back in tl.range(0, n_tiles):
                     col = tl.cast((n_tiles - 1 - back) * BLOCK_N + cols, tl.int64)
                     in_bounds = row_mask & (col < n_cols)
@@ -157,16 +170,22 @@ def _softmax_forward_kernel(
                                      last_key, scale, ATTENTION, MASK, CAUSAL, COMPUTE_DTYPE)
                     y = _normalise(x, row_max, row_sum, LOG, ATTENTION)
                     tl.store(y_rows + col * y_stride_col, y.to(y_ptr.dtype.element_ty), mask=in_bounds)
+                if CAUSAL:
+                    # Tiles past every row's diagonal hold only zeros: written, never read.
+                    for start in tl.range(n_tiles * BLOCK_N, n_cols, BLOCK_N):
+                        col = tl.cast(start + cols, tl.int64)
+                        zeros = tl.zeros([ROWS, BLOCK_N], y_ptr.dtype.element_ty)
+                        tl.store(y_rows + col * y_stride_col, zeros, mask=row_mask & (col < n_cols))
             else:
                 y = _normalise(x, row_max, row_sum, LOG, ATTENTION)
                 tl.store(y_rows + col * y_stride_col, y.to(y_ptr.dtype.element_ty), mask=row_mask & (col < n_cols))
 
 
 @triton.jit
-def _finite(row_max):
-    """The shift of exp(x - shift): a row (or lane) of only -inf sums to 0 instead of
-    exp(-inf - -inf) = NaN, so its statistics are (-inf, 0), the identity of their combination."""
-    return tl.where(row_max == float("-inf"), 0.0, row_max)
+def _finite(lane_max):
+    """The shift of exp(x - shift): a lane that has seen only -inf keeps its sum at 0 instead of
+    exp(-inf - -inf) = NaN."""
+    return tl.where(lane_max == float("-inf"), 0.0, lane_max)
 
 
 @triton.jit

@@ -101,6 +101,24 @@ def test_mask_is_read_through_broadcast_strides(device, monkeypatch):
     assert plan.mask_strides == (5, 0, 0, 1) and plan.n_heads == 2 and plan.n_queries == 3
 
 
+@pytest.mark.parametrize(
+    "layout", ["keys strided (k @ q^T transposed)", "sliced heads", "sliced keys"], ids=["transposed", "heads", "keys"]
+)
+def test_strided_scores_find_their_mask_rows(layout, kernels, device):
+    """Scores the kernel reads in place through another split of their dims: each row still meets
+    its own (batch, query) mask row and causal diagonal."""
+    base = torch.randn(2, 3, 6, 5, device=device)
+    scores = {
+        "keys strided (k @ q^T transposed)": base.transpose(-1, -2)[..., :5, :],
+        "sliced heads": base[:, 1:],
+        "sliced keys": base[..., 1:4],
+    }[layout]
+    mask = torch.rand(scores.shape[0], 1, scores.shape[2], scores.shape[3], device=device) > 0.3
+    y = fused_softmax.masked_softmax(scores, mask, scale=0.8, causal="bottom_right")
+    offset = scores.shape[-1] - scores.shape[-2]
+    assert_close(y, reference.masked_softmax(scores, mask, 0.8, offset))
+
+
 @pytest.mark.parametrize("causal", ["top_left", "bottom_right"])
 def test_rows_with_every_key_hidden_give_zeros(causal, backend, device):
     """A row hidden by its mask, and the first rows of a bottom-right diagonal with Lq > Lk: zeros,

@@ -31,7 +31,7 @@ from fused_softmax._launch import plan
 from fused_softmax.kernels import H100
 from fused_softmax.kernels.heuristics import TILE_BYTES
 from fused_softmax.testing import kernel_traffic, minimum_bytes
-from support import ONE_PROGRAM
+from support import ONE_PROGRAM, assert_close
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 DIRECTIONS = ["forward", "backward"]
@@ -297,30 +297,35 @@ def test_persistent_program_moves_each_row_once(monkeypatch, plans, direction, s
     assert_did_the_work(direction, "softmax", out, x, y, dy, 1)
 
 
-def _mask(kind, rows_shape, n):
-    b, h, q = rows_shape
-    if kind == "bool [B,1,1,Lk]":
-        return torch.rand(b, 1, 1, n) > 0.2
-    if kind == "additive [Lq,Lk]":
-        return random((q, n), torch.float32)
-    return None
+MASKED_CASES = {
+    "bool [B,1,1,Lk]": (lambda b, q, n: torch.rand(b, 1, 1, n) > 0.2, None),
+    "additive [Lq,Lk], causal bottom-right": (lambda b, q, n: random((q, n), torch.float32), "bottom_right"),
+    "causal top-left": (lambda b, q, n: None, "top_left"),
+}
 
 
-@pytest.mark.parametrize("mask_kind", ["causal only", "bool [B,1,1,Lk]", "additive [Lq,Lk]"])
+@pytest.mark.parametrize("case", list(MASKED_CASES))
 @pytest.mark.parametrize("n, regime", [(1000, "multi_row"), (20000, "online")], ids=["on_chip", "online"])
-def test_masked_softmax_reads_scores_and_mask_once_per_sweep(plans, mask_kind, n, regime):
-    """Every key is read (the causal diagonal predicates nothing: loads stay 128-bit), the mask at
-    its broadcast size, once per sweep; y written once. The mask's own bytes are all it adds."""
-    rows_shape = (2, 1, 2) if regime == "online" else (2, 2, 3)
-    scores, mask = random((*rows_shape, n), torch.float32), _mask(mask_kind, rows_shape, n)
-    with kernel_traffic() as traffic:
-        y = _launch.masked_softmax_forward(scores, scores.dtype, _launch.scores_plan(scores, mask, 0.5, 0))
-    assert plans[-1].config.online == (regime == "online")
-    sweeps = 2 if regime == "online" else 1
-    mask_reads = 0 if mask is None else mask.element_size() * scores.numel()
+def test_masked_softmax_reads_scores_and_mask_once_per_sweep(plans, case, n, regime):
+    """Every visible key is read (loads are predicated on the row bounds only, so they stay
+    128-bit), with the mask at its broadcast size, once per sweep; y is written once. Online, a
+    causal row's sweeps stop at the tile holding its diagonal: top-left rows of 2 queries read
+    one tile of 20,000 keys, and the tiles after it are only written (zeros)."""
+    make_mask, causal = MASKED_CASES[case]
+    b, h, q = (2, 1, 2) if regime == "online" else (2, 2, 3)
+    scores, mask = random((b, h, q, n), torch.float32), make_mask(b, q, n)
+    with fused_softmax.use_backend("triton"), kernel_traffic() as traffic:
+        y = fused_softmax.masked_softmax(scores, mask, scale=0.5, causal=causal or False)
+    config = plans[-1].config
+    assert config.online == (regime == "online")
+    offset = 0 if causal in (None, "top_left") else n - q
+    tile = config.block_n
+    read = [min(n, (i + offset) // tile * tile + tile) if causal and config.online else n for i in range(q)]
+    sweeps = 2 if config.online else 1
+    mask_bytes = 0 if mask is None else mask.element_size()
     assert traffic.stored == minimum_bytes(y)
-    assert traffic.loaded == sweeps * (minimum_bytes(scores) + mask_reads)
-    assert torch.isfinite(y).all()
+    assert traffic.loaded == sweeps * b * h * sum(read) * (scores.element_size() + mask_bytes)
+    assert_close(y, reference.masked_softmax(scores, mask, 0.5, None if causal is None else offset))
 
 
 @pytest.mark.parametrize("n, online", [(1000, False), (40000, True)], ids=["on_chip", "online"])
