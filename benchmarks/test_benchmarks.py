@@ -116,9 +116,9 @@ MASKED_SHAPE = (4, 16, 1024, 1024) if CUDA else (2, 2, 4, 16)
 def test_masked_softmax(benchmark, name, direction):
     backend = "triton" if CUDA or kernels_interpreted() else "torch"
     device = "cuda" if CUDA else "cpu"
-    b, h, n, _ = MASKED_SHAPE
+    b, _, _, n_keys = MASKED_SHAPE
     scores = torch.randn(MASKED_SHAPE, dtype=torch.bfloat16, device=device, requires_grad=True)
-    keep = torch.rand(b, 1, 1, n, device=device) > 0.1
+    keep = torch.rand(b, 1, 1, n_keys, device=device) > 0.1
     dy = torch.randn_like(scores)
     masked_softmax = MASKED_IMPLEMENTATIONS[name]
 
