@@ -54,10 +54,9 @@ class MaskedSoftmaxFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, scores, mask, scale, causal_offset, dtype):
-        y = _launch.masked_softmax_forward(scores, dtype or scores.dtype, _launch.scores_plan(scores, mask, scale, causal_offset))
-        ctx.scale, ctx.scores_dtype = scale, scores.dtype
-        ctx.mask_shape, ctx.mask_dtype = (mask.shape, mask.dtype) if mask is not None else (None, None)
-        ctx.save_for_backward(y)
+        plan = _launch.scores_plan(scores, mask, scale, causal_offset)
+        y = _launch.masked_softmax_forward(scores, dtype or scores.dtype, plan)
+        ops.save_masked_softmax_context(ctx, scores, mask, scale, y)
         return y
 
     @staticmethod

@@ -1,7 +1,8 @@
 """The kernels as torch.library custom ops, so torch.compile keeps them in its graph.
 
 ``fused_softmax::softmax`` / ``log_softmax`` run the forward kernel, ``softmax_backward`` /
-``log_softmax_backward`` the backward kernel. Each has a fake (meta) implementation for
+``log_softmax_backward`` the backward kernel, ``masked_softmax`` the attention forward (its
+backward is ``softmax_backward`` with the scale). Each has a fake (meta) implementation for
 tracing and an autograd formula, the backward ops too, so double backward compiles. The
 dispatcher boundary costs tens of microseconds a call, so eager code calls the autograd
 Functions directly and only code being compiled goes through these ops.
@@ -102,11 +103,16 @@ def _(scores, mask, scale, causal_offset, dtype=None):
     return _empty_like(scores, dtype or scores.dtype)
 
 
-def _setup_masked(ctx, inputs, output):
-    scores, mask, scale, _, _ = inputs
+def save_masked_softmax_context(ctx, scores, mask, scale, y):
+    """What ``masked_softmax_grads`` needs: y, the scale, and the dtypes and mask shape to return."""
     ctx.scale, ctx.scores_dtype = scale, scores.dtype
     ctx.mask_shape, ctx.mask_dtype = (mask.shape, mask.dtype) if mask is not None else (None, None)
-    ctx.save_for_backward(output)
+    ctx.save_for_backward(y)
+
+
+def _setup_masked(ctx, inputs, output):
+    scores, mask, scale, _, _ = inputs
+    save_masked_softmax_context(ctx, scores, mask, scale, output)
 
 
 def _masked_grad(ctx, dy):
