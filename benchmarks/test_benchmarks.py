@@ -107,7 +107,7 @@ MASKED_IMPLEMENTATIONS = {
     "torch": _torch_masked_softmax,
     "torch.compile": torch.compile(_torch_masked_softmax),
 }
-# bf16 scores [B, H, L, L] with a [B, 1, 1, L] padding mask and the causal diagonal; 128 MiB on CUDA.
+# bf16 scores [B, H, L, L] with a [B, 1, 1, L] right-padding mask and the causal diagonal; 128 MiB on CUDA.
 MASKED_SHAPE = (4, 16, 1024, 1024) if CUDA else (2, 2, 4, 16)
 
 
@@ -118,7 +118,10 @@ def test_masked_softmax(benchmark, name, direction):
     device = "cuda" if CUDA else "cpu"
     b, _, _, n_keys = MASKED_SHAPE
     scores = torch.randn(MASKED_SHAPE, dtype=torch.bfloat16, device=device, requires_grad=True)
-    keep = torch.rand(b, 1, 1, n_keys, device=device) > 0.1
+    # Right padding, sequences from full length down to half: every query sees key 0, so plain
+    # torch, which gives NaN for a row with no visible key, is comparable.
+    lengths = torch.linspace(n_keys, n_keys // 2, b, device=device).long()
+    keep = (torch.arange(n_keys, device=device) < lengths[:, None]).view(b, 1, 1, n_keys)
     dy = torch.randn_like(scores)
     masked_softmax = MASKED_IMPLEMENTATIONS[name]
 
