@@ -176,7 +176,8 @@ def _mask_view(mask, scores):
         expanded = expanded.contiguous()
         batch, head = (1, 0), _collapse(lead, expanded.stride()[:-2])
     query = expanded.stride(-2) if scores.dim() >= 2 else 0
-    return expanded, (batch[1], head[1], query, expanded.stride(-1)), head[0]
+    key = expanded.stride(-1) if scores.dim() else 0
+    return expanded, (batch[1], head[1], query, key), head[0]
 
 
 def scores_plan(scores, mask, scale, causal_offset):
@@ -232,9 +233,18 @@ def plan(tensors, dim, *, backward=None, scores=None):
     return Plan(tuple(tensors), tuple(strides), sizes, align, config, device)
 
 
+_FP32_RANGE = (float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max))
+
+
+def fits_fp32(scale):
+    """Whether ``scale`` is 0 or within fp32's normal range, so ``_scale_parts`` carries it to fp64 math."""
+    return scale == 0 or _FP32_RANGE[0] <= abs(scale) <= _FP32_RANGE[1]
+
+
 def _scale_parts(scale):
     """``scale`` as two fp32 numbers whose sum is it to ~2^-48: Triton passes floats as fp32."""
-    high = float(np.float32(scale))
+    with np.errstate(over="ignore"):
+        high = float(np.float32(scale))
     return high, scale - high if math.isfinite(high) else 0.0
 
 

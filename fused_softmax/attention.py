@@ -107,6 +107,9 @@ def masked_softmax(scores, mask=None, *, scale=1.0, causal=False, dtype=None):
         scores, dtype = scores.to(dtype), None
     if scores.dtype not in KERNEL_DTYPES:
         raise NotImplementedError(f'"masked_softmax" not implemented for {scores.dtype}')
+    if not _launch.fits_fp32(scale):
+        # The kernel receives the scale as fp32 parts: one past their range is applied first.
+        scores, scale = scores * scale, 1.0
     if torch.compiler.is_compiling():
         return ops.masked_softmax(scores, mask, scale, causal_offset, dtype)
     return MaskedSoftmaxFunction.apply(scores, mask, scale, causal_offset, dtype)
@@ -124,7 +127,19 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
             f"Expected query, key, and value to have the same dtype, but got query.dtype: {query.dtype} "
             f"key.dtype: {key.dtype} and value.dtype: {value.dtype} instead."
         )
-    scale = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
+    if min(query.dim(), key.dim(), value.dim()) < 2:
+        raise RuntimeError(
+            f"scaled_dot_product_attention: expected query, key and value to be at least 2 dimensional, "
+            f"got {query.dim()}-D, {key.dim()}-D and {value.dim()}-D"
+        )
+    if attn_mask is not None and attn_mask.dtype not in (torch.bool, query.dtype):
+        raise RuntimeError(
+            f"Expected attn_mask dtype to be bool or float or to match query dtype, but got attn_mask.dtype: "
+            f"{attn_mask.dtype} and query.dtype: {query.dtype} instead."
+        )
+    if scale is None:
+        # Empty heads give all-zero scores, whatever the scale: SDPA's 1/sqrt(0) would make 0 * inf.
+        scale = 1.0 / math.sqrt(query.size(-1)) if query.size(-1) else 1.0
     groups = 1
     if enable_gqa and query.dim() >= 3 and query.size(-3) != key.size(-3):
         heads, kv_heads = query.size(-3), key.size(-3)

@@ -86,7 +86,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
 
     Differs from torch: a query whose keys are all masked gets zero weights, an output of the
     output projection's bias and zero gradients, as torch's ``need_weights=False`` path (SDPA)
-    gives; torch's ``need_weights=True`` path gives NaN there and in every gradient.
+    gives in training or with grad enabled; torch's ``need_weights=True`` path, and its
+    inference fast path, give NaN there.
     """
 
     def forward(

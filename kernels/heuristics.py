@@ -94,8 +94,10 @@ def launch_config(
     """Pick the regime, tile and warps for rows of ``n_cols`` elements.
 
     ``elem_bytes``: the widest element the kernel touches; math is fp64 for 8-byte elements,
-    else fp32. ``masked``: an attention mask is read beside the scores, one more live tile. ``align``: the proven alignment of rows, in elements (accesses are 128-bit when
-    it reaches 16 bytes). ``contiguous_rows``: how many neighbouring rows lie at unit stride
+    else fp32. ``attention``: masked_softmax's forward, whose mask and causal comparisons take
+    about a tile's registers beside the scores: half the on-chip row, half the online tile and
+    twice the warps. ``align``: the proven alignment of rows, in elements (accesses are 128-bit
+    when it reaches 16 bytes). ``contiguous_rows``: how many neighbouring rows lie at unit stride
     (1 when the columns are unit-stride). ``max_block`` caps the on-chip row, a power of two;
     tests use it to reach the online regime with tiny rows.
     """

@@ -281,6 +281,20 @@ def test_attention_dropout_draws_torch_rng(backend, device):
     assert not torch.equal(out, fused_softmax.attention(q, k, v))
 
 
+def test_fp64_scale_beyond_fp32_range(kernels, device):
+    """The kernel gets the scale as fp32 parts; a scale past their range is applied before it."""
+    scores = torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.float64, device=device) * 1e-39
+    assert_close(fused_softmax.masked_softmax(scores, scale=1e39), reference.masked_softmax(scores, None, 1e39))
+
+
+def test_zero_dim_scores_and_empty_heads(backend, device):
+    scores = torch.tensor(1.5, device=device)
+    assert fused_softmax.masked_softmax(scores, torch.tensor(True, device=device)).item() == 1.0
+    assert fused_softmax.masked_softmax(scores, torch.tensor(-1.0, device=device)).item() == 1.0
+    q, k, v = torch.randn(1, 2, 0, device=device), torch.randn(1, 3, 0, device=device), torch.randn(1, 3, 4, device=device)
+    torch.testing.assert_close(fused_softmax.attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
+
+
 def test_attention_errors_like_sdpa(device):
     q, k, v = sdpa_inputs(device, torch.float32, heads=4, kv_heads=3)
     with pytest.raises(RuntimeError):
@@ -289,3 +303,8 @@ def test_attention_errors_like_sdpa(device):
         fused_softmax.attention(q, k[:, :1], v[:, :1], attn_mask=padded(device), is_causal=True)
     with pytest.raises(RuntimeError):
         fused_softmax.attention(q, k[:, :1].double(), v[:, :1], enable_gqa=True)
+    for mask in (torch.zeros(4, 6, dtype=torch.float64, device=device), torch.zeros(4, 6, dtype=torch.long, device=device)):
+        with pytest.raises(RuntimeError):
+            fused_softmax.attention(q, k[:, :1], v[:, :1], attn_mask=mask, enable_gqa=True)
+    with pytest.raises(RuntimeError):
+        fused_softmax.attention(q[0, 0, 0], k[0, 0], v[0, 0])
