@@ -287,7 +287,7 @@ def softmax_forward(x, dim, out_dtype, log=False, lse=None):
     log-sum-exp ``lse`` (from other shards too), exp(x - lse) (or x - lse): one read, one write."""
     y = empty(x.shape, out_dtype, x.device)
     if y.numel():
-        row_stats = "" if lse is None else "load"
+        row_stats, lse = ("", None) if lse is None else ("load", lse.contiguous())
         _launch(_kernels()._softmax_forward_kernel, (x, y), dim, log=log, stats=lse, row_stats=row_stats)
     return y
 
@@ -315,7 +315,7 @@ def softmax_backward(y, dy, dim, out_dtype, log=False, row_sums=None, scale=1.0)
     ``row_sums`` (sum of dy * y, or of dy for log) are computed in the kernel unless given."""
     dx = empty(y.shape, out_dtype, y.device)
     if dx.numel():
-        row_stats = "" if row_sums is None else "load"
+        row_stats, row_sums = ("", None) if row_sums is None else ("load", row_sums.contiguous())
         kernel = _kernels()._softmax_backward_kernel
         _launch(kernel, (y, dy, dx), dim, log=log, backward=True, stats=row_sums, row_stats=row_stats, scale=scale)
     return dx
