@@ -189,6 +189,9 @@ def scores_plan(scores, mask, scale, causal_offset):
     return Scores(scale, causal_offset, mask, strides, n_queries, n_heads)
 
 
+_PLAIN = Scores()  # a softmax that is not attention's
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """How a kernel will run over ``tensors`` (inputs, then the output): views, sizes, alignment, config."""
@@ -241,6 +244,7 @@ def fits_fp32(scale):
     return scale == 0 or _FP32_RANGE[0] <= abs(scale) <= _FP32_RANGE[1]
 
 
+@functools.lru_cache(maxsize=64)
 def _scale_parts(scale):
     """``scale`` as two fp32 numbers whose sum is it to ~2^-48: Triton passes floats as fp32."""
     with np.errstate(over="ignore"):
@@ -263,7 +267,7 @@ def _launch(kernel, tensors, dim, *, log=False, backward=False, stats=None, row_
     if backward:
         args = [*pointers, stats, *sizes, *strides, *_scale_parts(scale)]
     else:
-        s = scores or Scores()
+        s = scores or _PLAIN
         batch, head, query, key = s.mask_strides
         mask_args = [batch // p.align, head // p.align, query // p.align, key, s.n_queries, s.n_heads]
         args = [*pointers, stats, s.mask, *sizes, *strides, *mask_args, s.causal_offset or 0, *_scale_parts(s.scale)]

@@ -2,11 +2,9 @@
 
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 from support import TOLERANCES, assert_close
 
 import fused_softmax

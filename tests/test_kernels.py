@@ -3,13 +3,10 @@ for softmax and log_softmax."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 from support import (
     CASES,
     DTYPES,
-    INTERPRETED,
     ONE_PROGRAM,
-    TOLERANCES,
     assert_close,
     assert_no_less_accurate_than_torch,
     case_id,
