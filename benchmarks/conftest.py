@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fused_softmax.bench import interpret_kernels_without_gpu
+from fused_softmax.bench.sweep import interpret_kernels_without_gpu
 
 # Collection imports this before any test can import triton, as the interpreter needs.
 interpret_kernels_without_gpu()

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 import fused_softmax
-from fused_softmax import reference, use_backend
-from fused_softmax._backend import triton_available
-from fused_softmax._launch import kernels_interpreted
-from fused_softmax.bench import DTYPE_NAMES, Problem, check, expected_results, implementations
+from fused_softmax import use_backend
+from fused_softmax._runtime import kernels_interpreted, triton_available
+from fused_softmax.bench.sweep import DTYPE_NAMES, Problem, check, expected_results, implementations
+from fused_softmax.testing import reference
 
 pytest.importorskip("pytest_benchmark")
 

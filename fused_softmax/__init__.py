@@ -6,7 +6,6 @@ eager PyTorch unless the backend is set to 'triton', which runs the same kernels
 Triton's interpreter. Triton is imported on first use.
 """
 
-from . import reference
 from ._backend import use_backend
 from .functional import LogSoftmaxFunction, SoftmaxFunction, log_softmax, softmax
 from .modules import LogSoftmax, Softmax
@@ -27,7 +26,6 @@ __all__ = [
     "log_softmax",
     "masked_softmax",
     "patch",
-    "reference",
     "softmax",
     "swap_modules",
     "use_backend",

@@ -10,18 +10,12 @@ import os
 
 import torch
 
+from ._runtime import constant_under_compile, kernels_interpreted, triton_available
+
 BACKENDS = ("auto", "triton", "torch")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 _selected = contextvars.ContextVar("fused_softmax_backend", default=None)
-
-
-def constant_under_compile(fn):
-    """torch.compile calls ``fn`` once per graph and keeps the result, as with
-    torch.compiler.assume_constant_result, which sets this same marker but imports torch._dynamo
-    (and with it triton) when called: too slow for import time."""
-    fn._dynamo_marked_constant = True
-    return fn
 
 
 def _check(name):
@@ -49,15 +43,6 @@ def selected_backend():
     return name
 
 
-@constant_under_compile
-def triton_available():
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def use_kernels(tensor, dtype):
     """True when ``tensor``, computed in ``dtype``, goes to the Triton kernels; raises if 'triton' was asked for and cannot run.
 
@@ -73,8 +58,6 @@ def use_kernels(tensor, dtype):
     if not triton_available():
         raise RuntimeError("fused_softmax backend 'triton' needs the triton package, which is not installed")
     if tensor.device.type == "cpu":
-        from ._launch import kernels_interpreted
-
         if not kernels_interpreted():
             raise RuntimeError(
                 "fused_softmax backend 'triton' runs CPU tensors only under Triton's interpreter: "

@@ -54,8 +54,8 @@ class MaskedSoftmaxFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, scores, mask, scale, causal_offset, dtype):
-        plan = _launch.scores_plan(scores, mask, scale, causal_offset)
-        y = _launch.masked_softmax_forward(scores, dtype or scores.dtype, plan)
+        masking = _launch.masking(scores, mask, scale, causal_offset)
+        y = _launch.masked_softmax_forward(scores, dtype or scores.dtype, masking)
         ops.save_masked_softmax_context(ctx, scores, mask, scale, y)
         return y
 

@@ -21,17 +21,12 @@ from ._backend import use_kernels
 from .functional import _wrap_dim
 
 
-def _stats_dtype(dtype):
-    """Statistics are float32 (float64 for float64 tensors), as the kernels keep them."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _row_stats(x, dim, kernels):
     """[..., 2]: each row's max and Σ exp(x − max) over this shard. Where the max is −inf (the
     shard holds only −inf, or nothing) the sum is not used: see ``_log_sum_exp``."""
     if kernels:
-        return _launch.row_stats(x, dim)
-    x = x.to(_stats_dtype(x.dtype))
+        return _launch.row_statistics(x, dim)
+    x = x.to(_launch.stats_dtype(x.dtype))
     if x.shape[dim] == 0:
         rows = x.shape[:dim] + x.shape[dim + 1 :]
         return torch.stack([x.new_full(rows, float("-inf")), x.new_zeros(rows)], -1)
@@ -61,7 +56,7 @@ def _log_sum_exp(maxes, sums):
 def _normalise(x, dim, lse, log, out_dtype, kernels):
     """exp(x − lse), or x − lse for log, along ``dim``, in ``out_dtype``."""
     if kernels:
-        return _launch.softmax_forward(x, dim, out_dtype, log, lse=lse)
+        return _launch.normalise_with_lse(x, dim, out_dtype, log, lse)
     shifted = x.to(lse.dtype) - lse.unsqueeze(dim)
     return (shifted if log else torch.exp(shifted)).to(out_dtype)
 
@@ -70,14 +65,14 @@ def _backward_row_sums(y, dy, dim, log, kernels):
     """This shard's part of Σ dy·y (softmax) or Σ dy (log_softmax), per row."""
     if kernels:
         return _launch.backward_row_sums(y, dy, dim, log)
-    dy = dy.to(_stats_dtype(y.dtype))
+    dy = dy.to(_launch.stats_dtype(y.dtype))
     return (dy if log else dy * y.to(dy.dtype)).sum(dim)
 
 
 def _input_grad(y, dy, dim, log, row_sums, kernels):
     """dx = y·(dy − Σ dy·y) (softmax) or dy − exp(y)·Σ dy (log_softmax), given the global sums."""
     if kernels:
-        return _launch.softmax_backward(y, dy, dim, y.dtype, log, row_sums=row_sums)
+        return _launch.backward_with_row_sums(y, dy, dim, y.dtype, log, row_sums)
     sums = row_sums.unsqueeze(dim)
     y_wide, dy = y.to(sums.dtype), dy.to(sums.dtype)
     return (dy - torch.exp(y_wide) * sums if log else y_wide * (dy - sums)).to(y.dtype)

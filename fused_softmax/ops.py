@@ -94,8 +94,8 @@ def masked_softmax(
     causal_offset: Optional[int],
     dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
-    plan = _launch.scores_plan(scores, mask, scale, causal_offset)
-    return _launch.masked_softmax_forward(scores, dtype or scores.dtype, plan)
+    masking = _launch.masking(scores, mask, scale, causal_offset)
+    return _launch.masked_softmax_forward(scores, dtype or scores.dtype, masking)
 
 
 @masked_softmax.register_fake

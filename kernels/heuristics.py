@@ -1,7 +1,7 @@
 """Launch configuration: a pure function of the row shape, dtype and device properties.
 
 Pure so that the configuration an H100 gets can be computed, compiled and inspected on a
-machine without a GPU (see ``fused_softmax.compiled``). The rules:
+machine without a GPU (see ``fused_softmax.bench.machine_code``). The rules:
 
 - A thread keeps at most half the registers it may have at ``MAX_WARPS`` warps for row
   values, split among the tensors a pass keeps live (x forward, and a mask's worth more for
@@ -55,15 +55,18 @@ class LaunchConfig:
     online: bool
     compute_dtype: tl.dtype
 
+    @property
+    def regime(self) -> str:
+        """How a program covers its rows: 'multi_row' (several whole rows per tile), 'single_pass'
+        (one whole row on chip) or 'online' (a row streamed through blocks, two sweeps)."""
+        if self.online:
+            return "online"
+        return "multi_row" if self.rows_per_program > 1 else "single_pass"
+
     def constexprs(self) -> dict:
-        """Compile-time arguments of the kernels that the configuration sets, plus the warp count."""
-        return dict(
-            BLOCK_N=self.block_n,
-            ROWS=self.rows_per_program,
-            ONLINE=self.online,
-            COMPUTE_DTYPE=self.compute_dtype,
-            num_warps=self.num_warps,
-        )
+        """The tile's compile-time arguments, which every kernel takes. ``online`` is passed as
+        ONLINE only to the kernels that have both regimes."""
+        return dict(BLOCK_N=self.block_n, ROWS=self.rows_per_program, COMPUTE_DTYPE=self.compute_dtype)
 
     def grid(self, n_outer: int, n_inner: int, device: DeviceProperties) -> int:
         """Persistent grid: enough programs to fill every SM, never more than there are tiles."""

@@ -16,8 +16,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import fused_softmax  # noqa: E402
-from fused_softmax import _launch  # noqa: E402
-from fused_softmax.testing import poisoned_outputs  # noqa: E402
+from fused_softmax.testing import poisoned_outputs, recorded_launches  # noqa: E402
 from support import OPS  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -41,17 +40,17 @@ def _poison_outputs():
 
 
 @pytest.fixture
-def launches(monkeypatch):
-    """Counts kernel launches, so a test can prove the kernels ran."""
-    count = {"n": 0}
-    launch = _launch._launch
+def launches():
+    """Every kernel launch of the test, in order (``_launch.Launch``: kernel, arguments, plan),
+    so a test can prove the kernels ran and inspect how."""
+    with recorded_launches() as recorded:
+        yield recorded
 
-    def counted(*args, **kwargs):
-        count["n"] += 1
-        return launch(*args, **kwargs)
 
-    monkeypatch.setattr(_launch, "_launch", counted)
-    return count
+@pytest.fixture
+def plans(launches):
+    """``plans()``: the Plan of every launch of the test so far, in order."""
+    return lambda: [launch.plan for launch in launches]
 
 
 @pytest.fixture(params=["torch", "triton"])
@@ -60,9 +59,9 @@ def backend(request, launches):
     with fused_softmax.use_backend(request.param):
         yield request.param
     if request.param == "triton":
-        assert launches["n"] > 0, "the triton backend served this test without launching a kernel"
+        assert launches, "the triton backend served this test without launching a kernel"
     else:
-        assert launches["n"] == 0, "the torch backend launched a kernel"
+        assert not launches, "the torch backend launched a kernel"
 
 
 @pytest.fixture
@@ -70,4 +69,4 @@ def kernels(launches):
     """The Triton backend alone; fails the test if no kernel launched."""
     with fused_softmax.use_backend("triton"):
         yield
-    assert launches["n"] > 0, "no kernel launched"
+    assert launches, "no kernel launched"

@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 import fused_softmax
-from fused_softmax import _launch, reference
+from fused_softmax._launch import plan
 from fused_softmax.kernels import DeviceProperties
+from fused_softmax.testing import limit_block, reference
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -48,11 +49,15 @@ def assert_no_less_accurate_than_torch(actual, expected, torch_actual):
 def regime(shape, dtype, *, backward=False, max_block=None, dim=-1):
     """The regime the launch for a contiguous ``shape`` takes: 'multi_row', 'single_pass' or 'online'."""
     tensors = [torch.empty(shape, dtype=dtype) for _ in range(3 if backward else 2)]
-    with _launch.limit_block(max_block):
-        config = _launch.plan(tensors, dim % len(shape)).config
-    if config.online:
-        return "online"
-    return "multi_row" if config.rows_per_program > 1 else "single_pass"
+    with limit_block(max_block):
+        return plan(tensors, dim % len(shape), backward=backward).config.regime
+
+
+def random(shape, dtype=torch.float32, device="cpu", scale=3.0, seed=0):
+    """Normal random numbers times ``scale``, drawn in float64 from a seeded generator, then cast:
+    the same values on every device and for every dtype, up to rounding."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
 
 
 # (shape, max_block). max_block forces a short on-chip row so that tiny rows reach the online

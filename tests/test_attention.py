@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fused_softmax
-from fused_softmax import _launch, ops, reference
+from fused_softmax import ops
+from fused_softmax.testing import limit_block, reference
 from support import TOLERANCES, assert_close, assert_no_less_accurate_than_torch
 
 SHAPE = (2, 2, 3, 5)
@@ -72,7 +73,7 @@ def test_masked_softmax_matches_reference(case, backend, device):
     scores = torch.randn(SHAPE, device=device).to(dtype).requires_grad_()
     mask = masks(SHAPE, dtype, device)[mask_name]
     dy = torch.randn(SHAPE, device=device).to(dtype)
-    with _launch.limit_block(max_block):
+    with limit_block(max_block):
         y = fused_softmax.masked_softmax(scores, mask, scale=0.6, causal=causal)
         (dx,) = torch.autograd.grad(y, scores, dy)
     expected = reference.masked_softmax(scores, mask, 0.6, CAUSAL[causal])
@@ -88,17 +89,15 @@ def test_masked_softmax_matches_reference(case, backend, device):
         assert_no_less_accurate_than_torch(dx, expected_dx, torch_dx)
 
 
-def test_mask_is_read_through_broadcast_strides(device, monkeypatch):
+def test_mask_is_read_through_broadcast_strides(kernels, launches, device):
     """A [B,1,1,Lk] mask reaches the kernel as itself: zero strides, no [B,H,Lq,Lk] copy."""
     mask = torch.rand(2, 1, 1, 5, device=device) > 0.5
-    plans = []
-    forward = _launch.masked_softmax_forward
-    monkeypatch.setattr(_launch, "masked_softmax_forward", lambda x, dt, s: plans.append(s) or forward(x, dt, s))
-    with fused_softmax.use_backend("triton"):
-        fused_softmax.masked_softmax(torch.randn(SHAPE, device=device), mask)
-    (plan,) = plans
-    assert plan.mask.data_ptr() == mask.data_ptr()
-    assert plan.mask_strides == (5, 0, 0, 1) and plan.n_heads == 2 and plan.n_queries == 3
+    fused_softmax.masked_softmax(torch.randn(SHAPE, device=device), mask)
+    (launch,) = launches
+    args = launch.args
+    assert launch.plan.align == 1 and args["mask_ptr"].data_ptr() == mask.data_ptr()
+    strides = [args[f"mask_stride_{d}"] for d in ("batch", "head", "query", "key")]
+    assert strides == [5, 0, 0, 1] and args["n_heads"] == 2 and args["n_queries"] == 3
 
 
 @pytest.mark.parametrize(
@@ -161,16 +160,16 @@ def test_fused_upcast(kernels, launches, device):
     """dtype=float32 on fp16 scores: one forward launch, fp32 out; the gradient comes back in fp16."""
     scores = torch.randn(SHAPE, device=device).half().requires_grad_()
     y = fused_softmax.masked_softmax(scores, torch.rand(3, 5, device=device) > 0.3, scale=0.5, dtype=torch.float32)
-    assert y.dtype == torch.float32 and launches["n"] == 1
+    assert y.dtype == torch.float32 and len(launches) == 1
     (dx,) = torch.autograd.grad(y, scores, torch.randn_like(y))
     assert dx.dtype == torch.float16
 
 
-def test_long_rows_stream_online(kernels, device):
+def test_long_rows_stream_online(kernels, launches, device):
     """131,072 keys, past every on-chip budget: the online regime, with the causal diagonal."""
     scores = torch.randn(1, 1, 2, 131072, device=device)
-    assert _launch.plan((scores, torch.empty_like(scores)), 3).config.online
     y = fused_softmax.masked_softmax(scores, scale=0.9, causal="bottom_right")
+    assert [launch.plan.config.regime for launch in launches] == ["online"]
     assert_close(y, reference.masked_softmax(scores, None, 0.9, 131070))
 
 

@@ -26,12 +26,13 @@ import pytest
 import torch
 
 import fused_softmax
-from fused_softmax import _launch, reference
+from fused_softmax import _launch
 from fused_softmax._launch import plan
+from fused_softmax._runtime import kernels_interpreted
 from fused_softmax.kernels import H100
 from fused_softmax.kernels.heuristics import TILE_BYTES
-from fused_softmax.testing import kernel_traffic, minimum_bytes
-from support import ONE_PROGRAM, assert_close
+from fused_softmax.testing import kernel_traffic, minimum_bytes, planned_for, reference
+from support import ONE_PROGRAM, assert_close, random
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 DIRECTIONS = ["forward", "backward"]
@@ -61,21 +62,8 @@ UPCAST_RATIO = DESIGN_RATIO | {("forward", "online"): Fraction(4, 3), ("backward
 
 @pytest.fixture(autouse=True, scope="module")
 def _interpreted():
-    if not _launch.kernels_interpreted():
+    if not kernels_interpreted():
         pytest.skip("traffic is counted only under TRITON_INTERPRET=1 (CPU interpreter)")
-
-
-@pytest.fixture
-def plans(monkeypatch):
-    """The Plan of every launch, in order."""
-    seen = []
-
-    def recorded(tensors, dim, **options):
-        seen.append(plan(tensors, dim, **options))
-        return seen[-1]
-
-    monkeypatch.setattr(_launch, "plan", recorded)
-    return seen
 
 
 def on_chip(dtype, direction):
@@ -113,19 +101,8 @@ def case_id(case):
     return f"{direction}-{op}-{str(dtype).removeprefix('torch.')}-{n_cols}-{regime}"
 
 
-def regime_of(config):
-    if config.online:
-        return "online"
-    return "multi_row" if config.rows_per_program > 1 else "single_pass"
-
-
 def is_aligned(p):
     return p.align * max(t.element_size() for t in p.tensors) >= 16
-
-
-def random(shape, dtype, scale=3.0, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
 
 
 def inputs(op, shape, dtype, dim=-1):
@@ -181,14 +158,14 @@ def test_bytes_moved_equal_design(plans, case):
     """Contiguous rows at each boundary; multi-row tiles get a full tile of rows and a partial one."""
     direction, op, dtype, n_cols, regime, aligned = case
     tensors = [torch.empty(1, n_cols, dtype=dtype)] * (2 if direction == "forward" else 3)
-    config = plan(tensors, 1).config
+    config = plan(tensors, 1, backward=direction == "backward").config
     n_rows = config.rows_per_program + 3 if config.rows_per_program > 1 else 2
     x, y, dy = inputs(op, (n_rows, n_cols), dtype)
     touched, out, traffic = run(direction, op, x, y, dy, 1)
 
-    (p,) = plans
+    (p,) = plans()
     assert p.device == H100 and p.config == config
-    assert (regime_of(p.config), is_aligned(p)) == (regime, aligned), p
+    assert (p.config.regime, is_aligned(p)) == (regime, aligned), p
     assert_design_traffic(direction, regime, touched, traffic)
     assert_did_the_work(direction, op, out, x, y, dy, 1)
 
@@ -228,10 +205,10 @@ def test_strided_layouts_reach_the_kernel_uncopied(plans, direction, case, op):
     x, y, dy = (layout(name, n_cols, t) for t in inputs(op, (2, n_cols, 8), torch.float32, dim=1))
     touched, out, traffic = run(direction, op, x, y, dy, 1)
 
-    (p,) = plans
+    (p,) = plans()
     for given, seen in zip(touched[:-1], p.tensors):
         assert (seen.data_ptr(), seen.stride()) == (given.data_ptr(), given.stride())
-    assert regime_of(p.config) == regime, p
+    assert p.config.regime == regime, p
     assert_design_traffic(direction, regime, touched, traffic)
     assert_did_the_work(direction, op, out, x, y, dy, 1)
 
@@ -246,9 +223,10 @@ def test_expanded_grad_of_sum(kernels, plans, op, n_cols, backward_regime):
     with kernel_traffic() as backward:
         y.sum().backward()
 
-    assert len(plans) == 2 and regime_of(plans[0].config) == "single_pass"
-    assert plans[1].strides[1] == (0, 0, 0) and not is_aligned(plans[1])
-    assert regime_of(plans[1].config) == backward_regime
+    forward_plan, backward_plan = plans()
+    assert forward_plan.config.regime == "single_pass"
+    assert backward_plan.strides[1] == (0, 0, 0) and not is_aligned(backward_plan)
+    assert backward_plan.config.regime == backward_regime
     dy = torch.ones(()).expand_as(y)
     assert_design_traffic("forward", "single_pass", (x, y), forward)
     assert_design_traffic("backward", backward_regime, (y, dy, x.grad), backward)
@@ -267,12 +245,13 @@ def test_fused_upcast(kernels, plans, op, n_cols, regime):
     with kernel_traffic() as backward:
         y.backward(dy)
 
-    assert [[t.dtype for t in p.tensors] for p in plans] == [
+    made = plans()
+    assert [[t.dtype for t in p.tensors] for p in made] == [
         [torch.float16, torch.float32],
         [torch.float32, torch.float32, torch.float16],
     ]
-    assert plans[0].tensors[0].data_ptr() == x.data_ptr()
-    assert all(regime_of(p.config) == regime and is_aligned(p) for p in plans), plans
+    assert made[0].tensors[0].data_ptr() == x.data_ptr()
+    assert all(p.config.regime == regime and is_aligned(p) for p in made), made
     assert_design_traffic("forward", regime, (x, y), forward, UPCAST_RATIO)
     assert_design_traffic("backward", regime, (y, dy, x.grad), backward, UPCAST_RATIO)
     assert_did_the_work("forward", op, y, x, None, None, 1)
@@ -283,15 +262,16 @@ def test_fused_upcast(kernels, plans, op, n_cols, regime):
 @pytest.mark.parametrize(
     "shape, regime", [((67, 100), "multi_row"), ((3, 3000), "single_pass"), ((3, 40000), "online")]
 )
-def test_persistent_program_moves_each_row_once(monkeypatch, plans, direction, shape, regime):
+def test_persistent_program_moves_each_row_once(plans, direction, shape, regime):
     """One program (H100 configurations otherwise) strides over every tile: still no row twice."""
     x, y, dy = inputs("softmax", shape, torch.float32)
-    h100 = plan((x, y) if direction == "forward" else (y, dy, x), 1).config
-    monkeypatch.setattr(_launch, "device_properties", lambda device: ONE_PROGRAM)
-    touched, out, traffic = run(direction, "softmax", x, y, dy, 1)
+    backward = direction == "backward"
+    h100 = plan((y, dy, x) if backward else (x, y), 1, backward=backward).config
+    with planned_for(ONE_PROGRAM):
+        touched, out, traffic = run(direction, "softmax", x, y, dy, 1)
 
-    (p,) = plans
-    assert p.grid == (1,) and p.config == h100 and regime_of(h100) == regime
+    (p,) = plans()
+    assert p.grid == (1,) and p.config == h100 and h100.regime == regime
     assert shape[0] > h100.rows_per_program  # more than one tile
     assert_design_traffic(direction, regime, touched, traffic)
     assert_did_the_work(direction, "softmax", out, x, y, dy, 1)
@@ -316,7 +296,7 @@ def test_masked_softmax_reads_scores_and_mask_once_per_sweep(plans, case, n, reg
     scores, mask = random((b, h, q, n), torch.float32), make_mask(b, q, n)
     with fused_softmax.use_backend("triton"), kernel_traffic() as traffic:
         y = fused_softmax.masked_softmax(scores, mask, scale=0.5, causal=causal or False)
-    config = plans[-1].config
+    config = plans()[-1].config
     assert config.online == (regime == "online")
     offset = 0 if causal in (None, "top_left") else n - q
     tile = config.block_n
@@ -335,15 +315,15 @@ def test_row_statistics_modes_move_one_sweep(plans, n, online):
     on-chip limit), and the backward's row sums out and in, each one sweep."""
     x, y, dy = inputs("softmax", (3, n), torch.float32)
     with kernel_traffic() as stats_traffic:
-        stats = _launch.row_stats(x, 1)
+        stats = _launch.row_statistics(x, 1)
     lse = stats[:, 0] + stats[:, 1].log()
     with kernel_traffic() as forward_traffic:
-        out = _launch.softmax_forward(x, 1, x.dtype, lse=lse)
+        out = _launch.normalise_with_lse(x, 1, x.dtype, False, lse)
     with kernel_traffic() as sums_traffic:
         sums = _launch.backward_row_sums(y, dy, 1)
     with kernel_traffic() as backward_traffic:
-        dx = _launch.softmax_backward(y, dy, 1, y.dtype, row_sums=sums)
-    assert all(p.config.online == online for p in plans)
+        dx = _launch.backward_with_row_sums(y, dy, 1, y.dtype, False, sums)
+    assert all(p.config.online == online for p in plans())
     assert (stats_traffic.loaded, stats_traffic.stored) == (minimum_bytes(x), minimum_bytes(stats))
     assert (forward_traffic.loaded, forward_traffic.stored) == (minimum_bytes(x, lse), minimum_bytes(out))
     assert (sums_traffic.loaded, sums_traffic.stored) == (minimum_bytes(y, dy), minimum_bytes(sums))

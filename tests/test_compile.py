@@ -5,7 +5,8 @@ import torch
 from support import DTYPES, assert_close
 
 import fused_softmax
-from fused_softmax import _launch, ops
+from fused_softmax import ops
+from fused_softmax.testing import limit_block, reference
 
 
 def model(x):
@@ -23,25 +24,25 @@ def test_fullgraph_forward_and_backward_match_eager(device, launches, compiler, 
     with fused_softmax.use_backend(name):
         expected = model(x)
         (expected_dx,) = torch.autograd.grad(expected.sum(), x)
-        eager_launches = launches["n"]
+        eager_launches = len(launches)
         compiled = torch.compile(model, fullgraph=True, backend=compiler)
         y = compiled(x)
         (dx,) = torch.autograd.grad(y.sum(), x)
     torch.testing.assert_close(y, expected)
     torch.testing.assert_close(dx, expected_dx)
     if name == "triton":
-        assert launches["n"] == 2 * eager_launches, "the compiled graph must run the same kernels"
+        assert len(launches) == 2 * eager_launches, "the compiled graph must run the same kernels"
     else:
-        assert launches["n"] == 0
+        assert len(launches) == 0
 
 
 def test_compiled_online_regime(kernels, device):
     torch._dynamo.reset()
     x = torch.randn(3, 300, device=device, requires_grad=True)
-    with _launch.limit_block(64):
+    with limit_block(64):
         y = torch.compile(lambda t: fused_softmax.log_softmax(t, dim=1), fullgraph=True, backend="aot_eager")(x)
         y.backward(torch.ones_like(y))
-    assert_close(y, fused_softmax.reference.log_softmax(x))
+    assert_close(y, reference.log_softmax(x))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -1,7 +1,7 @@
 """Every kernel an H100 is given, compiled offline for sm_90: no register spills, and global
 accesses as wide as the host's proven alignment allows.
 
-The kernels are the ones the host launches (``fused_softmax.compiled.shipped_kernels``): for
+The kernels are the ones the host launches (``fused_softmax.machine_code.shipped_kernels``): for
 contiguous rows of every length from 1 to 4M, each dtype (and fused upcast), forward and
 backward, softmax and log-softmax, plus one layout with unit-stride rows. Uses Triton's
 bundled ptxas and cuobjdump, so it needs no GPU and skips only where that toolchain is
@@ -19,15 +19,15 @@ pytest.importorskip("triton", reason="triton is not installed: no compiler to in
 
 import triton.language as tl  # noqa: E402
 
-from fused_softmax import compiled  # noqa: E402
+from fused_softmax.bench import machine_code  # noqa: E402
 from fused_softmax.kernels import LaunchConfig  # noqa: E402
 
 try:
-    compiled.toolchain()
-except compiled.ToolchainMissing as e:
+    machine_code.toolchain()
+except machine_code.ToolchainMissing as e:
     pytest.skip(str(e), allow_module_level=True)
 
-KERNELS = compiled.shipped_kernels()
+KERNELS = machine_code.shipped_kernels()
 # One compile process per core in every test, under pytest -n too: while one xdist worker
 # finishes its last test, that test's processes take the cores the others left.
 WORKERS = os.cpu_count() or 1
@@ -46,29 +46,29 @@ def expected_bits(kernel, dtype):
     16. In the strided layout the rows, not the columns, are unit-stride: a tile's ROWS
     consecutive rows (at least a 32-byte sector) start at a multiple of ROWS elements.
     """
-    elem_bytes = compiled.ELEM_BYTES[dtype]
-    if kernel.layout == compiled.STRIDED:
+    elem_bytes = machine_code.ELEM_BYTES[dtype]
+    if kernel.layout == machine_code.STRIDED:
         run = kernel.config.rows_per_program
     else:
         run = min(kernel.config.block_n, kernel.align * (16 if kernel.cols == "%16" else 1))
-    return 8 * elem_bytes * min(compiled.VECTOR_BITS // 8 // elem_bytes, run)
+    return 8 * elem_bytes * min(machine_code.VECTOR_BITS // 8 // elem_bytes, run)
 
 
 def _row_lengths():
     """Lengths around every power of two, and others the enumeration does not try."""
     lengths = {n for k in range(23) for n in (2**k - 1, 2**k, 2**k + 1, 3 * 2**k, 5 * 2**k + 8)}
     lengths |= {1000, 1536, 4000, 11008, 32000, 50257, 100_000, 128_256, 1_000_000}
-    lengths |= set(random.Random(0).sample(range(1, compiled.MAX_COLS + 1), 64))
-    return sorted(n for n in lengths if 1 <= n <= compiled.MAX_COLS)
+    lengths |= set(random.Random(0).sample(range(1, machine_code.MAX_COLS + 1), 64))
+    return sorted(n for n in lengths if 1 <= n <= machine_code.MAX_COLS)
 
 
 def test_every_row_length_launches_a_listed_kernel():
     """Each launch, by the host's own route, is one of KERNELS, with its length in its range."""
     shipped = {k: k for k in KERNELS}
-    for backward, dtypes in compiled.VARIANTS:
+    for backward, dtypes in machine_code.VARIANTS:
         for log in (False, True):
             for n in _row_lengths():
-                kernel = compiled.kernel_for(backward, dtypes, log, n)
+                kernel = machine_code.kernel_for(backward, dtypes, log, n)
                 assert kernel in shipped, (backward, dtypes, log, n, kernel)
                 lo, hi = shipped[kernel].n_range
                 assert lo <= n <= hi, (backward, dtypes, log, n, shipped[kernel])
@@ -78,11 +78,11 @@ def test_every_variant_and_class_is_listed():
     """The list holds each dtype variant, softmax and log-softmax, each alignment a contiguous
     row can have, and the strided layout."""
     found = {(k.backward, k.dtypes, k.log, k.layout) for k in KERNELS}
-    for backward, dtypes in compiled.VARIANTS:
+    for backward, dtypes in machine_code.VARIANTS:
         for log in (False, True):
-            for layout in ("last dim", compiled.STRIDED):
+            for layout in ("last dim", machine_code.STRIDED):
                 assert (backward, dtypes, log, layout) in found
-            vector = compiled.VECTOR_BITS // 8 // max(compiled.ELEM_BYTES[d] for d in dtypes)
+            vector = machine_code.VECTOR_BITS // 8 // max(machine_code.ELEM_BYTES[d] for d in dtypes)
             aligns = {
                 (k.align, k.cols)
                 for k in KERNELS
@@ -95,22 +95,22 @@ def test_aligned_rows_are_expected_at_128_bits_and_odd_rows_element_wide():
     """What the width check demands, in the terms of the host: rows of a length divisible by 16,
     or by a 16-byte vector, get ALIGN = a vector and 128-bit accesses to their widest tensors;
     odd rows get ALIGN 1 and accesses one element wide."""
-    for backward, dtypes in compiled.VARIANTS:
-        widest = max(dtypes, key=compiled.ELEM_BYTES.get)
-        vector = compiled.VECTOR_BITS // 8 // compiled.ELEM_BYTES[widest]
+    for backward, dtypes in machine_code.VARIANTS:
+        widest = max(dtypes, key=machine_code.ELEM_BYTES.get)
+        vector = machine_code.VECTOR_BITS // 8 // machine_code.ELEM_BYTES[widest]
         for n in (16, 48, 1024, 4000, 65536, vector, 3 * vector, 1000 * vector):
-            kernel = compiled.kernel_for(backward, dtypes, False, n)
+            kernel = machine_code.kernel_for(backward, dtypes, False, n)
             assert kernel.align == vector and expected_bits(kernel, widest) == 128, (dtypes, n, kernel)
         for n in (1, 3, 1001, 65537):
-            kernel = compiled.kernel_for(backward, dtypes, False, n)
+            kernel = machine_code.kernel_for(backward, dtypes, False, n)
             assert kernel.align == 1, (dtypes, n, kernel)
-            assert all(expected_bits(kernel, d) == 8 * compiled.ELEM_BYTES[d] for d in dtypes), (n, kernel)
+            assert all(expected_bits(kernel, d) == 8 * machine_code.ELEM_BYTES[d] for d in dtypes), (n, kernel)
 
 
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
 @pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
 def test_no_spills_and_widest_accesses(backward, log):
-    records = compiled.compile_all([k for k in KERNELS if k.plain and (k.backward, k.log) == (backward, log)], WORKERS)
+    records = machine_code.compile_all([k for k in KERNELS if k.plain and (k.backward, k.log) == (backward, log)], WORKERS)
     spilled = [r for r in records if r.spills]
     narrow = [
         r
@@ -119,29 +119,29 @@ def test_no_spills_and_widest_accesses(backward, log):
         or set(r.stores) != {expected_bits(r.kernel, r.kernel.dtypes[-1])}
     ]
     assert not spilled and not narrow, (
-        f"\nKernels that spill:\n{compiled.format_table(spilled) if spilled else 'none'}"
+        f"\nKernels that spill:\n{machine_code.format_table(spilled) if spilled else 'none'}"
         f"\nKernels whose global accesses are not all of the expected width:\n"
-        f"{compiled.format_table(narrow) if narrow else 'none'}"
+        f"{machine_code.format_table(narrow) if narrow else 'none'}"
     )
 
 
 def test_attention_and_row_statistics_kernels():
     """No spills, and 128-bit loads (its rows are 16-byte aligned) and stores of the output; the
     row-statistics kernels without an output store one value per row."""
-    records = compiled.compile_all([k for k in KERNELS if not k.plain], WORKERS)
+    records = machine_code.compile_all([k for k in KERNELS if not k.plain], WORKERS)
     assert len(records) > 100
     spilled = [r for r in records if r.spills]
     narrow = [r for r in records if max(r.loads) != 128 or (r.kernel.layout.endswith("out") != (max(r.stores) < 128))]
     assert not spilled and not narrow, (
-        f"\nKernels that spill:\n{compiled.format_table(spilled) if spilled else 'none'}"
-        f"\nKernels with narrow accesses:\n{compiled.format_table(narrow) if narrow else 'none'}"
+        f"\nKernels that spill:\n{machine_code.format_table(spilled) if spilled else 'none'}"
+        f"\nKernels with narrow accesses:\n{machine_code.format_table(narrow) if narrow else 'none'}"
     )
 
 
 def test_a_spilling_kernel_is_caught():
     """The check above is only as good as its reading of the cubin: 256 fp32 values a thread must spill."""
-    kernel = compiled.kernel_for(False, ("fp32", "fp32"), False, 32768)
+    kernel = machine_code.kernel_for(False, ("fp32", "fp32"), False, 32768)
     config = LaunchConfig(block_n=32768, rows_per_program=1, num_warps=4, online=False, compute_dtype=tl.float32)
-    record = compiled.compile_kernel(dataclasses.replace(kernel, config=config))
+    record = machine_code.compile_kernel(dataclasses.replace(kernel, config=config))
     assert record.spills and record.spill_store_bytes > 0 and record.spill_load_bytes > 0, record
     assert record.registers == 255 and record.loads == {128: 64}, record

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from support import assert_close
 
 import fused_softmax
-from fused_softmax import reference
+from fused_softmax.testing import reference
 
 pytestmark = [
     pytest.mark.cuda,

@@ -9,17 +9,12 @@ its traceback; the parent re-raises that. Every wait is bounded: init and collec
 process group's timeout, the children by a deadline after which they are killed.
 """
 
-import contextlib
-import datetime
 import functools
 import itertools
-import multiprocessing
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 import traceback
 from pathlib import Path
 
@@ -33,24 +28,17 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from support import assert_close  # noqa: E402
-from test_kernels import assert_no_less_accurate_than_torch  # noqa: E402
+from process_group import DEADLINE_S, spawn  # noqa: E402
+from support import assert_close, assert_no_less_accurate_than_torch, random  # noqa: E402
 
 import fused_softmax  # noqa: E402
-from fused_softmax import _launch, distributed  # noqa: E402
-from fused_softmax.testing import poisoned_outputs  # noqa: E402
+from fused_softmax import distributed  # noqa: E402
+from fused_softmax.testing import poisoned_outputs, recorded_launches  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Shard widths along the sharded dim, one tuple per layout: uneven with an empty shard (the first
 # of each world size), and even (the default vocab_start of cross_entropy).
 WIDTHS = {2: [(7, 0), (4, 4)], 4: [(3, 0, 5, 2)]}
-PROCESS_GROUP_TIMEOUT = datetime.timedelta(seconds=60)
-DEADLINE_S = 300
-
-
-def random(shape, dtype, seed, scale=3.0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(device=DEVICE, dtype=dtype)
 
 
 def shard(full, dim, widths, rank):
@@ -71,12 +59,12 @@ def assert_matches(actual, expected, torch_actual):
 def check_softmax(rank, log, dtype, widths, layout):
     """Forward and backward on this rank's shard against torch on the whole tensor. Row 0 is −inf
     everywhere (NaN, as torch); row 1 is −inf on the first shard only (it adds nothing)."""
-    base = random((6, sum(widths)), dtype, seed=0)
+    base = random((6, sum(widths)), dtype, DEVICE, seed=0)
     base[0] = float("-inf")
     base[1, : widths[0]] = float("-inf")
     # 'middle': the sharded dim between two others, strided (a transposed view).
     x, dim = (base, -1) if layout == "last" else (base.reshape(2, 3, -1).transpose(1, 2), 1)
-    dy = random(x.shape, dtype, seed=1, scale=1.0)
+    dy = random(x.shape, dtype, DEVICE, seed=1, scale=1.0)
     name = "log_softmax" if log else "softmax"
 
     x_local = shard(x, dim, widths, rank).detach().requires_grad_()
@@ -98,13 +86,13 @@ def check_softmax(rank, log, dtype, widths, layout):
 def check_cross_entropy(rank, dtype, widths, reduction, label_smoothing, ignore_index):
     """Loss (the same on every rank) and logit gradients against F.cross_entropy on the whole logits."""
     n, classes = 6, sum(widths)
-    logits = random((n, classes), dtype, seed=2)
+    logits = random((n, classes), dtype, DEVICE, seed=2)
     target = torch.randint(classes, (n,), generator=torch.Generator().manual_seed(3)).to(DEVICE)
     target[1] = ignore_index
     if not label_smoothing:  # masked classes: −inf logits on the first shard, off the target (smoothing makes it inf)
         columns = torch.arange(classes, device=DEVICE)
         logits[2, (columns < widths[0]) & (columns != target[2])] = float("-inf")
-    grad = random((n,) if reduction == "none" else (), dtype, seed=4, scale=1.0)
+    grad = random((n,) if reduction == "none" else (), dtype, DEVICE, seed=4, scale=1.0)
     options = {"ignore_index": ignore_index, "reduction": reduction, "label_smoothing": label_smoothing}
 
     local = shard(logits, 1, widths, rank).detach().requires_grad_()
@@ -125,7 +113,7 @@ def check_cross_entropy(rank, dtype, widths, reduction, label_smoothing, ignore_
 def check_errors(rank, widths):
     """Clear errors, raised on every rank alike (so none is left waiting in a collective)."""
     classes = sum(widths)
-    logits = shard(random((3, classes), torch.float32, seed=5), 1, widths, rank)
+    logits = shard(random((3, classes), torch.float32, DEVICE, seed=5), 1, widths, rank)
     start = sum(widths[:rank])
     with pytest.raises(IndexError, match=f"Target {classes} is out of bounds"):
         distributed.cross_entropy(logits, torch.tensor([0, classes, 1], device=DEVICE), vocab_start=start)
@@ -173,7 +161,7 @@ def check_gradcheck(rank, widths):
     Fast mode (a random projection of the Jacobian) keeps the interpreter's launches few; the
     same seed on every rank draws the same projection."""
     classes, start = sum(widths), sum(widths[:rank])
-    x = random((2, classes), torch.float64, seed=6).requires_grad_()
+    x = random((2, classes), torch.float64, DEVICE, seed=6).requires_grad_()
     target = torch.tensor([classes - 1, -100], device=DEVICE)
 
     def local(full):
@@ -220,98 +208,18 @@ def cases(world_size):
     yield "gradcheck", "triton", functools.partial(check_gradcheck, widths=uneven)
 
 
-def count_launches():
-    """Counts kernel launches in this process, so each case can prove which backend served it."""
-    count = {"n": 0}
-    launch = _launch._launch
-
-    def counted(*args, **kwargs):
-        count["n"] += 1
-        return launch(*args, **kwargs)
-
-    _launch._launch = counted
-    return count
-
-
 def run_cases(rank, world_size):
     """Every case, each failure recorded with its traceback so that the collectives stay in step."""
-    launches, failures = count_launches(), []
+    failures = []
     for name, backend, check in cases(world_size):
-        before = launches["n"]
         try:
-            with poisoned_outputs(), fused_softmax.use_backend(backend):
+            with poisoned_outputs(), fused_softmax.use_backend(backend), recorded_launches() as launches:
                 local_elements = check(rank)
-            launched = launches["n"] - before
+            launched = len(launches)
             assert launched > 0 if backend == "triton" and local_elements else launched == 0, (backend, launched)
         except (AssertionError, pytest.fail.Exception):
             failures.append(f"--- {name}\n{traceback.format_exc()}")
     assert not failures, f"{len(failures)} cases failed\n" + "\n".join(failures)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def reported(report_dir, rank):
-    """Writes a failure's traceback to ``report_dir``, stamped with the time, for the parent."""
-    try:
-        yield
-    except BaseException:
-        (report_dir / f"rank {rank}").write_text(f"{time.time()}\n{traceback.format_exc()}")
-        raise
-
-
-def run_child(fn, rank, world_size, port, report_dir):
-    """A child: fn(rank, world_size) in a gloo process group. A failure is reported before the
-    group goes, since its peers fail then too."""
-    torch.set_num_threads(1)  # up to 4 ranks share the cores: spare them idle intra-op threads
-    with reported(report_dir, rank):
-        dist.init_process_group(
-            "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=world_size,
-            timeout=PROCESS_GROUP_TIMEOUT,
-        )
-    try:
-        with reported(report_dir, rank):
-            fn(rank, world_size)
-    finally:
-        dist.destroy_process_group()
-
-
-def spawn(fn, world_size, report_dir):
-    """Runs fn(rank, world_size) on ``world_size`` processes and fails with every failed rank's
-    traceback, earliest first: the rest usually follow from it (a peer gone). Children still
-    running at the deadline are killed."""
-    context = multiprocessing.get_context("spawn")
-    port = free_port()
-    processes = [
-        context.Process(target=run_child, args=(fn, rank, world_size, port, report_dir)) for rank in range(world_size)
-    ]
-    for process in processes:
-        process.start()
-    deadline = time.monotonic() + DEADLINE_S
-    try:
-        for process in processes:
-            process.join(max(deadline - time.monotonic(), 0.0))
-    finally:
-        hung = [rank for rank, process in enumerate(processes) if process.is_alive()]
-        for process in processes:
-            if process.is_alive():
-                process.kill()
-            process.join()
-    reports = []
-    for path in report_dir.iterdir():
-        stamp, trace = path.read_text().split("\n", 1)
-        reports.append((float(stamp), path.name, trace))
-    failures = "".join(f"\n--- {rank}:\n{trace}" for _, rank, trace in sorted(reports))
-    assert not hung, f"ranks {hung} still running after {DEADLINE_S} s, killed{failures}"
-    assert not failures, failures
-    assert all(process.exitcode == 0 for process in processes), [process.exitcode for process in processes]
 
 
 @pytest.mark.parametrize("world_size", [2, 4])

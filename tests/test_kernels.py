@@ -10,16 +10,13 @@ from support import (
     assert_close,
     assert_no_less_accurate_than_torch,
     case_id,
+    random,
     regime,
 )
 
 import fused_softmax
-from fused_softmax import _launch, reference
-
-
-def random(shape, dtype, device, scale=3.0, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+from fused_softmax import _launch
+from fused_softmax.testing import limit_block, planned_for, reference
 
 
 def test_cases_reach_every_regime():
@@ -34,7 +31,7 @@ def test_cases_reach_every_regime():
 def test_forward(kernels, device, op, dtype, case):
     shape, max_block = case
     x = random(shape, dtype, device)
-    with _launch.limit_block(max_block):
+    with limit_block(max_block):
         y = op.fused(x, dim=-1)
     assert y.dtype == dtype and y.shape == x.shape
     assert_close(y, op.reference(x))
@@ -47,7 +44,7 @@ def test_backward(kernels, device, op, dtype, case):
     shape, max_block = case
     x = random(shape, dtype, device).requires_grad_()
     dy = random(shape, dtype, device, scale=1.0, seed=1)
-    with _launch.limit_block(max_block):
+    with limit_block(max_block):
         (dx,) = torch.autograd.grad(op.fused(x, dim=-1), x, dy)
     (torch_dx,) = torch.autograd.grad(op.torch(x, dim=-1), x, dy)
     assert dx.dtype == dtype
@@ -59,11 +56,10 @@ def test_backward(kernels, device, op, dtype, case):
 
 @pytest.mark.parametrize("max_block", [None, 16], ids=["on_chip", "online"])
 @pytest.mark.parametrize("dim", [0, 1])
-def test_persistent_programs_cover_every_tile(kernels, device, monkeypatch, op, max_block, dim):
-    monkeypatch.setattr(_launch, "device_properties", lambda device: ONE_PROGRAM)
+def test_persistent_programs_cover_every_tile(kernels, device, op, max_block, dim):
     x = random((41, 24), torch.float32, device).requires_grad_()
     dy = random((41, 24), torch.float32, device, seed=1)
-    with _launch.limit_block(max_block):
+    with planned_for(ONE_PROGRAM), limit_block(max_block):
         y = op.fused(x, dim=dim)
         (dx,) = torch.autograd.grad(y, x, dy)
     assert_close(y, op.reference(x, axis=dim))
@@ -85,7 +81,7 @@ def test_special_values(kernels, device, op, max_block):
         ],
         device=device,
     )
-    with _launch.limit_block(max_block):
+    with limit_block(max_block):
         y = op.fused(x, dim=-1)
     torch.testing.assert_close(y, op.torch(x, dim=-1), equal_nan=True)
     assert torch.isnan(y[[0, 3, 4]]).all()
@@ -99,7 +95,7 @@ def test_gradient_of_masked_rows(kernels, device, op, max_block):
     inf = float("inf")
     x = torch.tensor([[-inf] * 12, [0.5, -inf, 2.0, -inf] * 3], device=device, requires_grad=True)
     dy = random((2, 12), torch.float32, device)
-    with _launch.limit_block(max_block):
+    with limit_block(max_block):
         (dx,) = torch.autograd.grad(op.fused(x, dim=-1), x, dy)
     (expected,) = torch.autograd.grad(op.torch(x, dim=-1), x, dy)
     torch.testing.assert_close(dx, expected, equal_nan=True)
@@ -112,7 +108,7 @@ def test_gradient_of_masked_rows(kernels, device, op, max_block):
 def test_gradcheck_through_kernels(kernels, device, op, max_block, dim):
     """fp64 first and second derivatives, computed by the kernels themselves."""
     x = random((3, 7), torch.float64, device).requires_grad_()
-    with _launch.limit_block(max_block):
+    with limit_block(max_block):
         assert torch.autograd.gradcheck(lambda t: op.fused(t, dim=dim), (x,))
         assert torch.autograd.gradgradcheck(lambda t: op.fused(t, dim=dim), (x,))
 
@@ -162,12 +158,12 @@ def test_row_statistics_and_normalising_with_them(kernels, device, op, max_block
     log = op.name == "log_softmax"
     y = torch.as_tensor(op.reference(x)).float().to(device)
     dy = random((4, 10), torch.float32, device, seed=1)
-    with _launch.limit_block(max_block):
-        stats = _launch.row_stats(x, 1)
+    with limit_block(max_block):
+        stats = _launch.row_statistics(x, 1)
         lse = stats[:, 0] + stats[:, 1].log()
-        out = _launch.softmax_forward(x, 1, x.dtype, log, lse=lse)
+        out = _launch.normalise_with_lse(x, 1, x.dtype, log, lse)
         sums = _launch.backward_row_sums(y, dy, 1, log)
-        dx = _launch.softmax_backward(y, dy, 1, y.dtype, log, row_sums=sums)
+        dx = _launch.backward_with_row_sums(y, dy, 1, y.dtype, log, sums)
     row_max = x.amax(1)
     torch.testing.assert_close(stats[:, 0], row_max)
     expected_sum = (x - row_max.nan_to_num(neginf=0.0)[:, None]).exp().sum(1)

@@ -7,14 +7,9 @@ a stride-0 gradient read out of bounds (FlagGems PR 6087), misaligned grad_outpu
 
 import pytest
 import torch
-from support import assert_close
+from support import assert_close, random
 
 import fused_softmax
-from fused_softmax import _launch
-
-
-def randn(*shape, device, dtype=torch.float32, seed=0):
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype).to(device)
 
 
 def same_memory(a, b):
@@ -22,24 +17,10 @@ def same_memory(a, b):
     return a.data_ptr() == b.data_ptr() and a.stride() == b.stride() and a.dtype == b.dtype
 
 
-@pytest.fixture
-def plans(monkeypatch):
-    """Every launch plan made, in order: what the kernels actually receive."""
-    made = []
-    plan = _launch.plan
-
-    def recorded(tensors, dim, **options):
-        made.append(plan(tensors, dim, **options))
-        return made[-1]
-
-    monkeypatch.setattr(_launch, "plan", recorded)
-    return made
-
-
 def layouts(device):
     """name -> (tensor, the dims whose softmax needs a copy: more than two strided runs besides ``dim``)."""
-    base = randn(6, 9, 10, 8, device=device)
-    flat = randn(9 * 31 + 1, device=device)
+    base = random((6, 9, 10, 8), device=device, scale=1.0)
+    flat = random((9 * 31 + 1,), device=device, scale=1.0)
     return {
         "contiguous": (base, set()),
         "transposed": (base[0, 0].t(), set()),
@@ -55,37 +36,37 @@ def layouts(device):
 
 
 @pytest.mark.parametrize("layout", list(layouts("cpu")))
-def test_layouts_reach_the_kernel_uncopied(kernels, device, plans, op, layout):
+def test_layouts_reach_the_kernel_uncopied(kernels, device, launches, plans, op, layout):
     x, copied = layouts(device)[layout]
     x.requires_grad_()
     for dim in range(x.dim()):
-        plans.clear()
-        dy = randn(*x.shape, device=device, seed=dim + 1)
+        launches.clear()
+        dy = random(x.shape, device=device, seed=dim + 1, scale=1.0)
         y = op.fused(x, dim=dim)
         (dx,) = torch.autograd.grad(y, x, dy)
         assert_close(y, op.reference(x, axis=dim))
         assert_close(dx, op.reference_backward(op.reference(x, axis=dim), dy, axis=dim))
-        forward, backward = plans
+        forward, backward = plans()
         assert same_memory(forward.tensors[0], x) == (dim not in copied), f"dim {dim}"
         assert same_memory(backward.tensors[0], y) and same_memory(backward.tensors[1], dy)
 
 
 @pytest.mark.parametrize("kind", ["sum", "expand", "transposed", "misaligned"])
 def test_grad_outputs_reach_the_kernel_uncopied(kernels, device, plans, op, kind):
-    x = randn(7, 12, device=device, dtype=torch.float64).requires_grad_()
+    x = random((7, 12), torch.float64, device=device, scale=1.0).requires_grad_()
     y = op.fused(x, dim=1)
     if kind == "sum":
         y.sum().backward()
         dy = torch.ones_like(y)
     else:
         dy = {
-            "expand": randn(1, 12, device=device, dtype=torch.float64).expand(7, 12),
-            "transposed": randn(12, 7, device=device, dtype=torch.float64).t(),
-            "misaligned": randn(85, device=device, dtype=torch.float64)[1:].view(7, 12),
+            "expand": random((1, 12), torch.float64, device=device, scale=1.0).expand(7, 12),
+            "transposed": random((12, 7), torch.float64, device=device, scale=1.0).t(),
+            "misaligned": random((85,), torch.float64, device=device, scale=1.0)[1:].view(7, 12),
         }[kind]
         y.backward(dy)
     assert_close(x.grad, op.reference_backward(op.reference(x), dy))
-    _, backward = plans
+    _, backward = plans()
     received = backward.tensors[1]
     assert received.dtype == torch.float64
     if kind in ("sum", "expand"):
@@ -97,10 +78,10 @@ def test_grad_outputs_reach_the_kernel_uncopied(kernels, device, plans, op, kind
 @pytest.mark.parametrize("in_dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_dtype_upcast_is_fused(kernels, device, plans, op, in_dtype):
     """fp16/bf16 in, fp32 out, in one kernel reading the half-precision input; the gradient in fp16/bf16."""
-    x = randn(6, 50, device=device, dtype=in_dtype).requires_grad_()
+    x = random((6, 50), in_dtype, device=device, scale=1.0).requires_grad_()
     y = op.fused(x, dim=1, dtype=torch.float32)
-    (dx,) = torch.autograd.grad(y, x, randn(6, 50, device=device))
-    forward, backward = plans
+    (dx,) = torch.autograd.grad(y, x, random((6, 50), device=device, scale=1.0))
+    forward, backward = plans()
     assert same_memory(forward.tensors[0], x) and forward.tensors[1].dtype == torch.float32
     assert backward.tensors[2].dtype == in_dtype and dx.dtype == in_dtype
     assert_close(y, op.reference(x))
@@ -113,9 +94,9 @@ def test_dtype_upcast_is_fused(kernels, device, plans, op, in_dtype):
 )
 def test_torch_test_nn_shapes(device, op, shape, dim, shift):
     """The shapes PyTorch's test_nn runs, on both backends, with a view that starts one element in."""
-    storage = randn(shape[0] * shape[1] + shift, device=device, seed=sum(shape))
+    storage = random((shape[0] * shape[1] + shift,), device=device, seed=sum(shape), scale=1.0)
     x = storage[shift:].view(shape).requires_grad_()
-    dy = randn(*shape, device=device, seed=1)
+    dy = random(shape, device=device, seed=1, scale=1.0)
     for name in ("torch", "triton"):
         with fused_softmax.use_backend(name):
             y = op.fused(x, dim=dim)
@@ -132,6 +113,6 @@ def test_modules_are_drop_ins(device, op, name):
     }[op.name]
     assert isinstance(ours, type(theirs)) and repr(ours) == repr(theirs)
     assert ours.state_dict() == theirs.state_dict()
-    x = randn(4, 6, 5, device=device)
+    x = random((4, 6, 5), device=device, scale=1.0)
     with fused_softmax.use_backend(name):
         assert_close(ours(x), op.reference(x, axis=1))

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from fused_softmax import multihead_attention
+from support import random
 from fused_softmax.multihead_attention import MultiheadAttention
 
 EMBED, HEADS, BATCH, N_QUERIES, N_KEYS = 8, 2, 2, 5, 4  # L != S, so a transposed mask or score shows
@@ -23,9 +24,6 @@ def modules(device, dtype=torch.float64, **options):
     return reference, ours
 
 
-def randn(*shape, device, dtype=torch.float64, seed=0):
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype).to(device)
-
 
 def sequences(device, dtype=torch.float64, options=None, *, batched=True):
     """query, key, value of distinct random values, laid out as a module with ``options`` expects."""
@@ -33,9 +31,9 @@ def sequences(device, dtype=torch.float64, options=None, *, batched=True):
 
     def layout(length, features, seed):
         if not batched:
-            return randn(length, features, device=device, dtype=dtype, seed=seed)
+            return random((length, features), dtype, device=device, seed=seed, scale=1.0)
         shape = (BATCH, length, features) if options.get("batch_first") else (length, BATCH, features)
-        return randn(*shape, device=device, dtype=dtype, seed=seed)
+        return random(shape, dtype, device=device, seed=seed, scale=1.0)
 
     kdim, vdim = options.get("kdim", EMBED), options.get("vdim", EMBED)
     return layout(N_QUERIES, EMBED, 1), layout(N_KEYS, kdim, 2), layout(N_KEYS, vdim, 3)
@@ -143,7 +141,7 @@ def test_options_match_torch(backend, device, options, dtype):
 
 @pytest.mark.parametrize("batch_first", [False, True])
 def test_self_attention_matches_torch(backend, device, batch_first):
-    x = randn(*((BATCH, N_QUERIES, EMBED) if batch_first else (N_QUERIES, BATCH, EMBED)), device=device)
+    x = random((BATCH, N_QUERIES, EMBED) if batch_first else (N_QUERIES, BATCH, EMBED), torch.float64, device=device, scale=1.0)
     compare(device, options={"batch_first": batch_first}, query=x, key=x, value=x)
 
 
@@ -246,7 +244,7 @@ def test_fully_masked_rows_give_zeros(backend, device, need_weights, padding_kin
     query, key, value = sequences(device)
     padding = torch.tensor([[False] * N_KEYS, [True] * N_KEYS], device=device)
     if padding_kind == "float":
-        padding = randn(BATCH, N_KEYS, device=device, seed=8).masked_fill(padding, -INF)
+        padding = random((BATCH, N_KEYS), torch.float64, device=device, seed=8, scale=1.0).masked_fill(padding, -INF)
     hidden = torch.zeros(N_QUERIES, N_KEYS, dtype=torch.bool, device=device)
     hidden[0] = True
     arguments = dict(query=query, key=key, value=value, key_padding_mask=padding, attn_mask=hidden,
@@ -324,7 +322,7 @@ def bad_calls(device):
     q6, k6, v3 = sequences(device, options={"kdim": 6, "vdim": 3})
     mask = lambda *shape, dtype=torch.bool: torch.zeros(shape, dtype=dtype, device=device)  # noqa: E731
     return {
-        "query_features": ({}, dict(query=randn(N_QUERIES, BATCH, EMBED + 1, device=device), key=key, value=value)),
+        "query_features": ({}, dict(query=random((N_QUERIES, BATCH, EMBED + 1), torch.float64, device=device, scale=1.0), key=key, value=value)),
         "key_value_lengths": ({}, dict(query=query, key=key, value=value[:-1])),
         "packed_key_features": ({}, dict(query=query, key=k6, value=k6)),
         "separate_key_features": ({"kdim": 6, "vdim": 3}, dict(query=q6, key=value, value=v3)),

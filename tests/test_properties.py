@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 from support import DTYPES, assert_close
 
 import fused_softmax
-from fused_softmax import _launch, reference
+from fused_softmax.testing import limit_block, reference
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -33,7 +33,7 @@ def inputs(draw):
 def test_random_inputs_match_reference(kernels, device, op, case):
     x, dim, out_dtype, max_block = case
     x = x.to(device)
-    with _launch.limit_block(max_block):
+    with limit_block(max_block):
         y = op.fused(x, dim=dim, dtype=out_dtype)
     assert y.dtype == (out_dtype or x.dtype) and y.is_contiguous()
     assert_close(y, op.reference(x.to(y.dtype), axis=dim))
@@ -45,7 +45,7 @@ def test_rows_sum_to_one_under_large_shifts(kernels, device, case, shift):
     """softmax rows sum to one and match the reference however far the inputs are shifted."""
     x, dim, _, max_block = case
     shifted = x.to(device=device, dtype=torch.float32) + shift
-    with _launch.limit_block(max_block):
+    with limit_block(max_block):
         y = fused_softmax.softmax(shifted, dim=dim)
     torch.testing.assert_close(y.sum(dim), torch.ones_like(y.sum(dim)))
     assert_close(y, reference.softmax(shifted, axis=dim))

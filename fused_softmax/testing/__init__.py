@@ -1,26 +1,53 @@
-"""Helpers for tests and reports: poisoned outputs and memory traffic counted under the interpreter."""
+"""The testing seam: helpers for tests and for the tools that inspect the kernels.
+
+Each helper is a context manager over ``_launch.overridden``, for the calls inside its block:
+
+- ``poisoned_outputs()``: every kernel output NaN-filled before the kernel writes it;
+- ``limit_block(n)``: rows longer than ``n`` take the online regime (tiny rows reach it);
+- ``planned_for(device)``: launches planned for another device's properties;
+- ``recorded_launches(run=True)``: the list of every ``Launch`` (kernel, keyword arguments,
+  plan), in order; with ``run=False`` the kernels are planned and recorded, not run;
+- ``kernel_traffic()``: bytes loaded and stored by kernels run under Triton's interpreter.
+
+``reference`` holds the NumPy float64 references, the tests' truth.
+"""
 
 import contextlib
 import dataclasses
 
 import numpy as np
 
-from . import _launch
+from .. import _launch
+from . import reference
 
 
 @contextlib.contextmanager
 def poisoned_outputs():
     """Fill every kernel output with NaN before the kernel writes it, so a missed element shows."""
-    allocate = _launch.empty
-
-    def poisoned(shape, dtype, device):
-        return allocate(shape, dtype, device).fill_(float("nan"))
-
-    _launch.empty = poisoned
-    try:
+    with _launch.overridden(poison=True):
         yield
-    finally:
-        _launch.empty = allocate
+
+
+@contextlib.contextmanager
+def limit_block(max_block):
+    """Cap the row length kept on chip (a power of two, or None for no cap)."""
+    with _launch.overridden(max_block=max_block):
+        yield
+
+
+@contextlib.contextmanager
+def planned_for(device):
+    """Plan every launch for ``device`` (a ``kernels.DeviceProperties``): its grid and configuration."""
+    with _launch.overridden(device=device):
+        yield
+
+
+@contextlib.contextmanager
+def recorded_launches(run=True):
+    """The ``_launch.Launch`` of every launch inside the block, appended as they are made."""
+    launches = []
+    with _launch.overridden(observe=launches.append, **({} if run else {"run": False})):
+        yield launches
 
 
 @dataclasses.dataclass
@@ -71,4 +98,13 @@ def minimum_bytes(*tensors):
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-__all__ = ["Traffic", "kernel_traffic", "minimum_bytes", "poisoned_outputs"]
+__all__ = [
+    "Traffic",
+    "kernel_traffic",
+    "limit_block",
+    "minimum_bytes",
+    "planned_for",
+    "poisoned_outputs",
+    "recorded_launches",
+    "reference",
+]

@@ -1,16 +1,15 @@
-#!/usr/bin/env python
 """What ptxas makes of every kernel an H100 is given, as markdown: registers, spills, shared
 memory and the width of every global load and store in the SASS.
 
 Compiled offline for sm_90 with Triton's bundled ptxas and read with its cuobjdump and
-nvdisasm (``fused_softmax.compiled``), so no GPU is needed. The kernels are those the host
+nvdisasm (``machine_code``), so no GPU is needed. The kernels are those the host
 launches for contiguous rows of 1 to 4M elements (every dtype, fused upcast, pass, softmax and
 log-softmax, alignment class), for one strided layout, and the attention and row-statistics
 kernels at a few row lengths. A summary comes first, then the
 kernels that spill, then one row per kernel.
 
-    python benchmarks/sass_report.py
-    python benchmarks/sass_report.py --out benchmarks/results/sass_report.md
+    python -m fused_softmax.bench.machine_code_report
+    python -m fused_softmax.bench.machine_code_report --out benchmarks/results/machine_code.md
 """
 
 import argparse
@@ -20,7 +19,7 @@ from collections import Counter
 
 import triton
 
-from fused_softmax import compiled
+from . import machine_code
 
 LEGEND = """\
 N range: the row lengths that launch this kernel (those of its ALIGN and N/ALIGN class);
@@ -37,8 +36,8 @@ def _width_summary(records):
     rows = Counter()
     for r in records:
         k = r.kernel
-        vector = compiled.VECTOR_BITS // 8 // max(compiled.ELEM_BYTES[d] for d in k.dtypes)
-        if not k.plain or k.layout == compiled.STRIDED:
+        vector = machine_code.VECTOR_BITS // 8 // max(machine_code.ELEM_BYTES.get(d, 1) for d in k.dtypes)
+        if not k.plain or k.layout == machine_code.STRIDED:
             kind = k.layout
         elif k.align == vector:
             kind = "16-byte aligned rows (ALIGN = vector)"
@@ -53,9 +52,9 @@ def _width_summary(records):
 
 
 def report(workers=None):
-    ptxas, _, _ = compiled.toolchain()
+    ptxas, _, _ = machine_code.toolchain()
     start = time.perf_counter()
-    records = compiled.compile_all(workers=workers)
+    records = machine_code.compile_all(workers=workers)
     seconds = time.perf_counter() - start
     spilled = [r for r in records if r.spills]
     top = max(records, key=lambda r: r.registers)
@@ -66,8 +65,8 @@ def report(workers=None):
         f" {len(spilled)} with spills. Most registers: {top.registers} per thread; most shared memory:"
         f" {smem.shared_bytes} B.\n\n"
         f"## Access widths\n\n{_width_summary(records)}\n"
-        f"## Kernels that spill\n\n{compiled.format_table(spilled) if spilled else 'None.'}\n"
-        f"## Every kernel\n\n{LEGEND}\n{compiled.format_table(records)}"
+        f"## Kernels that spill\n\n{machine_code.format_table(spilled) if spilled else 'None.'}\n"
+        f"## Every kernel\n\n{LEGEND}\n{machine_code.format_table(records)}"
     )
 
 

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Bytes each softmax kernel moves per launch, against the least possible, as a markdown table.
 
 Counts the global-memory loads and stores of the active lanes of every kernel memory op,
@@ -12,27 +11,23 @@ per sweep and y written once (forward), y and dy read once per sweep and dx writ
 backward; with dtype= fusing fp16 x into fp32 y (dx back in fp16), 4/3 and 9/5 online.
 Alignment is the proven alignment of the rows; unaligned rows keep half as much on chip.
 
-    python benchmarks/bytes_moved.py                     # boundary lengths, all dtypes, both ops
-    python benchmarks/bytes_moved.py --n 3000 70000 --dtype float32 --kernel forward --op log_softmax
-    python benchmarks/bytes_moved.py --check --out benchmarks/results/bytes_moved.md
+    python -m fused_softmax.bench.traffic                # boundary lengths, all dtypes, both ops
+    python -m fused_softmax.bench.traffic --n 3000 70000 --dtype float32 --kernel forward --op log_softmax
+    python -m fused_softmax.bench.traffic --check --out benchmarks/results/bytes_moved.md
 """
 
+import argparse
 import os
+import sys
+import time
+import warnings
+from fractions import Fraction
 
-# The interpreter is chosen when the kernels are decorated, so before they are imported.
-os.environ["TRITON_INTERPRET"] = "1"
+import torch
 
-import argparse  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-import warnings  # noqa: E402
-from fractions import Fraction  # noqa: E402
-
-import torch  # noqa: E402
-
-from fused_softmax import _launch  # noqa: E402
-from fused_softmax.kernels import H100, launch_config  # noqa: E402
-from fused_softmax.testing import kernel_traffic, minimum_bytes, poisoned_outputs  # noqa: E402
+from .. import _launch
+from .._runtime import kernels, kernels_interpreted
+from ..testing import kernel_traffic, minimum_bytes, poisoned_outputs, recorded_launches
 
 # name: (input dtype, output dtype of the forward); the backward reads y and dy in the
 # output dtype and writes dx in the input dtype.
@@ -47,16 +42,10 @@ KERNELS = ("forward", "backward")
 OPS = ("softmax", "log_softmax")
 
 
-def regime(config):
-    if config.online:
-        return "online"
-    return "multi-row" if config.rows_per_program > 1 else "single-pass"
-
-
 def on_chip_limit(elem_bytes, backward, align):
     """Longest power-of-two row the H100 configuration keeps on chip at this alignment (elements)."""
     n = 1
-    while not launch_config(2 * n, elem_bytes, H100, backward=backward, align=align).online:
+    while not kernels().launch_config(2 * n, elem_bytes, kernels().H100, backward=backward, align=align).online:
         n *= 2
     return n
 
@@ -68,34 +57,17 @@ def boundary_lengths(elem_bytes, backward):
     return sorted([1000, 5001, unaligned - 1, aligned, unaligned + 1, aligned + 16, 100_000])
 
 
-class recorded_plans:
-    """Records the Plan of every launch inside the block."""
-
-    def __enter__(self):
-        self.plans, self.plan = [], _launch.plan
-
-        def recorded(tensors, dim, **options):
-            self.plans.append(self.plan(tensors, dim, **options))
-            return self.plans[-1]
-
-        _launch.plan = recorded
-        return self.plans
-
-    def __exit__(self, *exc):
-        _launch.plan = self.plan
-
-
 def measure(kernel, op, dtypes, n_cols, n_rows=None, seed=0):
     in_dtype, out_dtype = dtypes
     backward, log = kernel == "backward", op == "log_softmax"
     if n_rows is None:
         # Multi-row: one full tile of rows and a partial one. Else a few rows.
         probe = [torch.empty(1, n_cols, dtype=d) for d in ((out_dtype,) * 2 + (in_dtype,) if backward else dtypes)]
-        rows = _launch.plan(probe, 1).config.rows_per_program
+        rows = _launch.plan(probe, 1, backward=backward).config.rows_per_program
         n_rows = rows + 3 if rows > 1 else 4
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn((n_rows, n_cols), generator=g, dtype=torch.float64) * 3).to(in_dtype)
-    with poisoned_outputs(), recorded_plans() as plans, warnings.catch_warnings():
+    with poisoned_outputs(), recorded_launches() as launches, warnings.catch_warnings():
         # Padding rows of a multi-row tile are all -inf; -inf - -inf = NaN there, never stored.
         warnings.filterwarnings("ignore", "invalid value encountered", RuntimeWarning)
         if backward:
@@ -110,7 +82,8 @@ def measure(kernel, op, dtypes, n_cols, n_rows=None, seed=0):
             ins = (x,)
     if not torch.isfinite(out).all():
         raise AssertionError(f"{kernel} {op} {dtypes} N={n_cols}: output not fully written (NaN poison left)")
-    (plan,) = plans
+    (launch,) = launches
+    plan = launch.plan
     elem_bytes = max(t.element_size() for t in plan.tensors)
     sweeps = 2 if plan.config.online else 1
     minimum = minimum_bytes(*ins, out)
@@ -121,7 +94,7 @@ def measure(kernel, op, dtypes, n_cols, n_rows=None, seed=0):
         n_cols=n_cols,
         n_rows=n_rows,
         align=plan.align * elem_bytes,
-        regime=regime(plan.config),
+        regime=plan.config.regime,
         config=plan.config,
         moved=traffic.total,
         minimum=minimum,
@@ -156,7 +129,9 @@ def main(argv=None):
     parser.add_argument("--out", help="also write the table to this file")
     args = parser.parse_args(argv)
 
-    if not _launch.kernels_interpreted():
+    # The interpreter is chosen when the kernels are decorated: before they are first imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    if not kernels_interpreted():
         sys.exit("kernels are not running under Triton's interpreter; cannot count traffic")
 
     start = time.perf_counter()
@@ -168,7 +143,7 @@ def main(argv=None):
                 for n_cols in args.n or boundary_lengths(elem_bytes, kernel == "backward"):
                     rows.append(measure(kernel, op, DTYPES[name], n_cols, args.rows))
     table = markdown(rows)
-    print(f"Bytes moved per launch, {H100.name} launch configurations, counted under TRITON_INTERPRET=1.\n")
+    print(f"Bytes moved per launch, {kernels().H100.name} launch configurations, counted under TRITON_INTERPRET=1.\n")
     print(table)
     mismatches = [r for r in rows if r["ratio"] != r["design"]]
     print(f"\n{len(rows)} launches in {time.perf_counter() - start:.1f} s; "

@@ -29,9 +29,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import __version__, _launch, functional, reference
-from ._backend import triton_available, use_backend
-from .bench_report import (
+from .. import __version__, functional
+from .._backend import use_backend
+from .._launch import plan
+from .._runtime import kernels_interpreted, triton_available
+from ..testing import limit_block, reference
+from .report import (
     comparison_table,
     failure,
     fused_passed,
@@ -131,15 +134,13 @@ def implementations(peers=True):
 
 
 def regime(n_cols, dtype, direction, device, max_block=None):
-    """How the fused kernel runs contiguous rows of ``n_cols``: several rows per program, one pass on chip, or online."""
-    tensors = [torch.empty(1, n_cols, dtype=dtype, device=device) for _ in range(3 if direction == "backward" else 2)]
-    with _launch.limit_block(max_block):
-        config = _launch.plan(tensors, 1).config
-    if config.online:
-        return "online"
-    if config.rows_per_program > 1:
-        return f"multi-row x{config.rows_per_program}"
-    return "single-pass"
+    """The regime of the fused kernel's launch for contiguous rows of ``n_cols`` (with its rows per
+    tile when it packs several)."""
+    backward = direction == "backward"
+    tensors = [torch.empty(1, n_cols, dtype=dtype, device=device) for _ in range(3 if backward else 2)]
+    with limit_block(max_block):
+        config = plan(tensors, 1, backward=backward).config
+    return f"{config.regime} x{config.rows_per_program}" if config.regime == "multi_row" else config.regime
 
 
 def _run(softmax, x, dy, direction):
@@ -388,7 +389,7 @@ def cpu_overhead(dtypes):
 
 def interpreter_checks(dtypes, directions):
     """(table of the kernels' max abs error against the NumPy reference under Triton's interpreter, all passed)."""
-    if not triton_available() or not _launch.kernels_interpreted():
+    if not triton_available() or not kernels_interpreted():
         return "Skipped: the interpreter needs triton, and TRITON_INTERPRET=1 set before triton is imported.", True
     rows, passed = [], True
     with use_backend("triton"), warnings.catch_warnings():
@@ -403,7 +404,7 @@ def interpreter_checks(dtypes, directions):
                     label = regime(n_cols, dtype, direction, x.device, max_block)
                     if max_block:
                         label += f" (limit_block({max_block}))"
-                    with _launch.limit_block(max_block):
+                    with limit_block(max_block):
                         try:
                             out, _ = _run(_fused, x, dy, direction)
                             error, allowed = check(out, torch.from_numpy(expected[direction]))
@@ -486,6 +487,3 @@ def main(argv=None):
         return cuda_sweep(dtypes, args.directions, args.quick, args.out, args.readme)
     return cpu_report(dtypes, args.directions)
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,4 +1,5 @@
-"""What ptxas makes of every kernel an H100 is given, computed offline (a host-side dev tool).
+"""What ptxas makes of every kernel an H100 is given, computed offline: an audit of the generated
+machine code.
 
 A register spill or a narrow global access costs bandwidth without failing any numerical
 test, and both are decided at compile time. So every shipped kernel is compiled for sm_90
@@ -6,24 +7,25 @@ with ``triton.compile`` (no GPU needed) and its cubin is read with Triton's bund
 registers and stack from ``cuobjdump -res-usage``, spills and access widths from the SASS
 (``nvdisasm``).
 
-A kernel is what Triton's JIT compiles for one launch: the constexprs the host passes (the
-launch config, LOG, ALIGN), and the JIT's specialisation of every other argument: a tensor
-becomes a pointer to its dtype, marked ``tt.divisibility=16`` when 16-byte aligned; an
-integer equal to 1 becomes a constant, a multiple of 16 is marked ``tt.divisibility=16``.
-Nothing here re-derives the host's logic: the host's own ``_launch._launch`` runs on real
-(CPU, unwritten) tensors with a stand-in kernel that records its arguments, and Triton's own
-``native_specialize_impl`` (the JIT's, in Triton 3.6 and 3.9 alike) specialises them.
+A kernel is what Triton's JIT compiles for one launch: the constexprs the host passes, and the
+JIT's specialisation of every other argument: a tensor becomes a pointer to its dtype, marked
+``tt.divisibility=16`` when 16-byte aligned; an integer equal to 1, or None, becomes a constant;
+a multiple of 16 is marked ``tt.divisibility=16``. Nothing here re-derives the host's logic:
+the host's own job functions (``_launch.softmax_forward`` and the rest) plan each launch on real
+(CPU, unwritten) tensors under ``testing.recorded_launches(run=False)``, and Triton's own
+``native_specialize_impl`` (the JIT's, in Triton 3.6 and 3.9 alike) specialises the arguments.
 
 The launches: contiguous [3, N] tensors, softmax over the last dim, for every row length N
 from 1 to ``MAX_COLS``, in each kernel dtype (fp16/bf16/fp32/fp64) and the fused upcasts
 fp16/bf16 -> fp32 (forward x fp16/bf16 -> y fp32; backward y, dy fp32 -> dx fp16/bf16; the
-rarer upcasts to fp64 are left out), forward and backward, softmax and log-softmax. For such rows the config depends
-on N through its next power of two and the host's alignment, and the alignment and the JIT's
-view of the N / ALIGN it is passed depend on the largest power of two dividing N (see
-``_brackets``): a few lengths per power-of-two bracket reach every kernel. 3 rows, odd,
-leave n_inner unspecialised, the least the compiler may assume. Plus a layout whose rows,
-not columns, are unit-stride: a softmax over dim 1 of a contiguous [4, N, 64] tensor, for
-one on-chip and one online row length.
+rarer upcasts to fp64 are left out), forward and backward, softmax and log-softmax. For such
+rows the config depends on N through its next power of two and the host's alignment, and the
+alignment and the JIT's view of the N / ALIGN it is passed depend on the largest power of two
+dividing N (see ``_brackets``): a few lengths per power-of-two bracket reach every kernel. 3
+rows, odd, leave n_inner unspecialised, the least the compiler may assume. Plus a layout whose
+rows, not columns, are unit-stride: a softmax over dim 1 of a contiguous [4, N, 64] tensor, for
+one on-chip and one online row length; and the masked-softmax and row-statistics kernels at a
+few row lengths (``mode_kernels``).
 
 Compiling is the cost: about 0.3 s of CPU per kernel, so ``compile_all`` spreads it over
 processes (Triton's compiler holds the GIL, threads do not overlap).
@@ -32,6 +34,7 @@ processes (Triton's compiler holds the GIL, threads do not overlap).
 import bisect
 import concurrent.futures
 import dataclasses
+import inspect
 import itertools
 import multiprocessing
 import os
@@ -45,13 +48,15 @@ from collections import Counter
 
 import torch
 import triton
+import triton.language as tl
 from triton._C.libtriton import native_specialize_impl
 from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
-from . import _launch
-from .kernels import LaunchConfig, _softmax_backward_kernel, _softmax_forward_kernel
+from .. import _launch, kernels
+from ..kernels import LaunchConfig
+from ..testing import recorded_launches
 
 TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
 ELEM_BYTES = {name: dtype.itemsize for name, dtype in TORCH_DTYPES.items()}
@@ -65,6 +70,7 @@ FORWARD_DTYPES = (
     ("bf16", "fp32"),
 )
 VARIANTS = [(False, d) for d in FORWARD_DTYPES] + [(True, (y, y, x)) for x, y in FORWARD_DTYPES]
+PLAIN_KERNELS = ("softmax_forward_kernel", "softmax_backward_kernel")
 MAX_COLS = 1 << 22
 ROWS = 3
 STRIDED = "dim 1 of [4, N, 64]"
@@ -72,6 +78,8 @@ STRIDED_LENGTHS = (1000, 100_000)
 VECTOR_BITS = 128
 TARGET = GPUTarget("cuda", 90, 32)
 _DIVISIBLE_BY_16 = [["tt.divisibility", 16]]
+# The constexprs a LaunchConfig sets; a kernel's others (LOG, ALIGN, ONLINE, MASK, CAUSAL) are its switches.
+_CONFIG_CONSTEXPRS = ("BLOCK_N", "ROWS", "COMPUTE_DTYPE")
 
 
 class ToolchainMissing(RuntimeError):
@@ -95,63 +103,74 @@ def _spec_class(spec):
     return "1" if kind == "constexpr" else "%16" if attr == "D" else "-"
 
 
+def _constexpr_names(function):
+    """The kernel's parameters annotated ``tl.constexpr`` (the interpreter's functions too)."""
+    return [name for name, p in inspect.signature(function.fn).parameters.items() if p.annotation is tl.constexpr]
+
+
 @dataclasses.dataclass(frozen=True)
 class Kernel:
     """One compiled variant, as the JIT would build it for a launch.
 
-    ``spec`` is the JIT's specialisation of each positional argument, in order, as
-    (type, attribute): ("*fp16", "D"), ("i32", ""), ("constexpr", 1). ``layout`` and
-    ``n_range`` (the row lengths that launch this kernel: all of them between the bounds
-    that share ``cols``' class and alignment) describe, and take no part in equality.
+    ``name`` is the kernel's in ``fused_softmax.kernels``; ``switches`` its constexprs other than
+    the config's, as (name, value) pairs; ``spec`` the JIT's specialisation of each runtime
+    argument, as (name, (type, attribute)): ("x_ptr", ("*fp16", "D")), ("n_cols", ("i32", "")),
+    ("mask_ptr", ("constexpr", None)). ``layout`` and ``n_range`` (the row lengths that launch
+    this kernel: all of them between the bounds that share ``cols``' class and alignment)
+    describe, and take no part in equality.
     """
 
-    backward: bool
-    log: bool
+    name: str
     config: LaunchConfig
-    align: int
+    switches: tuple
     spec: tuple
-    mode: tuple = ()
     layout: str = dataclasses.field(default="last dim", compare=False)
     n_range: tuple = dataclasses.field(default=(0, 0), compare=False)
 
     @property
     def function(self):
-        return _softmax_backward_kernel if self.backward else _softmax_forward_kernel
+        return getattr(kernels, self.name)
 
     @property
     def plain(self):
-        """A softmax / log-softmax kernel, not one of the attention or row-statistics modes."""
-        return not any(dict(self.mode).get(k) for k in MODE_SWITCHES)
+        """A softmax / log-softmax kernel, not a masked-softmax or row-statistics one."""
+        return self.name in PLAIN_KERNELS
+
+    @property
+    def backward(self):
+        return "backward" in self.name
+
+    @property
+    def log(self):
+        return dict(self.switches).get("LOG", False)
+
+    @property
+    def align(self):
+        return dict(self.switches)["ALIGN"]
 
     @property
     def dtypes(self):
         """The tensors' dtypes, in argument order."""
-        return tuple(kind[1:] for kind, _ in self.spec if kind.startswith("*"))
-
-    @property
-    def args(self):
-        """The specialisation of each argument by name."""
-        return dict(zip(self.function.arg_names, self.spec))
+        return tuple(kind[1:] for _, (kind, _) in self.spec if kind.startswith("*"))
 
     @property
     def cols(self):
         """The JIT's view of the n_cols argument (N / ALIGN): '1', '%16' or '-'."""
-        return _spec_class(self.args["n_cols"])
+        return _spec_class(dict(self.spec)["n_cols"])
 
     def constexprs(self):
-        """The keyword arguments the host passes: the config's, LOG, ALIGN and the mode switches
-        (ROW_STATS, and the forward's ATTENTION, MASK and CAUSAL)."""
-        return dict(self.config.constexprs(), LOG=self.log, ALIGN=self.align, **dict(self.mode))
+        """The compile-time keyword arguments the host passes: the config's and the switches."""
+        return self.config.constexprs() | dict(self.switches)
 
     def source(self):
         """The ASTSource the JIT would build for this launch."""
-        constexprs = {k: v for k, v in self.constexprs().items() if k != "num_warps"}
+        constexprs, spec = self.constexprs(), dict(self.spec)
         signature, attrs = {}, {}
         for i, name in enumerate(self.function.arg_names):
             if name in constexprs:
                 signature[name] = "constexpr"
                 continue
-            kind, attr = self.spec[i]
+            kind, attr = spec[name]
             signature[name] = kind
             if kind == "constexpr":
                 constexprs[name] = attr
@@ -162,40 +181,50 @@ class Kernel:
         return ASTSource(fn=self.function, signature=signature, constexprs=constexprs, attrs=attrs)
 
 
-class _Recorder:
-    """Stands in for a kernel: ``kernel[grid](*args, **kwargs)`` records the arguments."""
-
-    def __getitem__(self, grid):
-        return self
-
-    def __call__(self, *args, **kwargs):
-        self.args, self.kwargs = args, kwargs
-
-
-MODE_SWITCHES = ("ATTENTION", "MASK", "CAUSAL", "ROW_STATS")
-
-
-def launched(backward, dtypes, log, shape, dim=None, layout="last dim", **options):
-    """The kernel the host launches for tensors of ``shape`` and ``dtypes`` along ``dim`` (default
-    the last; non-negative, as the API passes it on); ``options`` go to the launch as they are."""
-    dim = len(shape) - 1 if dim is None else dim
-    tensors = tuple(torch.empty(shape, dtype=TORCH_DTYPES[d]) for d in dtypes)
-    recorder = _Recorder()
-    _launch._launch(recorder, tensors, dim, log=log, backward=backward, **options)
-    kwargs = dict(recorder.kwargs)
-    config = LaunchConfig(
-        block_n=kwargs["BLOCK_N"],
-        rows_per_program=kwargs["ROWS"],
-        num_warps=kwargs["num_warps"],
-        online=kwargs["ONLINE"],
-        compute_dtype=kwargs["COMPUTE_DTYPE"],
+def _kernel_of(launch, layout, n):
+    """The Kernel of a recorded ``_launch.Launch``, checked against the kernel's own signature."""
+    constexpr_names = _constexpr_names(launch.kernel)
+    if set(launch.args) != set(launch.kernel.arg_names):
+        raise RuntimeError(f"{launch.name} takes {launch.kernel.arg_names}, the host passes {sorted(launch.args)}")
+    config = launch.plan.config
+    if any(launch.args[k] != v for k, v in config.constexprs().items()):
+        raise RuntimeError(f"{launch.name}: the host's constexprs differ from its plan's config")
+    switches = tuple((k, launch.args[k]) for k in constexpr_names if k not in _CONFIG_CONSTEXPRS)
+    spec = tuple(
+        (k, tuple(native_specialize_impl(BaseBackend, launch.args[k], False, True, True)[:2]))
+        for k in launch.kernel.arg_names
+        if k not in constexpr_names
     )
-    spec = tuple(native_specialize_impl(BaseBackend, a, False, True, True)[:2] for a in recorder.args)
-    mode = tuple((k, kwargs[k]) for k in MODE_SWITCHES if k in kwargs)
-    kernel = Kernel(backward, kwargs["LOG"], config, kwargs["ALIGN"], spec, mode, layout)
-    if kernel.constexprs() != kwargs:
-        raise RuntimeError(f"the host passes keyword arguments this module does not know: {kwargs}")
-    return dataclasses.replace(kernel, n_range=(shape[dim], shape[dim]))
+    return Kernel(launch.name, config, switches, spec, layout, (n, n))
+
+
+def launched(job, *tensors, layout="last dim", n=None):
+    """The Kernel that ``job(*tensors)``, one of the host's job functions, launches."""
+    with recorded_launches(run=False) as launches:
+        job(*tensors)
+    (launch,) = launches
+    return _kernel_of(launch, layout, n)
+
+
+def _empty(shape, dtype):
+    return torch.empty(shape, dtype=TORCH_DTYPES[dtype])
+
+
+def plain_kernel(backward, dtypes, log, shape, dim=None, layout="last dim"):
+    """The kernel the host launches for softmax (or log-softmax, ``log``) of tensors of ``shape``
+    and ``dtypes`` (x, y forward; y, dy, dx backward) along ``dim`` (default the last)."""
+    dim = len(shape) - 1 if dim is None else dim
+    if backward:
+        y, dy, dx = dtypes
+        tensors = (_empty(shape, y), _empty(shape, dy))
+        return launched(
+            lambda y, dy: _launch.softmax_backward(y, dy, dim, TORCH_DTYPES[dx], log), *tensors,
+            layout=layout, n=shape[dim],
+        )
+    x, y = dtypes
+    return launched(
+        lambda x: _launch.softmax_forward(x, dim, TORCH_DTYPES[y], log), _empty(shape, x), layout=layout, n=shape[dim]
+    )
 
 
 def _brackets():
@@ -216,19 +245,19 @@ def _brackets():
 def shipped_kernels():
     """Every kernel an H100 is given for contiguous rows of 1 to ``MAX_COLS`` elements, and
     for the strided layout ``STRIDED``: deduplicated, with the row lengths that launch each.
-    Then the attention and row-statistics kernels (``mode_kernels``)."""
+    Then the masked-softmax and row-statistics kernels (``mode_kernels``)."""
     ranges = {}
     for backward, dtypes in VARIANTS:
         for log in (False, True):
             for lo, hi, lengths in _brackets():
                 for n in lengths:
-                    kernel = launched(backward, dtypes, log, (ROWS, n))
+                    kernel = plain_kernel(backward, dtypes, log, (ROWS, n))
                     # A constant N / ALIGN is launched for exactly one length.
                     lo_hi = (n, n) if kernel.cols == "1" else (lo, hi)
                     old = ranges.get(kernel, lo_hi)
                     ranges[kernel] = (min(old[0], lo_hi[0]), max(old[1], lo_hi[1]))
             for n in STRIDED_LENGTHS:
-                kernel = launched(backward, dtypes, log, (4, n, 64), 1, STRIDED)
+                kernel = plain_kernel(backward, dtypes, log, (4, n, 64), 1, STRIDED)
                 ranges.setdefault(kernel, (n, n))
     return [dataclasses.replace(k, n_range=r) for k, r in ranges.items()] + mode_kernels()
 
@@ -238,36 +267,37 @@ MODE_DTYPES = ("fp16", "bf16", "fp32", "fp64")
 
 
 def _mode_launches(n):
-    """(backward, dtypes, launch options, description) of the attention and row-statistics kernels
-    for rows of ``n``: masked_softmax with each mask kind, and each statistics mode."""
+    """(job, tensors, description) of the masked-softmax and row-statistics launches for rows of
+    ``n``: masked_softmax with each mask kind, and each statistics kernel."""
     for d in MODE_DTYPES:
-        x = torch.empty(ROWS, n, dtype=TORCH_DTYPES[d])
-        stats_dtype = torch.float64 if d == "fp64" else torch.float32
+        x, dtype = _empty((ROWS, n), d), TORCH_DTYPES[d]
+        stats = torch.empty(ROWS, dtype=_launch.stats_dtype(dtype))
         for mask, causal, name in (
-            (None, 0, "attention, causal"),
-            (torch.ones(1, n, dtype=torch.bool), None, "attention, bool mask"),
-            (torch.empty(ROWS, n, dtype=x.dtype), 0, "attention, additive mask, causal"),
+            (None, 0, "masked softmax, causal"),
+            (torch.ones(1, n, dtype=torch.bool), None, "masked softmax, bool mask"),
+            (torch.empty(ROWS, n, dtype=dtype), 0, "masked softmax, additive mask, causal"),
         ):
-            yield False, (d, d), dict(scores=_launch.scores_plan(x, mask, 0.125, causal)), name
-        yield False, (d,), dict(stats=torch.empty(ROWS, 2, dtype=stats_dtype), row_stats="store"), "row stats out"
-        yield False, (d, d), dict(stats=torch.empty(ROWS, dtype=stats_dtype), row_stats="load"), "row lse in"
-        yield True, (d, d), dict(stats=torch.empty(ROWS, dtype=stats_dtype), row_stats="store"), "row sums out"
-        yield True, (d, d, d), dict(stats=torch.empty(ROWS, dtype=stats_dtype), row_stats="load"), "row sums in"
+            masking = _launch.masking(x, mask, 0.125, causal)
+            yield lambda x, masking=masking: _launch.masked_softmax_forward(x, x.dtype, masking), (x,), name
+        yield lambda x: _launch.row_statistics(x, 1), (x,), "row stats out"
+        yield lambda x: _launch.normalise_with_lse(x, 1, x.dtype, False, stats), (x,), "row lse in"
+        yield lambda y, dy: _launch.backward_row_sums(y, dy, 1), (x, x), "row sums out"
+        yield lambda y, dy: _launch.backward_with_row_sums(y, dy, 1, y.dtype, False, stats), (x, x), "row sums in"
 
 
 def mode_kernels():
-    """The attention and row-statistics kernels at ``MODE_LENGTHS``, deduplicated."""
-    kernels = {}
+    """The masked-softmax and row-statistics kernels at ``MODE_LENGTHS``, deduplicated."""
+    found = {}
     for n in MODE_LENGTHS:
-        for backward, dtypes, options, name in _mode_launches(n):
-            kernel = launched(backward, dtypes, False, (ROWS, n), layout=name, **options)
-            kernels.setdefault(kernel, dataclasses.replace(kernel, n_range=(n, n)))
-    return list(kernels.values())
+        for job, tensors, name in _mode_launches(n):
+            kernel = launched(job, *tensors, layout=name, n=n)
+            found.setdefault(kernel, kernel)
+    return list(found.values())
 
 
 def kernel_for(backward, dtypes, log, n):
     """The shipped kernel that rows of ``n`` elements launch, by the same route."""
-    return launched(backward, dtypes, log, (ROWS, n))
+    return plain_kernel(backward, dtypes, log, (ROWS, n))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -305,7 +335,8 @@ def _width(modifiers):
 def _build(kernel):
     """Compile ``kernel``; return its cubin, Triton's shared-memory request and -res-usage's counts."""
     _, cuobjdump, _ = toolchain()
-    binary = triton.compile(kernel.source(), target=TARGET, options={"num_warps": kernel.config.num_warps})
+    options = {"num_warps": kernel.config.num_warps, "enable_fp_fusion": True}  # as the host launches
+    binary = triton.compile(kernel.source(), target=TARGET, options=options)
     cubin = binary.asm["cubin"]
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
@@ -350,12 +381,12 @@ def _global_and_local_accesses(cubins):
 
 def _interpreted():
     """Under TRITON_INTERPRET=1 (CPU test runs) @triton.jit, Triton's own helpers included, only interprets."""
-    return not isinstance(_softmax_forward_kernel, JITFunction)
+    return not isinstance(kernels.softmax_forward_kernel, JITFunction)
 
 
 _CHILD = """
 import pickle, sys
-from fused_softmax.compiled import compile_all
+from fused_softmax.bench.machine_code import compile_all
 with open(sys.argv[1], "rb") as f:
     kernels, workers = pickle.load(f)
 with open(sys.argv[2], "wb") as f:

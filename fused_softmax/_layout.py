@@ -1,0 +1,101 @@
+"""How tensors reach the kernels: strided [n_outer, n_cols, n_inner] views, masks through their
+broadcast strides, and the alignment the host can prove.
+
+A softmax over ``dim`` sees its tensors as [n_outer, n_cols, n_inner]: ``dim`` between two runs
+of the other dims, each run one stride. Every layout that has such a view (contiguous,
+transposed, most slices, channels_last along C or N, expanded) reaches the kernel as it is;
+only the rest is copied first.
+"""
+
+import math
+
+import torch
+
+from ._runtime import kernels
+
+
+def _collapse(sizes, strides):
+    """(size, stride) of dims that form one strided run, or None. Size-1 dims never break a run."""
+    size, stride = 1, 0
+    for n, s in zip(reversed(sizes), reversed(strides)):
+        if n == 1:
+            continue
+        if size == 1:
+            size, stride = n, s
+        elif s == stride * size:
+            size *= n
+        else:
+            return None
+    return size, stride
+
+
+def _split(t, rest, p):
+    """``t``'s dims ``rest`` split at ``p`` into two strided runs, (outer, inner) (size, stride) pairs, or None."""
+    outer = _collapse([t.shape[d] for d in rest[:p]], [t.stride(d) for d in rest[:p]])
+    inner = _collapse([t.shape[d] for d in rest[p:]], [t.stride(d) for d in rest[p:]])
+    return None if outer is None or inner is None else (outer, inner)
+
+
+def row_views(tensors, dim):
+    """The tensors, their common (n_outer, n_cols, n_inner) and each one's (outer, col, inner) strides.
+
+    The dims other than ``dim`` are split, in order, into an outer and an inner run; the first
+    split at which every tensor has both runs wins, starting with the dims before and after
+    ``dim``. When none exists, the tensors without that natural split are copied. Where the
+    inner run is empty (a last-dim softmax), the rows run along the outer dims instead, so
+    tiles can pack many rows.
+    """
+    if tensors[0].dim() == 0:
+        return tensors, (1, 1, 1), [(0, 1, 0)] * len(tensors)
+    rest = [d for d in range(tensors[0].dim()) if d != dim]
+    for p in [dim, *(p for p in range(len(rest) + 1) if p != dim)]:
+        splits = [_split(t, rest, p) for t in tensors]
+        if all(splits):
+            break
+    else:
+        tensors = [t if _split(t, rest, dim) else t.contiguous() for t in tensors]
+        splits = [_split(t, rest, dim) for t in tensors]
+    (n_outer, _), (n_inner, _) = splits[0]
+    if n_inner == 1:
+        n_outer, n_inner = 1, n_outer
+        splits = [((1, 0), outer) for outer, _ in splits]
+    strides = [(outer[1], t.stride(dim), inner[1]) for t, (outer, inner) in zip(tensors, splits)]
+    return tensors, (n_outer, tensors[0].shape[dim], n_inner), strides
+
+
+def alignment(tensors, strides, n_cols):
+    """Largest power of two (in elements) dividing n_cols, every row stride and every start, when the
+    columns are unit-stride; 1 otherwise. It lets the kernel prove 128-bit accesses.
+
+    ``strides`` holds each tensor's (column stride, *row strides)."""
+    if any(s[0] != 1 for s in strides):
+        return 1
+    align = kernels().heuristics.VECTOR_BYTES // max(t.element_size() for t in tensors)
+    offsets = [n_cols] + [s for st in strides for s in st[1:]]
+    offsets += [t.data_ptr() // t.element_size() for t in tensors]
+    divisor = math.gcd(*offsets)
+    while divisor % align:
+        align //= 2
+    return align
+
+
+def mask_view(mask, scores):
+    """The mask as the kernel reads it: (the mask, bool as bytes, broadcast to the scores; its
+    (batch, head, query, key) strides, the dims before [Lq, Lk] folded into two runs; the head
+    run's size). Only a mask whose leading dims fold into no two runs (rare: three interleaved
+    strides) is copied, at its own size times the missing dims."""
+    if mask.dtype == torch.bool:
+        mask = mask.view(torch.uint8)
+    expanded = mask.expand(scores.shape)
+    lead, lead_strides = scores.shape[:-2], expanded.stride()[:-2]
+    for p in range(len(lead) + 1):
+        batch = _collapse(lead[:p], lead_strides[:p])
+        head = _collapse(lead[p:], lead_strides[p:])
+        if batch and head:
+            break
+    else:
+        expanded = expanded.contiguous()
+        batch, head = (1, 0), _collapse(lead, expanded.stride()[:-2])
+    query = expanded.stride(-2) if scores.dim() >= 2 else 0
+    key = expanded.stride(-1) if scores.dim() else 0
+    return expanded, (batch[1], head[1], query, key), head[0]

@@ -1,0 +1,62 @@
+"""Where the kernels can run: Triton's presence, the kernels module, the interpreter, the GPU.
+
+Nothing here imports Triton until it is asked a question, so ``import fused_softmax`` stays
+cheap and works where Triton is absent.
+"""
+
+import functools
+
+import torch
+
+
+def constant_under_compile(fn):
+    """torch.compile calls ``fn`` once per graph and keeps the result, as with
+    torch.compiler.assume_constant_result, which sets this same marker but imports torch._dynamo
+    (and with it triton) when called: too slow for import time."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@constant_under_compile
+def triton_available():
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.cache
+def kernels():
+    """The device code, ``fused_softmax.kernels``, imported (with Triton) on first use."""
+    from . import kernels
+
+    return kernels
+
+
+@constant_under_compile
+def kernels_interpreted():
+    """True when the kernels, and Triton's own library of jitted functions (tl.max, tl.cdiv), were
+    decorated under TRITON_INTERPRET=1, so they run on CPU tensors."""
+    import triton.language.standard as standard
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return all(isinstance(f, InterpretedFunction) for f in (kernels().softmax_forward_kernel, standard.cdiv))
+
+
+@functools.cache
+def _cuda_properties(index):
+    props = torch.cuda.get_device_properties(index)
+    return kernels().DeviceProperties(
+        name=props.name,
+        sm_count=props.multi_processor_count,
+        registers_per_sm=getattr(props, "regs_per_multiprocessor", 65536),
+        max_threads_per_sm=props.max_threads_per_multi_processor,
+    )
+
+
+def device_properties(device):
+    """The GPU's properties; under the interpreter, an H100's, so CPU runs use H100 configs."""
+    if device.type == "cuda":
+        return _cuda_properties(device.index if device.index is not None else torch.cuda.current_device())
+    return kernels().H100

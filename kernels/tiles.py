@@ -1,0 +1,167 @@
+"""The tile steps every kernel is built from.
+
+A tensor is seen as [n_outer, n_cols, n_inner] with a stride per axis: softmax runs along
+n_cols for every (outer, inner) pair, a "row". A tile takes ROWS rows with consecutive inner
+indices and BLOCK_N columns; Triton reads whichever axis has unit stride coalesced (the columns
+for a last-dim softmax, the inner axis for an earlier dim), so transposed, sliced and expanded
+layouts need no copy. A last-dim softmax is the case n_outer == 1, its rows along the inner axis.
+
+Triton's JIT proves an integer argument a multiple of 16 or nothing, and a load is only
+vectorised when the row starts and the column mask are proven aligned. So where the columns are
+unit-stride, n_cols and the outer/inner strides arrive divided by ALIGN (the alignment, in
+elements, the host proved) and are multiplied back by the constant: rows of 1000 fp32 elements
+then get 128-bit accesses too.
+
+Math is in COMPUTE_DTYPE (fp32, or fp64 for fp64 tensors): loads are cast to it at once, stores
+cast to the output's dtype. Programs are persistent: each strides over tiles, so any row count
+fits the grid. Offsets are int64 wherever a product of an index and a stride is formed.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def tile_count(n_outer, n_inner, ROWS: tl.constexpr):
+    """Tiles of ROWS rows, in int64: with few rows per tile, huge tensors have over 2^31 of them."""
+    return tl.cast(n_outer, tl.int64) * tl.cdiv(n_inner, ROWS)
+
+
+@triton.jit
+def tile_rows(tile, n_inner, ROWS: tl.constexpr):
+    """The tile's rows: one outer index, ROWS consecutive inner indices, which of them exist, and
+    their row numbers in row-major order over the dims other than the softmax dim."""
+    inner_blocks = tl.cdiv(n_inner, ROWS)
+    outer = tl.cast(tile // inner_blocks, tl.int64)
+    inner = tl.cast(tile % inner_blocks, tl.int64) * ROWS + tl.arange(0, ROWS)[:, None]
+    return outer, inner, inner < n_inner, outer * n_inner + inner
+
+
+@triton.jit
+def row_starts(ptr, outer, inner, stride_outer, stride_inner, ALIGN: tl.constexpr):
+    """Pointers to the first element of each of the tile's rows (strides arrive divided by ALIGN)."""
+    return ptr + (outer * stride_outer + inner * stride_inner) * ALIGN
+
+
+@triton.jit
+def column_block(start, BLOCK_N: tl.constexpr):
+    """The int64 column indices [start, start + BLOCK_N), as a row vector."""
+    return tl.cast(start + tl.arange(0, BLOCK_N)[None, :], tl.int64)
+
+
+@triton.jit
+def load_block(rows, stride_col, col, in_bounds, other, COMPUTE_DTYPE: tl.constexpr):
+    """A block of the rows at columns ``col``, in COMPUTE_DTYPE; ``other`` where out of bounds."""
+    return tl.load(rows + col * stride_col, mask=in_bounds, other=other).to(COMPUTE_DTYPE)
+
+
+@triton.jit
+def store_block(rows, stride_col, col, in_bounds, value):
+    """``value`` stored at columns ``col`` of the rows, cast to the output's dtype."""
+    tl.store(rows + col * stride_col, value.to(rows.dtype.element_ty), mask=in_bounds)
+
+
+@triton.jit
+def block_statistics(x):
+    """Each row's max and sum of exp(x - max), of a block holding whole rows."""
+    row_max = tl.max(x, axis=1, keep_dims=True)
+    return row_max, tl.sum(tl.exp(x - row_max), axis=1, keep_dims=True)
+
+
+@triton.jit
+def online_step(lane_max, lane_sum, x):
+    """One block into per-lane running (max, sum of exp(x - max)), online softmax's update.
+    A lane that has seen only -inf keeps its sum at 0 instead of exp(-inf - -inf) = NaN."""
+    new_max = tl.maximum(lane_max, x)
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    return new_max, lane_sum * tl.exp(lane_max - shift) + tl.exp(x - shift)
+
+
+@triton.jit
+def combine_lanes(lane_max, lane_sum):
+    """Each row's (max, sum of exp(x - max)) from its lanes' running statistics."""
+    row_max = tl.max(lane_max, axis=1, keep_dims=True)
+    return row_max, tl.sum(lane_sum * tl.exp(lane_max - row_max), axis=1, keep_dims=True)
+
+
+@triton.jit
+def online_statistics(x_rows, x_stride_col, row_mask, n_cols, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+                      COMPUTE_DTYPE: tl.constexpr):
+    """Each row's (max, sum of exp(x - max)) over rows longer than a block: one sweep."""
+    lane_max = tl.full([ROWS, BLOCK_N], float("-inf"), COMPUTE_DTYPE)
+    lane_sum = tl.zeros([ROWS, BLOCK_N], COMPUTE_DTYPE)
+    for start in tl.range(0, n_cols, BLOCK_N):
+        col = column_block(start, BLOCK_N)
+        x = load_block(x_rows, x_stride_col, col, row_mask & (col < n_cols), float("-inf"), COMPUTE_DTYPE)
+        lane_max, lane_sum = online_step(lane_max, lane_sum, x)
+    return combine_lanes(lane_max, lane_sum)
+
+
+@triton.jit
+def normalise(x, row_max, row_sum, LOG: tl.constexpr):
+    """softmax = exp(x - max) / sum, with one reciprocal per row; log-softmax = x - max - log(sum)."""
+    if LOG:
+        return (x - row_max) - tl.log(row_sum)
+    return tl.exp(x - row_max) * (1.0 / row_sum)
+
+
+@triton.jit
+def normalising_sweep(x_rows, x_stride_col, y_rows, y_stride_col, row_mask, n_cols, row_max, row_sum,
+                      LOG: tl.constexpr, BLOCK_N: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+    """y of rows longer than a block, given their statistics: a second sweep, walking the row
+    backwards so the blocks the first sweep read last, still in L2, are read again first."""
+    n_blocks = tl.cdiv(n_cols, BLOCK_N)
+    for back in tl.range(0, n_blocks):
+        col = column_block((n_blocks - 1 - back) * BLOCK_N, BLOCK_N)
+        in_bounds = row_mask & (col < n_cols)
+        x = load_block(x_rows, x_stride_col, col, in_bounds, float("-inf"), COMPUTE_DTYPE)
+        store_block(y_rows, y_stride_col, col, in_bounds, normalise(x, row_max, row_sum, LOG))
+
+
+@triton.jit
+def summand(y, dy, LOG: tl.constexpr):
+    """The backward's row sum is of dy * y (softmax) or of dy (log-softmax)."""
+    if LOG:
+        return dy
+    return dy * y
+
+
+@triton.jit
+def input_grad(y, dy, row_sum, LOG: tl.constexpr):
+    """softmax: dx = y * (dy - sum(dy * y)); log-softmax: dx = dy - exp(y) * sum(dy)."""
+    if LOG:
+        return dy - tl.exp(y) * row_sum
+    return y * (dy - row_sum)
+
+
+@triton.jit
+def online_row_sums(y_rows, y_stride_col, dy_rows, dy_stride_col, row_mask, n_cols, LOG: tl.constexpr,
+                    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+    """The backward's row sums over rows longer than a block, accumulated per lane: one sweep."""
+    lane_sum = tl.zeros([ROWS, BLOCK_N], COMPUTE_DTYPE)
+    for start in tl.range(0, n_cols, BLOCK_N):
+        col = column_block(start, BLOCK_N)
+        in_bounds = row_mask & (col < n_cols)
+        y = load_block(y_rows, y_stride_col, col, in_bounds, 0.0, COMPUTE_DTYPE)
+        lane_sum += summand(y, load_block(dy_rows, dy_stride_col, col, in_bounds, 0.0, COMPUTE_DTYPE), LOG)
+    return tl.sum(lane_sum, axis=1, keep_dims=True)
+
+
+@triton.jit
+def input_grad_sweep(y_rows, y_stride_col, dy_rows, dy_stride_col, dx_rows, dx_stride_col, row_mask, n_cols,
+                     row_sum, scale, LOG: tl.constexpr, BLOCK_N: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+    """dx of rows longer than a block, given their row sums: a second sweep, in reverse (see
+    ``normalising_sweep``)."""
+    n_blocks = tl.cdiv(n_cols, BLOCK_N)
+    for back in tl.range(0, n_blocks):
+        col = column_block((n_blocks - 1 - back) * BLOCK_N, BLOCK_N)
+        in_bounds = row_mask & (col < n_cols)
+        y = load_block(y_rows, y_stride_col, col, in_bounds, 0.0, COMPUTE_DTYPE)
+        dy = load_block(dy_rows, dy_stride_col, col, in_bounds, 0.0, COMPUTE_DTYPE)
+        store_block(dx_rows, dx_stride_col, col, in_bounds, input_grad(y, dy, row_sum, LOG) * scale)
+
+
+@triton.jit
+def fp32_pair(high, low, COMPUTE_DTYPE: tl.constexpr):
+    """A float the host split in two: Triton passes Python floats as fp32, fp64 math needs the rest."""
+    return tl.cast(high, COMPUTE_DTYPE) + tl.cast(low, COMPUTE_DTYPE)
