@@ -11,6 +11,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from torch.overrides import has_torch_function_unary
 
 from . import modules
 from ._backend import use_kernels
@@ -20,14 +21,53 @@ _originals = {}
 _ABSENT = object()  # Tensor.softmax lives on torch._C.TensorBase, not in Tensor's own __dict__
 
 
-def _dim_first(fused, original):
-    """A wrapper for torch.softmax / Tensor.softmax: dim required, no implicit-dim warning."""
+def _function_form(input, dim, dtype=None):
+    """torch.softmax's parameters, less its keyword-only ``out=``."""
+    return input, dim, dtype
+
+
+def _method_form(self, /, dim, dtype=None):
+    """Tensor.softmax's: ``self`` is positional only."""
+    return self, dim, dtype
+
+
+def _served(form, args, kwargs):
+    """The (input, dim, dtype) of a call the fused path serves, else None.
+
+    It serves ``form``'s parameters (so no ``out=``) with a tensor that has no __torch_function__
+    (subclasses and modes keep torch's dispatch), an int dim in range, no dtype or a torch.dtype,
+    and only what ``use_kernels`` sends to the kernels.
+    """
+    try:
+        input, dim, dtype = form(*args, **kwargs)
+    except TypeError:  # out=, or a call torch rejects
+        return None
+    if not isinstance(input, torch.Tensor) or has_torch_function_unary(input):
+        return None
+    bound = max(input.dim(), 1)
+    if type(dim) is not int or not -bound <= dim < bound:  # numpy or 0-d tensor dims, or torch's error
+        return None
+    if dtype is not None and not isinstance(dtype, torch.dtype):  # dtype=float, or torch's error
+        return None
+    return (input, dim, dtype) if use_kernels(input, input.dtype if dtype is None else dtype) else None
+
+
+def _dim_first(fused, original, form):
+    """A wrapper for torch.softmax (``_function_form``) or Tensor.softmax (``_method_form``) that
+    accepts every call the original does and behaves as it does.
+
+    The calls the fused path serves go to ``fused``; every other goes to the original with its
+    arguments exactly as given, so torch itself handles ``out=`` (resizing, dtype checks), numpy
+    and 0-d tensor dims and subclasses, and raises its own errors for the calls it rejects.
+    """
 
     @functools.wraps(original)
-    def wrapper(input, dim, dtype=None):
-        if isinstance(dim, int) and use_kernels(input, input.dtype if dtype is None else dtype):
-            return fused(input, dim, dtype=dtype)
-        return original(input, dim, dtype=dtype)
+    def wrapper(*args, **kwargs):
+        served = _served(form, args, kwargs)
+        if served is None:
+            return original(*args, **kwargs)
+        input, dim, dtype = served
+        return fused(input, dim, dtype=dtype)
 
     return wrapper
 
@@ -37,10 +77,10 @@ def _replacements():
     return [
         (F, "softmax", softmax),
         (F, "log_softmax", log_softmax),
-        (torch, "softmax", _dim_first(softmax, torch.softmax)),
-        (torch, "log_softmax", _dim_first(log_softmax, torch.log_softmax)),
-        (torch.Tensor, "softmax", _dim_first(softmax, torch.Tensor.softmax)),
-        (torch.Tensor, "log_softmax", _dim_first(log_softmax, torch.Tensor.log_softmax)),
+        (torch, "softmax", _dim_first(softmax, torch.softmax, _function_form)),
+        (torch, "log_softmax", _dim_first(log_softmax, torch.log_softmax, _function_form)),
+        (torch.Tensor, "softmax", _dim_first(softmax, torch.Tensor.softmax, _method_form)),
+        (torch.Tensor, "log_softmax", _dim_first(log_softmax, torch.Tensor.log_softmax, _method_form)),
         (torch.nn.Softmax, "forward", modules.Softmax.forward),
         (torch.nn.LogSoftmax, "forward", modules.LogSoftmax.forward),
     ]
