@@ -133,7 +133,9 @@ def test_masked_softmax(benchmark, name, direction):
         expected = reference.masked_softmax(scores, keep, 0.125, 0)
         error, allowed = check(y.detach(), torch.as_tensor(expected, device=device))
         assert error <= allowed, f"max abs error {error:.3g} above {allowed:.3g}"
-        minimum = scores.numel() * scores.element_size() * {"forward": 2, "backward": 3, "forward+backward": 5}[direction]
+        minimum = (
+            scores.numel() * scores.element_size() * {"forward": 2, "backward": 3, "forward+backward": 5}[direction]
+        )
         benchmark.group = f"masked_softmax {direction} {'x'.join(map(str, MASKED_SHAPE))} bf16"
         benchmark.extra_info["bytes_moved"] = minimum
         benchmark(_timed_call(call, scores, y, dy, direction))

@@ -3,4 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash ci/setup.sh test hf
+python3 -m ruff check .
+python3 -m ruff format --check .
 python3 -m pytest -n 2 tests benchmarks --benchmark-disable "$@"

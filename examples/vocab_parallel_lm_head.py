@@ -53,7 +53,8 @@ def train_step(rank, world_size, port):
         torch.testing.assert_close(local_hidden.grad, hidden.grad)
         if rank == 0:
             print(
-                f"loss {loss.item():.6f} on {world_size} vocab shards, {reference.item():.6f} unsharded; gradients match"
+                f"loss {loss.item():.6f} on {world_size} vocab shards, {reference.item():.6f} unsharded; "
+                "gradients match"
             )
     finally:
         dist.destroy_process_group()

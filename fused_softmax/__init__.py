@@ -7,11 +7,11 @@ Triton's interpreter. Triton is imported on first use.
 """
 
 from ._backend import use_backend
+from .attention import MaskedSoftmaxFunction, attention, masked_softmax
+from .dropin import disable, enable, patch, swap_modules
 from .functional import LogSoftmaxFunction, SoftmaxFunction, log_softmax, softmax
 from .modules import LogSoftmax, Softmax
-from .attention import MaskedSoftmaxFunction, attention, masked_softmax
 from .multihead_attention import MultiheadAttention
-from .dropin import disable, enable, patch, swap_modules
 
 __all__ = [
     "attention",

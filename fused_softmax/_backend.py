@@ -44,7 +44,8 @@ def selected_backend():
 
 
 def use_kernels(tensor, dtype):
-    """True when ``tensor``, computed in ``dtype``, goes to the Triton kernels; raises if 'triton' was asked for and cannot run.
+    """True when ``tensor``, computed in ``dtype``, goes to the Triton kernels; raises if 'triton'
+    was asked for and cannot run.
 
     'auto' sends CUDA tensors of kernel dtypes to Triton when it is installed and everything
     else to eager PyTorch. 'triton' never falls back: it runs the kernels (CUDA, or CPU under

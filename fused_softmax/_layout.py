@@ -17,7 +17,7 @@ from ._runtime import kernels
 def _collapse(sizes, strides):
     """(size, stride) of dims that form one strided run, or None. Size-1 dims never break a run."""
     size, stride = 1, 0
-    for n, s in zip(reversed(sizes), reversed(strides)):
+    for n, s in zip(reversed(sizes), reversed(strides), strict=True):
         if n == 1:
             continue
         if size == 1:
@@ -59,7 +59,7 @@ def row_views(tensors, dim):
     if n_inner == 1:
         n_outer, n_inner = 1, n_outer
         splits = [((1, 0), outer) for outer, _ in splits]
-    strides = [(outer[1], t.stride(dim), inner[1]) for t, (outer, inner) in zip(tensors, splits)]
+    strides = [(outer[1], t.stride(dim), inner[1]) for t, (outer, inner) in zip(tensors, splits, strict=True)]
     return tensors, (n_outer, tensors[0].shape[dim], n_inner), strides
 
 

@@ -43,7 +43,9 @@ def _check_mask(mask, scores):
     if mask.device != scores.device:
         raise RuntimeError(f"mask is on {mask.device} but scores are on {scores.device}")
     if torch.broadcast_shapes(mask.shape, scores.shape) != scores.shape:
-        raise RuntimeError(f"mask of shape {tuple(mask.shape)} does not broadcast to scores of shape {tuple(scores.shape)}")
+        raise RuntimeError(
+            f"mask of shape {tuple(mask.shape)} does not broadcast to scores of shape {tuple(scores.shape)}"
+        )
     return mask
 
 

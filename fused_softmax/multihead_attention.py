@@ -146,7 +146,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         else:
             weights = (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight)
         biases = (None,) * 3 if self.in_proj_bias is None else self.in_proj_bias.chunk(3)
-        return [F.linear(x, weight, bias) for x, weight, bias in zip((query, key, value), weights, biases)]
+        return [F.linear(x, weight, bias) for x, weight, bias in zip((query, key, value), weights, biases, strict=True)]
 
     def _split_heads(self, x, is_batched):
         """[T, E] (unbatched), [T, B, E] or [B, T, E] (batch_first) -> [B, heads, T, head_dim], a view."""

@@ -1,13 +1,10 @@
 """Device code (installed as fused_softmax.kernels): Triton kernels built from the tile steps of
 ``tiles``, one kernel per job, and their launch heuristic.
 
-| job | kernel |
-|---|---|
-| softmax / log-softmax forward | ``softmax.softmax_forward_kernel`` |
-| softmax / log-softmax backward (masked_softmax's too) | ``softmax.softmax_backward_kernel`` |
-| masked_softmax forward (scale, mask, causal) | ``attention.masked_softmax_forward_kernel`` |
-| sharded softmax: row statistics, then y from the log-sum-exp | ``row_stats.row_statistics_kernel``, ``row_stats.normalise_with_lse_kernel`` |
-| sharded backward: row sums, then dx from them | ``row_stats.backward_row_sums_kernel``, ``row_stats.backward_with_row_sums_kernel`` |
+- softmax / log-softmax forward and backward (masked_softmax's backward too): ``softmax``;
+- masked_softmax forward (scale, mask, causal diagonal): ``attention``;
+- the sharded softmax's row statistics, y from the log-sum-exp, the backward's row sums and dx
+  from them: ``row_stats``.
 """
 
 from .attention import masked_softmax_forward_kernel

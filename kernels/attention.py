@@ -28,25 +28,12 @@ MASK_KINDS = ("", "bool", "additive")
 
 
 @triton.jit
-def mask_rows(mask, row, n_queries, ALIGN: tl.constexpr, MASK: tl.constexpr):
-    """``mask`` (pointer, batch, head, query and key strides, head count) as the loads need it:
-    (the mask row under each score row, the key stride). The dims before [Lq, Lk] arrive folded
-    into two runs, batch x head. Without a mask every element is None, and stays so."""
-    starts, stride_batch, stride_head, stride_query, stride_key, n_heads = mask
-    if MASK != "":
-        batch = row // n_queries
-        offset = (batch // n_heads) * stride_batch + (batch % n_heads) * stride_head + (row % n_queries) * stride_query
-        starts = starts + offset * ALIGN
-    return starts, stride_key
-
-
-@triton.jit
-def visible_keys(row, n_queries, causal_offset, n_cols, CAUSAL: tl.constexpr):
+def visible_keys(query, causal_offset, n_cols, CAUSAL: tl.constexpr):
     """(the last key each row sees, the columns a sweep reads). Under a causal mask query i sees
     keys up to i + causal_offset, and a tile's sweeps stop after its last visible key; otherwise
     a row sees every key."""
     if CAUSAL:
-        last_key = row % n_queries + causal_offset
+        last_key = query + causal_offset
         n_read = tl.minimum(n_cols, tl.maximum(tl.max(last_key) + 1, 0))
     else:
         last_key, n_read = n_cols - 1, n_cols
@@ -54,20 +41,86 @@ def visible_keys(row, n_queries, causal_offset, n_cols, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def load_scores(x_rows, x_stride_col, col, in_bounds, scale, mask, last_key, MASK: tl.constexpr,
-                CAUSAL: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+def load_mask(
+    mask_ptr,
+    batch,
+    query,
+    n_heads,
+    stride_batch,
+    stride_head,
+    stride_query,
+    stride_key,
+    col,
+    in_bounds,
+    other,
+    ALIGN: tl.constexpr,
+):
+    """The mask under score rows (batch, query) at columns ``col``, read through its broadcast
+    strides; the dims before [Lq, Lk] arrive folded into two runs, batch x head."""
+    offset = (batch // n_heads) * stride_batch + (batch % n_heads) * stride_head + query * stride_query
+    return tl.load(mask_ptr + offset * ALIGN + col * stride_key, mask=in_bounds, other=other)
+
+
+@triton.jit
+def load_scores(
+    x_rows,
+    x_stride_col,
+    col,
+    in_bounds,
+    scale,
+    last_key,
+    batch,
+    query,
+    mask_ptr,
+    mask_stride_batch,
+    mask_stride_head,
+    mask_stride_query,
+    mask_stride_key,
+    n_heads,
+    ALIGN: tl.constexpr,
+    MASK: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+):
     """scale * x + mask at columns ``col``, hidden keys at -inf. Loads are predicated on the bounds
     alone: a data-dependent predicate would split every 128-bit access into single elements."""
     x = load_block(x_rows, x_stride_col, col, in_bounds, float("-inf"), COMPUTE_DTYPE)
-    mask_row, mask_stride_key = mask
     keep = in_bounds
     if CAUSAL:
         keep = keep & (col <= last_key)
     if MASK == "bool":
-        keep = keep & (tl.load(mask_row + col * mask_stride_key, mask=in_bounds, other=0) != 0)
+        attend = load_mask(
+            mask_ptr,
+            batch,
+            query,
+            n_heads,
+            mask_stride_batch,
+            mask_stride_head,
+            mask_stride_query,
+            mask_stride_key,
+            col,
+            in_bounds,
+            0,
+            ALIGN,
+        )
+        keep = keep & (attend != 0)
     x = x * scale
     if MASK == "additive":
-        x += load_block(mask_row, mask_stride_key, col, in_bounds, 0.0, COMPUTE_DTYPE)
+        bias = load_mask(
+            mask_ptr,
+            batch,
+            query,
+            n_heads,
+            mask_stride_batch,
+            mask_stride_head,
+            mask_stride_query,
+            mask_stride_key,
+            col,
+            in_bounds,
+            0.0,
+            ALIGN,
+        )
+        x += bias.to(COMPUTE_DTYPE)
     return tl.where(keep, x, float("-inf"))
 
 
@@ -114,34 +167,90 @@ def masked_softmax_forward_kernel(
     for tile in tl.range(tl.program_id(0), tile_count(n_outer, n_inner, ROWS), tl.num_programs(0)):
         outer, inner, row_mask, row = tile_rows(tile, n_inner, ROWS)
         x_rows = row_starts(x_ptr, outer, inner, x_stride_outer, x_stride_inner, ALIGN)
-        y_rows = row_starts(y_ptr, outer, inner, y_stride_outer, y_stride_inner, ALIGN)
-        mask = (mask_ptr, mask_stride_batch, mask_stride_head, mask_stride_query, mask_stride_key, n_heads)
-        mask = mask_rows(mask, row, n_queries, ALIGN, MASK)
-        last_key, n_read = visible_keys(row, n_queries, causal_offset, n_cols, CAUSAL)
+        batch, query = row // n_queries, row % n_queries
+        last_key, n_read = visible_keys(query, causal_offset, n_cols, CAUSAL)
         if ONLINE:
             lane_max = tl.full([ROWS, BLOCK_N], float("-inf"), COMPUTE_DTYPE)
             lane_sum = tl.zeros([ROWS, BLOCK_N], COMPUTE_DTYPE)
             for start in tl.range(0, n_read, BLOCK_N):
                 col = column_block(start, BLOCK_N)
-                x = load_scores(x_rows, x_stride_col, col, row_mask & (col < n_cols), scale, mask, last_key, MASK,
-                                CAUSAL, COMPUTE_DTYPE)
+                x = load_scores(
+                    x_rows,
+                    x_stride_col,
+                    col,
+                    row_mask & (col < n_cols),
+                    scale,
+                    last_key,
+                    batch,
+                    query,
+                    mask_ptr,
+                    mask_stride_batch,
+                    mask_stride_head,
+                    mask_stride_query,
+                    mask_stride_key,
+                    n_heads,
+                    ALIGN,
+                    MASK,
+                    CAUSAL,
+                    COMPUTE_DTYPE,
+                )
                 lane_max, lane_sum = online_step(lane_max, lane_sum, x)
             row_max, row_sum = combine_lanes(lane_max, lane_sum)
+            y_rows = row_starts(y_ptr, outer, inner, y_stride_outer, y_stride_inner, ALIGN)
             n_blocks = tl.cdiv(n_read, BLOCK_N)
             for back in tl.range(0, n_blocks):
                 col = column_block((n_blocks - 1 - back) * BLOCK_N, BLOCK_N)
                 in_bounds = row_mask & (col < n_cols)
-                x = load_scores(x_rows, x_stride_col, col, in_bounds, scale, mask, last_key, MASK, CAUSAL,
-                                COMPUTE_DTYPE)
+                x = load_scores(
+                    x_rows,
+                    x_stride_col,
+                    col,
+                    in_bounds,
+                    scale,
+                    last_key,
+                    batch,
+                    query,
+                    mask_ptr,
+                    mask_stride_batch,
+                    mask_stride_head,
+                    mask_stride_query,
+                    mask_stride_key,
+                    n_heads,
+                    ALIGN,
+                    MASK,
+                    CAUSAL,
+                    COMPUTE_DTYPE,
+                )
                 store_block(y_rows, y_stride_col, col, in_bounds, attention_probabilities(x, row_max, row_sum))
             if CAUSAL:
                 for start in tl.range(n_blocks * BLOCK_N, n_cols, BLOCK_N):
                     col = column_block(start, BLOCK_N)
-                    store_block(y_rows, y_stride_col, col, row_mask & (col < n_cols),
-                                tl.zeros([ROWS, BLOCK_N], COMPUTE_DTYPE))
+                    store_block(
+                        y_rows, y_stride_col, col, row_mask & (col < n_cols), tl.zeros([ROWS, BLOCK_N], COMPUTE_DTYPE)
+                    )
         else:
             col = column_block(0, BLOCK_N)
             in_bounds = row_mask & (col < n_cols)
-            x = load_scores(x_rows, x_stride_col, col, in_bounds, scale, mask, last_key, MASK, CAUSAL, COMPUTE_DTYPE)
+            x = load_scores(
+                x_rows,
+                x_stride_col,
+                col,
+                in_bounds,
+                scale,
+                last_key,
+                batch,
+                query,
+                mask_ptr,
+                mask_stride_batch,
+                mask_stride_head,
+                mask_stride_query,
+                mask_stride_key,
+                n_heads,
+                ALIGN,
+                MASK,
+                CAUSAL,
+                COMPUTE_DTYPE,
+            )
             row_max, row_sum = block_statistics(x)
+            y_rows = row_starts(y_ptr, outer, inner, y_stride_outer, y_stride_inner, ALIGN)
             store_block(y_rows, y_stride_col, col, in_bounds, attention_probabilities(x, row_max, row_sum))

@@ -83,8 +83,8 @@ def normalise_with_lse_kernel(
     for tile in tl.range(tl.program_id(0), tile_count(n_outer, n_inner, ROWS), tl.num_programs(0)):
         outer, inner, row_mask, row = tile_rows(tile, n_inner, ROWS)
         x_rows = row_starts(x_ptr, outer, inner, x_stride_outer, x_stride_inner, ALIGN)
-        y_rows = row_starts(y_ptr, outer, inner, y_stride_outer, y_stride_inner, ALIGN)
         lse = tl.load(lse_ptr + row, mask=row_mask).to(COMPUTE_DTYPE)
+        y_rows = row_starts(y_ptr, outer, inner, y_stride_outer, y_stride_inner, ALIGN)
         for start in tl.range(0, n_cols, BLOCK_N):
             col = column_block(start, BLOCK_N)
             in_bounds = row_mask & (col < n_cols)
@@ -119,8 +119,9 @@ def backward_row_sums_kernel(
         y_rows = row_starts(y_ptr, outer, inner, y_stride_outer, y_stride_inner, ALIGN)
         dy_rows = row_starts(dy_ptr, outer, inner, dy_stride_outer, dy_stride_inner, ALIGN)
         if ONLINE:
-            row_sum = online_row_sums(y_rows, y_stride_col, dy_rows, dy_stride_col, row_mask, n_cols, LOG,
-                                      ROWS, BLOCK_N, COMPUTE_DTYPE)
+            row_sum = online_row_sums(
+                y_rows, y_stride_col, dy_rows, dy_stride_col, row_mask, n_cols, LOG, ROWS, BLOCK_N, COMPUTE_DTYPE
+            )
         else:
             col = column_block(0, BLOCK_N)
             in_bounds = row_mask & (col < n_cols)
@@ -159,7 +160,20 @@ def backward_with_row_sums_kernel(
         outer, inner, row_mask, row = tile_rows(tile, n_inner, ROWS)
         y_rows = row_starts(y_ptr, outer, inner, y_stride_outer, y_stride_inner, ALIGN)
         dy_rows = row_starts(dy_ptr, outer, inner, dy_stride_outer, dy_stride_inner, ALIGN)
-        dx_rows = row_starts(dx_ptr, outer, inner, dx_stride_outer, dx_stride_inner, ALIGN)
         row_sum = tl.load(row_sums_ptr + row, mask=row_mask).to(COMPUTE_DTYPE)
-        input_grad_sweep(y_rows, y_stride_col, dy_rows, dy_stride_col, dx_rows, dx_stride_col, row_mask, n_cols,
-                         row_sum, 1.0, LOG, BLOCK_N, COMPUTE_DTYPE)
+        dx_rows = row_starts(dx_ptr, outer, inner, dx_stride_outer, dx_stride_inner, ALIGN)
+        input_grad_sweep(
+            y_rows,
+            y_stride_col,
+            dy_rows,
+            dy_stride_col,
+            dx_rows,
+            dx_stride_col,
+            row_mask,
+            n_cols,
+            row_sum,
+            1.0,
+            LOG,
+            BLOCK_N,
+            COMPUTE_DTYPE,
+        )

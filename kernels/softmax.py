@@ -60,16 +60,29 @@ def softmax_forward_kernel(
     for tile in tl.range(tl.program_id(0), tile_count(n_outer, n_inner, ROWS), tl.num_programs(0)):
         outer, inner, row_mask, _ = tile_rows(tile, n_inner, ROWS)
         x_rows = row_starts(x_ptr, outer, inner, x_stride_outer, x_stride_inner, ALIGN)
-        y_rows = row_starts(y_ptr, outer, inner, y_stride_outer, y_stride_inner, ALIGN)
+        # Output addresses are formed after the statistics, so they are not held across the reductions.
         if ONLINE:
             row_max, row_sum = online_statistics(x_rows, x_stride_col, row_mask, n_cols, ROWS, BLOCK_N, COMPUTE_DTYPE)
-            normalising_sweep(x_rows, x_stride_col, y_rows, y_stride_col, row_mask, n_cols, row_max, row_sum,
-                              LOG, BLOCK_N, COMPUTE_DTYPE)
+            y_rows = row_starts(y_ptr, outer, inner, y_stride_outer, y_stride_inner, ALIGN)
+            normalising_sweep(
+                x_rows,
+                x_stride_col,
+                y_rows,
+                y_stride_col,
+                row_mask,
+                n_cols,
+                row_max,
+                row_sum,
+                LOG,
+                BLOCK_N,
+                COMPUTE_DTYPE,
+            )
         else:
             col = column_block(0, BLOCK_N)
             in_bounds = row_mask & (col < n_cols)
             x = load_block(x_rows, x_stride_col, col, in_bounds, float("-inf"), COMPUTE_DTYPE)
             row_max, row_sum = block_statistics(x)
+            y_rows = row_starts(y_ptr, outer, inner, y_stride_outer, y_stride_inner, ALIGN)
             store_block(y_rows, y_stride_col, col, in_bounds, normalise(x, row_max, row_sum, LOG))
 
 
@@ -106,16 +119,31 @@ def softmax_backward_kernel(
         outer, inner, row_mask, _ = tile_rows(tile, n_inner, ROWS)
         y_rows = row_starts(y_ptr, outer, inner, y_stride_outer, y_stride_inner, ALIGN)
         dy_rows = row_starts(dy_ptr, outer, inner, dy_stride_outer, dy_stride_inner, ALIGN)
-        dx_rows = row_starts(dx_ptr, outer, inner, dx_stride_outer, dx_stride_inner, ALIGN)
         if ONLINE:
-            row_sum = online_row_sums(y_rows, y_stride_col, dy_rows, dy_stride_col, row_mask, n_cols, LOG,
-                                      ROWS, BLOCK_N, COMPUTE_DTYPE)
-            input_grad_sweep(y_rows, y_stride_col, dy_rows, dy_stride_col, dx_rows, dx_stride_col, row_mask,
-                             n_cols, row_sum, scale, LOG, BLOCK_N, COMPUTE_DTYPE)
+            row_sum = online_row_sums(
+                y_rows, y_stride_col, dy_rows, dy_stride_col, row_mask, n_cols, LOG, ROWS, BLOCK_N, COMPUTE_DTYPE
+            )
+            dx_rows = row_starts(dx_ptr, outer, inner, dx_stride_outer, dx_stride_inner, ALIGN)
+            input_grad_sweep(
+                y_rows,
+                y_stride_col,
+                dy_rows,
+                dy_stride_col,
+                dx_rows,
+                dx_stride_col,
+                row_mask,
+                n_cols,
+                row_sum,
+                scale,
+                LOG,
+                BLOCK_N,
+                COMPUTE_DTYPE,
+            )
         else:
             col = column_block(0, BLOCK_N)
             in_bounds = row_mask & (col < n_cols)
             y = load_block(y_rows, y_stride_col, col, in_bounds, 0.0, COMPUTE_DTYPE)
             dy = load_block(dy_rows, dy_stride_col, col, in_bounds, 0.0, COMPUTE_DTYPE)
             row_sum = tl.sum(summand(y, dy, LOG), axis=1, keep_dims=True)
+            dx_rows = row_starts(dx_ptr, outer, inner, dx_stride_outer, dx_stride_inner, ALIGN)
             store_block(dx_rows, dx_stride_col, col, in_bounds, input_grad(y, dy, row_sum, LOG) * scale)

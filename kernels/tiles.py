@@ -85,8 +85,9 @@ def combine_lanes(lane_max, lane_sum):
 
 
 @triton.jit
-def online_statistics(x_rows, x_stride_col, row_mask, n_cols, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-                      COMPUTE_DTYPE: tl.constexpr):
+def online_statistics(
+    x_rows, x_stride_col, row_mask, n_cols, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, COMPUTE_DTYPE: tl.constexpr
+):
     """Each row's (max, sum of exp(x - max)) over rows longer than a block: one sweep."""
     lane_max = tl.full([ROWS, BLOCK_N], float("-inf"), COMPUTE_DTYPE)
     lane_sum = tl.zeros([ROWS, BLOCK_N], COMPUTE_DTYPE)
@@ -106,8 +107,19 @@ def normalise(x, row_max, row_sum, LOG: tl.constexpr):
 
 
 @triton.jit
-def normalising_sweep(x_rows, x_stride_col, y_rows, y_stride_col, row_mask, n_cols, row_max, row_sum,
-                      LOG: tl.constexpr, BLOCK_N: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+def normalising_sweep(
+    x_rows,
+    x_stride_col,
+    y_rows,
+    y_stride_col,
+    row_mask,
+    n_cols,
+    row_max,
+    row_sum,
+    LOG: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+):
     """y of rows longer than a block, given their statistics: a second sweep, walking the row
     backwards so the blocks the first sweep read last, still in L2, are read again first."""
     n_blocks = tl.cdiv(n_cols, BLOCK_N)
@@ -135,8 +147,18 @@ def input_grad(y, dy, row_sum, LOG: tl.constexpr):
 
 
 @triton.jit
-def online_row_sums(y_rows, y_stride_col, dy_rows, dy_stride_col, row_mask, n_cols, LOG: tl.constexpr,
-                    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+def online_row_sums(
+    y_rows,
+    y_stride_col,
+    dy_rows,
+    dy_stride_col,
+    row_mask,
+    n_cols,
+    LOG: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+):
     """The backward's row sums over rows longer than a block, accumulated per lane: one sweep."""
     lane_sum = tl.zeros([ROWS, BLOCK_N], COMPUTE_DTYPE)
     for start in tl.range(0, n_cols, BLOCK_N):
@@ -148,8 +170,21 @@ def online_row_sums(y_rows, y_stride_col, dy_rows, dy_stride_col, row_mask, n_co
 
 
 @triton.jit
-def input_grad_sweep(y_rows, y_stride_col, dy_rows, dy_stride_col, dx_rows, dx_stride_col, row_mask, n_cols,
-                     row_sum, scale, LOG: tl.constexpr, BLOCK_N: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+def input_grad_sweep(
+    y_rows,
+    y_stride_col,
+    dy_rows,
+    dy_stride_col,
+    dx_rows,
+    dx_stride_col,
+    row_mask,
+    n_cols,
+    row_sum,
+    scale,
+    LOG: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+):
     """dx of rows longer than a block, given their row sums: a second sweep, in reverse (see
     ``normalising_sweep``)."""
     n_blocks = tl.cdiv(n_cols, BLOCK_N)

@@ -14,10 +14,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from support import OPS  # noqa: E402
 
 import fused_softmax  # noqa: E402
 from fused_softmax.testing import poisoned_outputs, recorded_launches  # noqa: E402
-from support import OPS  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

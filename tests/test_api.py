@@ -1,8 +1,10 @@
 """torch.nn.functional.softmax's and log_softmax's contract, kept on both backends, and the backend switch."""
 
+import ast
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,11 +14,20 @@ import fused_softmax
 from fused_softmax.testing import reference
 
 
-
 @pytest.mark.parametrize(
     "shape, dim",
-    [((5,), 0), ((5, 5), 0), ((5, 5), 1), ((5, 10, 5), 2), ((5, 10, 5), 1), ((32, 20), 0), ((31, 23), 1),
-     ((2, 128, 2, 2), 1), ((2, 2, 4, 4), -1), ((33, 49), -2)],
+    [
+        ((5,), 0),
+        ((5, 5), 0),
+        ((5, 5), 1),
+        ((5, 10, 5), 2),
+        ((5, 10, 5), 1),
+        ((32, 20), 0),
+        ((31, 23), 1),
+        ((2, 128, 2, 2), 1),
+        ((2, 2, 4, 4), -1),
+        ((33, 49), -2),
+    ],
 )
 def test_matches_torch(backend, device, op, shape, dim):
     x = random(shape, device=device, scale=1.0)
@@ -36,7 +47,7 @@ def test_strided_inputs(backend, device, op, layout):
     x = {
         "transposed": base[0, 0].t(),
         "sliced": base[:, :, 1:8:2, 1:6],
-        "misaligned": base.flatten()[1:1 + 9 * 31].view(9, 31),
+        "misaligned": base.flatten()[1 : 1 + 9 * 31].view(9, 31),
         "expanded": base[0, 0, 0].expand(5, 7),
         "channels_last": base.contiguous(memory_format=torch.channels_last),
     }[layout]
@@ -62,12 +73,14 @@ def test_gradient_of_sum_and_noncontiguous_grad(backend, device, op, dim):
 
 def test_functions_take_negative_dims(kernels, device):
     x = random((4, 9), torch.float64, device=device, scale=1.0).requires_grad_()
-    for function, reference_op in ((fused_softmax.SoftmaxFunction, reference.softmax),
-                                   (fused_softmax.LogSoftmaxFunction, reference.log_softmax)):
+    for function, reference_op in (
+        (fused_softmax.SoftmaxFunction, reference.softmax),
+        (fused_softmax.LogSoftmaxFunction, reference.log_softmax),
+    ):
         for dim in (-1, -2):
             y = function.apply(x, dim)
             assert_close(y, reference_op(x, axis=dim))
-            assert torch.autograd.gradcheck(lambda t: function.apply(t, dim), (x,))
+            assert torch.autograd.gradcheck(lambda t, f=function, d=dim: f.apply(t, d), (x,))
 
 
 def test_saves_only_y(kernels, device, op):
@@ -87,7 +100,10 @@ def test_implicit_dim_warns_and_picks_torchs_dim(backend, device, op, ndim, expe
 
 
 def test_modules_warn_like_torchs(device, op):
-    module = {"softmax": (fused_softmax.Softmax, torch.nn.Softmax), "log_softmax": (fused_softmax.LogSoftmax, torch.nn.LogSoftmax)}
+    module = {
+        "softmax": (fused_softmax.Softmax, torch.nn.Softmax),
+        "log_softmax": (fused_softmax.LogSoftmax, torch.nn.LogSoftmax),
+    }
     ours, theirs = module[op.name]
     x = random((2, 3), device=device, scale=1.0)
     with pytest.warns(UserWarning) as expected:
@@ -127,8 +143,14 @@ def test_int_input_with_dtype(backend, device, op):
 
 @pytest.mark.parametrize(
     "in_dtype, out_dtype",
-    [(torch.float16, torch.float32), (torch.bfloat16, torch.float32), (torch.float32, torch.float64),
-     (torch.float32, torch.float16), (torch.bfloat16, torch.float16), (torch.float64, torch.float32)],
+    [
+        (torch.float16, torch.float32),
+        (torch.bfloat16, torch.float32),
+        (torch.float32, torch.float64),
+        (torch.float32, torch.float16),
+        (torch.bfloat16, torch.float16),
+        (torch.float64, torch.float32),
+    ],
     ids=str,
 )
 def test_dtype_argument(backend, device, op, in_dtype, out_dtype):
@@ -226,7 +248,13 @@ def run_python(code, **env):
 
 
 def test_import_is_lazy_and_works_without_triton():
-    lazy = run_python("import sys, fused_softmax; assert 'triton' not in sys.modules, 'imported triton'")
+    code = """
+import sys, fused_softmax
+assert 'triton' not in sys.modules, 'imported triton'
+tools = [m for m in sys.modules if m.startswith(('fused_softmax.bench', 'fused_softmax.testing', 'fused_softmax.kernels'))]
+assert not tools, tools
+"""
+    lazy = run_python(code)
     assert lazy.returncode == 0, lazy.stderr
     code = """
 import sys
@@ -252,3 +280,52 @@ def test_output_dtype_is_input_dtype(backend, device, op, dtype):
     y = op.fused(x, dim=-1)
     assert y.dtype == dtype
     assert_close(y, op.reference(x))
+
+
+def _package_imports():
+    """{module: the package's modules it imports}, from the source: module-level imports and
+    those inside functions alike, ``kernels/`` as ``fused_softmax.kernels``."""
+    root = Path(__file__).resolve().parents[1]
+    files = {}
+    for package, folder in (("fused_softmax", root / "fused_softmax"), ("fused_softmax.kernels", root / "kernels")):
+        for path in folder.rglob("*.py"):
+            parts = path.relative_to(folder).with_suffix("").parts
+            name = ".".join((package, *parts)).removesuffix(".__init__")
+            files[name] = (path, path.name == "__init__.py")
+    imports = {}
+    for name, (path, is_package) in files.items():
+        here = name if is_package else name.rpartition(".")[0]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = here.rsplit(".", node.level - 1)[0] if node.level > 1 else here
+                    base = f"{anchor}.{base}".rstrip(".")
+                targets = [f"{base}.{alias.name}" for alias in node.names]
+                found |= {t if t in files else base for t in targets}
+            elif isinstance(node, ast.Import):
+                found |= {alias.name for alias in node.names}
+        imports[name] = {m for m in found if m in files and m != name}
+    return imports
+
+
+def test_imports_flow_one_way():
+    """No module of the package imports another in a cycle, whether at module level or inside a
+    function (where an import hidden to dodge a cycle would sit)."""
+    imports = _package_imports()
+    assert "fused_softmax._launch" in imports["fused_softmax.functional"]
+    done, on_path = set(), []
+
+    def visit(module):
+        if module in on_path:
+            raise AssertionError(" -> ".join(on_path[on_path.index(module) :] + [module]))
+        if module not in done:
+            on_path.append(module)
+            for imported in sorted(imports[module]):
+                visit(imported)
+            on_path.pop()
+            done.add(module)
+
+    for module in sorted(imports):
+        visit(module)

@@ -8,12 +8,12 @@ through the online regime.
 import pytest
 import torch
 import torch.nn.functional as F
+from support import TOLERANCES, assert_close, assert_no_less_accurate_than_torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fused_softmax
 from fused_softmax import ops
 from fused_softmax.testing import limit_block, reference
-from support import TOLERANCES, assert_close, assert_no_less_accurate_than_torch
 
 SHAPE = (2, 2, 3, 5)
 ONLINE = 2  # max_block: 5 keys stream in tiles of 2
@@ -152,8 +152,12 @@ def test_gradcheck_and_gradgradcheck_through_the_kernel(kernels, device):
     scores = torch.randn(1, 2, 2, 3, device=device, dtype=torch.float64, requires_grad=True)
     additive = torch.randn(2, 3, device=device, dtype=torch.float64, requires_grad=True)
     keep = torch.tensor([True, False, True], device=device)
-    assert torch.autograd.gradcheck(lambda s, m: fused_softmax.masked_softmax(s, m, scale=0.7, causal=True), (scores, additive))
-    assert torch.autograd.gradgradcheck(lambda s: fused_softmax.masked_softmax(s, keep, scale=1.3, causal="bottom_right"), (scores,))
+    assert torch.autograd.gradcheck(
+        lambda s, m: fused_softmax.masked_softmax(s, m, scale=0.7, causal=True), (scores, additive)
+    )
+    assert torch.autograd.gradgradcheck(
+        lambda s: fused_softmax.masked_softmax(s, keep, scale=1.3, causal="bottom_right"), (scores,)
+    )
 
 
 def test_fused_upcast(kernels, launches, device):
@@ -264,7 +268,7 @@ def test_attention_matches_sdpa_math(case, dtype, backend, device):
     expected_grads = torch.autograd.grad(expected, (q, k, v), dout)
     rtol, atol = TOLERANCES[dtype]
     torch.testing.assert_close(out, expected, rtol=10 * rtol, atol=10 * atol)
-    for actual, wanted in zip(grads, expected_grads):
+    for actual, wanted in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(actual, wanted, rtol=10 * rtol, atol=10 * atol)
 
 
@@ -290,7 +294,11 @@ def test_zero_dim_scores_and_empty_heads(backend, device):
     scores = torch.tensor(1.5, device=device)
     assert fused_softmax.masked_softmax(scores, torch.tensor(True, device=device)).item() == 1.0
     assert fused_softmax.masked_softmax(scores, torch.tensor(-1.0, device=device)).item() == 1.0
-    q, k, v = torch.randn(1, 2, 0, device=device), torch.randn(1, 3, 0, device=device), torch.randn(1, 3, 4, device=device)
+    q, k, v = (
+        torch.randn(1, 2, 0, device=device),
+        torch.randn(1, 3, 0, device=device),
+        torch.randn(1, 3, 4, device=device),
+    )
     torch.testing.assert_close(fused_softmax.attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
 
 
@@ -302,7 +310,10 @@ def test_attention_errors_like_sdpa(device):
         fused_softmax.attention(q, k[:, :1], v[:, :1], attn_mask=padded(device), is_causal=True)
     with pytest.raises(RuntimeError):
         fused_softmax.attention(q, k[:, :1].double(), v[:, :1], enable_gqa=True)
-    for mask in (torch.zeros(4, 6, dtype=torch.float64, device=device), torch.zeros(4, 6, dtype=torch.long, device=device)):
+    for mask in (
+        torch.zeros(4, 6, dtype=torch.float64, device=device),
+        torch.zeros(4, 6, dtype=torch.long, device=device),
+    ):
         with pytest.raises(RuntimeError):
             fused_softmax.attention(q, k[:, :1], v[:, :1], attn_mask=mask, enable_gqa=True)
     with pytest.raises(RuntimeError):

@@ -24,6 +24,7 @@ from fractions import Fraction
 
 import pytest
 import torch
+from support import ONE_PROGRAM, assert_close, random
 
 import fused_softmax
 from fused_softmax import _launch
@@ -32,7 +33,6 @@ from fused_softmax._runtime import kernels_interpreted
 from fused_softmax.kernels import H100
 from fused_softmax.kernels.heuristics import TILE_BYTES
 from fused_softmax.testing import kernel_traffic, minimum_bytes, planned_for, reference
-from support import ONE_PROGRAM, assert_close, random
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 DIRECTIONS = ["forward", "backward"]
@@ -192,9 +192,7 @@ def layout_cases(direction):
     ]
 
 
-LAYOUT_CASES = [
-    pytest.param(d, c, id="-".join(map(str, (d, *c)))) for d in DIRECTIONS for c in layout_cases(d)
-]
+LAYOUT_CASES = [pytest.param(d, c, id="-".join(map(str, (d, *c)))) for d in DIRECTIONS for c in layout_cases(d)]
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -206,7 +204,7 @@ def test_strided_layouts_reach_the_kernel_uncopied(plans, direction, case, op):
     touched, out, traffic = run(direction, op, x, y, dy, 1)
 
     (p,) = plans()
-    for given, seen in zip(touched[:-1], p.tensors):
+    for given, seen in zip(touched[:-1], p.tensors[:-1], strict=True):
         assert (seen.data_ptr(), seen.stride()) == (given.data_ptr(), given.stride())
     assert p.config.regime == regime, p
     assert_design_traffic(direction, regime, touched, traffic)

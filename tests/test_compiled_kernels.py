@@ -110,7 +110,9 @@ def test_aligned_rows_are_expected_at_128_bits_and_odd_rows_element_wide():
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
 @pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
 def test_no_spills_and_widest_accesses(backward, log):
-    records = machine_code.compile_all([k for k in KERNELS if k.plain and (k.backward, k.log) == (backward, log)], WORKERS)
+    records = machine_code.compile_all(
+        [k for k in KERNELS if k.plain and (k.backward, k.log) == (backward, log)], WORKERS
+    )
     spilled = [r for r in records if r.spills]
     narrow = [
         r
@@ -145,3 +147,11 @@ def test_a_spilling_kernel_is_caught():
     record = machine_code.compile_kernel(dataclasses.replace(kernel, config=config))
     assert record.spills and record.spill_store_bytes > 0 and record.spill_load_bytes > 0, record
     assert record.registers == 255 and record.loads == {128: 64}, record
+
+
+def test_an_invalid_switch_fails_to_compile():
+    """The masked-softmax kernel's MASK is '', 'bool' or 'additive'; anything else is a compile error."""
+    kernel = next(k for k in KERNELS if k.name == "masked_softmax_forward_kernel")
+    switches = tuple((name, "causal" if name == "MASK" else value) for name, value in kernel.switches)
+    with pytest.raises(Exception, match="MASK is '', 'bool' or 'additive'"):
+        machine_code.compile_kernel(dataclasses.replace(kernel, switches=switches))

@@ -195,13 +195,17 @@ def cases(world_size):
         options = (("none", 0.0, -100), ("mean", 0.1, -100), ("sum", 0.1, 2), ("mean", 0.0, 2))
         for dtype, (reduction, smoothing, ignore) in itertools.product(dtypes, options):
             name = f"{backend}-{widths}-cross_entropy-{dtype}-{reduction}-smoothing{smoothing}-ignore{ignore}"
-            yield name, backend, functools.partial(
-                check_cross_entropy,
-                dtype=dtype,
-                widths=widths,
-                reduction=reduction,
-                label_smoothing=smoothing,
-                ignore_index=ignore,
+            yield (
+                name,
+                backend,
+                functools.partial(
+                    check_cross_entropy,
+                    dtype=dtype,
+                    widths=widths,
+                    reduction=reduction,
+                    label_smoothing=smoothing,
+                    ignore_index=ignore,
+                ),
             )
     uneven = WIDTHS[world_size][0]
     yield "errors", "torch", functools.partial(check_errors, widths=uneven)

@@ -3,9 +3,9 @@ returned weights and the gradients of inputs, float masks and every parameter.""
 
 import pytest
 import torch
+from support import random
 
 from fused_softmax import multihead_attention
-from support import random
 from fused_softmax.multihead_attention import MultiheadAttention
 
 EMBED, HEADS, BATCH, N_QUERIES, N_KEYS = 8, 2, 2, 5, 4  # L != S, so a transposed mask or score shows
@@ -22,7 +22,6 @@ def modules(device, dtype=torch.float64, **options):
     ours = MultiheadAttention(EMBED, HEADS, device=device, dtype=dtype, **options)
     ours.load_state_dict(reference.state_dict())
     return reference, ours
-
 
 
 def sequences(device, dtype=torch.float64, options=None, *, batched=True):
@@ -105,7 +104,9 @@ def assert_matches(actual, expected):
     assert grads.keys() == expected_grads.keys()
     for name, grad in grads.items():
         assert grad is not None, name
-        torch.testing.assert_close(grad, expected_grads[name], msg=lambda message: f"gradient of {name}: {message}")
+        torch.testing.assert_close(
+            grad, expected_grads[name], msg=lambda message, name=name: f"gradient of {name}: {message}"
+        )
 
 
 def compare(device, dtype=torch.float64, options=None, **arguments):
@@ -141,7 +142,9 @@ def test_options_match_torch(backend, device, options, dtype):
 
 @pytest.mark.parametrize("batch_first", [False, True])
 def test_self_attention_matches_torch(backend, device, batch_first):
-    x = random((BATCH, N_QUERIES, EMBED) if batch_first else (N_QUERIES, BATCH, EMBED), torch.float64, device=device, scale=1.0)
+    x = random(
+        (BATCH, N_QUERIES, EMBED) if batch_first else (N_QUERIES, BATCH, EMBED), torch.float64, device=device, scale=1.0
+    )
     compare(device, options={"batch_first": batch_first}, query=x, key=x, value=x)
 
 
@@ -149,7 +152,12 @@ def test_self_attention_matches_torch(backend, device, batch_first):
 def test_unbatched_matches_torch(backend, device, options):
     query, key, value = sequences(device, options=options, batched=False)
     compare(
-        device, options=options, query=query, key=key, value=value, average_attn_weights=False,
+        device,
+        options=options,
+        query=query,
+        key=key,
+        value=value,
+        average_attn_weights=False,
         key_padding_mask=key_padding_mask("float", device)[1],
         attn_mask=attn_mask("float", device, dims=3, heads_and_batch=HEADS),
     )
@@ -177,7 +185,12 @@ def test_masks_match_torch(backend, device, masks, options):
     padding, attention, dims = masks
     query, key, value = sequences(device)
     compare(
-        device, options=options, query=query, key=key, value=value, average_attn_weights=False,
+        device,
+        options=options,
+        query=query,
+        key=key,
+        value=value,
+        average_attn_weights=False,
         key_padding_mask=None if padding is None else key_padding_mask(padding, device),
         attn_mask=None if attention is None else attn_mask(attention, device, dims=dims),
     )
@@ -188,8 +201,15 @@ def test_masks_match_torch(backend, device, masks, options):
 def test_returned_weights_match_torch(backend, device, need_weights, average, dtype):
     query, key, value = sequences(device, dtype)
     compare(
-        device, dtype, query=query, key=key, value=value, need_weights=need_weights, average_attn_weights=average,
-        key_padding_mask=key_padding_mask("bool", device), attn_mask=attn_mask("bool", device),
+        device,
+        dtype,
+        query=query,
+        key=key,
+        value=value,
+        need_weights=need_weights,
+        average_attn_weights=average,
+        key_padding_mask=key_padding_mask("bool", device),
+        attn_mask=attn_mask("bool", device),
     )
 
 
@@ -207,7 +227,13 @@ def test_returned_weights_match_torch(backend, device, need_weights, average, dt
 def test_is_causal_hint_matches_torch(backend, device, mask, padding, need_weights, options):
     query, key, value = sequences(device)
     compare(
-        device, options=options, query=query, key=key, value=value, is_causal=True, need_weights=need_weights,
+        device,
+        options=options,
+        query=query,
+        key=key,
+        value=value,
+        is_causal=True,
+        need_weights=need_weights,
         attn_mask=causal_mask(device) if mask == "causal" else attn_mask("bool", device),
         key_padding_mask=key_padding_mask("bool", device) if padding else None,
     )
@@ -219,8 +245,14 @@ def test_dropout_draws_as_torch(backend, device, need_weights):
     elements in the same order, so outputs, weights (after dropout) and gradients match."""
     query, key, value = sequences(device)
     reference, ours = modules(device, dropout=0.5)
-    arguments = dict(query=query, key=key, value=value, need_weights=need_weights, average_attn_weights=False,
-                     key_padding_mask=key_padding_mask("bool", device))
+    arguments = dict(
+        query=query,
+        key=key,
+        value=value,
+        need_weights=need_weights,
+        average_attn_weights=False,
+        key_padding_mask=key_padding_mask("bool", device),
+    )
     torch.manual_seed(7)
     expected = run(reference, **arguments)
     torch.manual_seed(7)
@@ -247,8 +279,9 @@ def test_fully_masked_rows_give_zeros(backend, device, need_weights, padding_kin
         padding = random((BATCH, N_KEYS), torch.float64, device=device, seed=8, scale=1.0).masked_fill(padding, -INF)
     hidden = torch.zeros(N_QUERIES, N_KEYS, dtype=torch.bool, device=device)
     hidden[0] = True
-    arguments = dict(query=query, key=key, value=value, key_padding_mask=padding, attn_mask=hidden,
-                     average_attn_weights=False)
+    arguments = dict(
+        query=query, key=key, value=value, key_padding_mask=padding, attn_mask=hidden, average_attn_weights=False
+    )
     reference, ours = modules(device)
     output, weights, grads = run(ours, need_weights=need_weights, weights_in_loss=False, **arguments)
     assert_matches((output, None, grads), run(reference, need_weights=False, **arguments))
@@ -294,9 +327,13 @@ def softmax_calls(monkeypatch):
 def test_masks_are_merged_without_expanding_over_heads(device, softmax_calls, padding, attention, dims, expected):
     query, key, value = sequences(device)
     _, ours = modules(device)
-    ours(query, key, value,
-         key_padding_mask=None if padding is None else key_padding_mask(padding, device),
-         attn_mask=None if attention is None else attn_mask(attention, device, dims=dims))
+    ours(
+        query,
+        key,
+        value,
+        key_padding_mask=None if padding is None else key_padding_mask(padding, device),
+        attn_mask=None if attention is None else attn_mask(attention, device, dims=dims),
+    )
     ((mask, causal),) = softmax_calls
     assert (tuple(mask.shape), mask.dtype, causal) == (*expected, False)
     assert mask.untyped_storage().nbytes() == mask.numel() * mask.element_size(), "a view of a larger mask"
@@ -322,7 +359,14 @@ def bad_calls(device):
     q6, k6, v3 = sequences(device, options={"kdim": 6, "vdim": 3})
     mask = lambda *shape, dtype=torch.bool: torch.zeros(shape, dtype=dtype, device=device)  # noqa: E731
     return {
-        "query_features": ({}, dict(query=random((N_QUERIES, BATCH, EMBED + 1), torch.float64, device=device, scale=1.0), key=key, value=value)),
+        "query_features": (
+            {},
+            dict(
+                query=random((N_QUERIES, BATCH, EMBED + 1), torch.float64, device=device, scale=1.0),
+                key=key,
+                value=value,
+            ),
+        ),
         "key_value_lengths": ({}, dict(query=query, key=key, value=value[:-1])),
         "packed_key_features": ({}, dict(query=query, key=k6, value=k6)),
         "separate_key_features": ({"kdim": 6, "vdim": 3}, dict(query=q6, key=value, value=v3)),
@@ -334,7 +378,8 @@ def bad_calls(device):
         "attn_2d_shape": ({}, dict(query=query, key=key, value=value, attn_mask=mask(N_KEYS, N_QUERIES))),
         "attn_3d_shape": ({}, dict(query=query, key=key, value=value, attn_mask=mask(HEADS, N_QUERIES, N_KEYS))),
         "attn_3d_unbatched": (
-            {}, dict(query=query[:, 0], key=key[:, 0], value=value[:, 0], attn_mask=mask(1, N_QUERIES, N_KEYS))
+            {},
+            dict(query=query[:, 0], key=key[:, 0], value=value[:, 0], attn_mask=mask(1, N_QUERIES, N_KEYS)),
         ),
         "attn_4d": ({}, dict(query=query, key=key, value=value, attn_mask=mask(1, 1, N_QUERIES, N_KEYS))),
         "int_mask": ({}, dict(query=query, key=key, value=value, attn_mask=mask(N_QUERIES, N_KEYS, dtype=torch.int64))),

@@ -218,8 +218,10 @@ def plain_kernel(backward, dtypes, log, shape, dim=None, layout="last dim"):
         y, dy, dx = dtypes
         tensors = (_empty(shape, y), _empty(shape, dy))
         return launched(
-            lambda y, dy: _launch.softmax_backward(y, dy, dim, TORCH_DTYPES[dx], log), *tensors,
-            layout=layout, n=shape[dim],
+            lambda y, dy: _launch.softmax_backward(y, dy, dim, TORCH_DTYPES[dx], log),
+            *tensors,
+            layout=layout,
+            n=shape[dim],
         )
     x, y = dtypes
     return launched(
@@ -280,9 +282,13 @@ def _mode_launches(n):
             masking = _launch.masking(x, mask, 0.125, causal)
             yield lambda x, masking=masking: _launch.masked_softmax_forward(x, x.dtype, masking), (x,), name
         yield lambda x: _launch.row_statistics(x, 1), (x,), "row stats out"
-        yield lambda x: _launch.normalise_with_lse(x, 1, x.dtype, False, stats), (x,), "row lse in"
+        yield lambda x, lse=stats: _launch.normalise_with_lse(x, 1, x.dtype, False, lse), (x,), "row lse in"
         yield lambda y, dy: _launch.backward_row_sums(y, dy, 1), (x, x), "row sums out"
-        yield lambda y, dy: _launch.backward_with_row_sums(y, dy, 1, y.dtype, False, stats), (x, x), "row sums in"
+        yield (
+            lambda y, dy, sums=stats: _launch.backward_with_row_sums(y, dy, 1, y.dtype, False, sums),
+            (x, x),
+            "row sums in",
+        )
 
 
 def mode_kernels():
@@ -430,7 +436,9 @@ def compile_all(kernels=None, workers=None):
             built = list(pool.map(_build, kernels))
     accesses = _global_and_local_accesses([cubin for cubin, _, _ in built])
     records = []
-    for kernel, (_, shared, (registers, stack, static_shared, local)), bits in zip(kernels, built, accesses):
+    for kernel, (_, shared, (registers, stack, static_shared, local)), bits in zip(
+        kernels, built, accesses, strict=True
+    ):
         records.append(
             Compiled(
                 kernel=kernel,

@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+
 def point_label(record):
     return f"{record['dtype']} {record['direction']} {record['n_rows']}x{record['n_cols']} {record['implementation']}"
 
@@ -27,7 +28,9 @@ def fused_passed(records):
 def failure(record):
     if "error" in record:
         return f"{point_label(record)}: {record['error']}"
-    return f"{point_label(record)}: WRONG, max abs err {record['max_abs_err']:.3g} > allowed {record['allowed_err']:.3g}"
+    return (
+        f"{point_label(record)}: WRONG, max abs err {record['max_abs_err']:.3g} > allowed {record['allowed_err']:.3g}"
+    )
 
 
 def table(headers, rows):
@@ -174,7 +177,9 @@ def readme_section(results, out_dir, readme_dir):
         f"`triton.testing.do_bench`; full tables in [{out_dir.name}/results.md]"
         f"({(out_dir / 'results.md').relative_to(readme_dir).as_posix()}).",
         "",
-        comparison_table([r for r in records if r["group"] == "large" and r["implementation"] in ("fused_softmax", "torch")]),
+        comparison_table(
+            [r for r in records if r["group"] == "large" and r["implementation"] in ("fused_softmax", "torch")]
+        ),
         "",
     ]
     for png in sorted(out_dir.glob("*.png")):
@@ -191,7 +196,8 @@ def update_readme(readme, section):
 
 
 def main(argv=None):
-    """``python -m fused_softmax.bench.report RESULTS_DIR [README]``: redraw plots, results.md and the README section."""
+    """``python -m fused_softmax.bench.report RESULTS_DIR [README]``: redraw plots, results.md and
+    the README section."""
     argv = sys.argv[1:] if argv is None else argv
     out_dir = Path(argv[0])
     readme = Path(argv[1]) if len(argv) > 1 else Path("README.md")

@@ -486,4 +486,3 @@ def main(argv=None):
     if torch.cuda.is_available():
         return cuda_sweep(dtypes, args.directions, args.quick, args.out, args.readme)
     return cpu_report(dtypes, args.directions)
-

@@ -104,17 +104,44 @@ def measure(kernel, op, dtypes, n_cols, n_rows=None, seed=0):
 
 
 def markdown(rows):
-    header = ["kernel", "op", "dtype", "N", "rows", "align", "regime", "config (BLOCK_N, ROWS, num_warps)",
-              "bytes moved", "minimum", "ratio", "design"]
+    header = [
+        "kernel",
+        "op",
+        "dtype",
+        "N",
+        "rows",
+        "align",
+        "regime",
+        "config (BLOCK_N, ROWS, num_warps)",
+        "bytes moved",
+        "minimum",
+        "ratio",
+        "design",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for r in rows:
         c = r["config"]
         mark = "" if r["ratio"] == r["design"] else " **≠**"
-        lines.append("| " + " | ".join([
-            r["kernel"], r["op"], r["dtype"], f"{r['n_cols']:,}", str(r["n_rows"]), f"{r['align']} B", r["regime"],
-            f"{c.block_n}, {c.rows_per_program}, {c.num_warps}",
-            f"{r['moved']:,}", f"{r['minimum']:,}", f"{float(r['ratio']):.4f}{mark}", str(r["design"]),
-        ]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r["kernel"],
+                    r["op"],
+                    r["dtype"],
+                    f"{r['n_cols']:,}",
+                    str(r["n_rows"]),
+                    f"{r['align']} B",
+                    r["regime"],
+                    f"{c.block_n}, {c.rows_per_program}, {c.num_warps}",
+                    f"{r['moved']:,}",
+                    f"{r['minimum']:,}",
+                    f"{float(r['ratio']):.4f}{mark}",
+                    str(r["design"]),
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -146,8 +173,10 @@ def main(argv=None):
     print(f"Bytes moved per launch, {kernels().H100.name} launch configurations, counted under TRITON_INTERPRET=1.\n")
     print(table)
     mismatches = [r for r in rows if r["ratio"] != r["design"]]
-    print(f"\n{len(rows)} launches in {time.perf_counter() - start:.1f} s; "
-          f"{len(mismatches)} differ from the design ratio.")
+    print(
+        f"\n{len(rows)} launches in {time.perf_counter() - start:.1f} s; "
+        f"{len(mismatches)} differ from the design ratio."
+    )
     if args.out:
         with open(args.out, "w") as f:
             f.write(table + "\n")
