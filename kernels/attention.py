@@ -24,8 +24,6 @@ from .tiles import (
     tile_rows,
 )
 
-MASK_KINDS = ("", "bool", "additive")
-
 
 @triton.jit
 def visible_keys(query, causal_offset, n_cols, CAUSAL: tl.constexpr):
