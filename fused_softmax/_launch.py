@@ -206,7 +206,9 @@ class Masking:
 
     def arguments(self, align):
         """The masked_softmax kernel's own keyword arguments (mask row strides divided by ``align``)."""
-        batch, head, query, key = (s if s is None or i == 3 else s // align for i, s in enumerate(self.mask_strides))
+        batch, head, query, key = self.mask_strides
+        if self.mask is not None:  # row strides divided by the alignment; the key stride as it is
+            batch, head, query = batch // align, head // align, query // align
         high, low = fp32_pair(self.scale)
         return dict(
             mask_ptr=self.mask,

@@ -46,6 +46,7 @@ def planned_for(device):
 def recorded_launches(run=True):
     """The ``_launch.Launch`` of every launch inside the block, appended as they are made."""
     launches = []
+    # run=True leaves an enclosing run=False block in force: recording never starts kernels.
     with _launch.overridden(observe=launches.append, **({} if run else {"run": False})):
         yield launches
 
