@@ -16,6 +16,7 @@ import math
 import numpy as np
 import torch
 
+from ._jacobian import backward_product
 from ._layout import alignment, mask_view, row_views
 from ._runtime import device_properties, kernels
 
@@ -173,15 +174,21 @@ def softmax_forward(x, dim, out_dtype, log=False):
     return y
 
 
+def jacobian_product(y, v, dim, out_dtype, kind, scale=1.0):
+    """``scale`` times the product ``kind`` (see ``_jacobian``) of v with softmax's Jacobian at y,
+    along ``dim``, contiguous, in ``out_dtype``: the backward kernel."""
+    out = empty(y.shape, out_dtype, y.device)
+    if out.numel():
+        p = plan((y, v, out), dim, backward=True)
+        high, low = fp32_pair(scale)
+        args = p.arguments("y", "dy", "dx") | dict(scale_high=high, scale_low=low, ONLINE=p.config.online, PRODUCT=kind)
+        _run(kernels().softmax_backward_kernel, p, args)
+    return out
+
+
 def softmax_backward(y, dy, dim, out_dtype, log=False, scale=1.0):
     """Input gradient from y and dy along ``dim``, times ``scale``, contiguous, in ``out_dtype``."""
-    dx = empty(y.shape, out_dtype, y.device)
-    if dx.numel():
-        p = plan((y, dy, dx), dim, backward=True)
-        high, low = fp32_pair(scale)
-        args = p.arguments("y", "dy", "dx") | dict(scale_high=high, scale_low=low, ONLINE=p.config.online, LOG=log)
-        _run(kernels().softmax_backward_kernel, p, args)
-    return dx
+    return jacobian_product(y, dy, dim, out_dtype, backward_product(log), scale)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,7 +282,7 @@ def backward_row_sums(y, dy, dim, log=False):
         sums.zero_()
     elif sums.numel():
         p = plan((y, dy), dim, backward=True)
-        args = p.arguments("y", "dy") | dict(row_sums_ptr=sums, ONLINE=p.config.online, LOG=log)
+        args = p.arguments("y", "dy") | dict(row_sums_ptr=sums, ONLINE=p.config.online, PRODUCT=backward_product(log))
         _run(kernels().backward_row_sums_kernel, p, args)
     return sums
 
@@ -285,6 +292,6 @@ def backward_with_row_sums(y, dy, dim, out_dtype, log, row_sums):
     dx = empty(y.shape, out_dtype, y.device)
     if dx.numel():
         p = plan((y, dy, dx), dim, backward=True)
-        args = p.arguments("y", "dy", "dx") | dict(row_sums_ptr=row_sums.contiguous(), LOG=log)
+        args = p.arguments("y", "dy", "dx") | dict(row_sums_ptr=row_sums.contiguous(), PRODUCT=backward_product(log))
         _run(kernels().backward_with_row_sums_kernel, p, args)
     return dx

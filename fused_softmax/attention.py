@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from . import _launch, ops
 from ._backend import KERNEL_DTYPES, use_kernels
-from .functional import SoftmaxBackwardFunction, _fusable
+from ._vmap import vmapped_masked_softmax
+from .functional import JacobianProductFunction, _fusable
 
 CAUSAL = ("top_left", "bottom_right")
 
@@ -52,19 +53,45 @@ def _check_mask(mask, scores):
 class MaskedSoftmaxFunction(torch.autograd.Function):
     """softmax(scale * scores + mask) over the last dim on the Triton kernels, one read and one
     write each way. Saves only y. The gradient of an additive mask that requires one is the
-    scores' gradient before scaling, summed over the dims the mask was broadcast along."""
+    scores' gradient before scaling, summed over the dims the mask was broadcast along. Works
+    under every torch.func transform; a vmapped call is one launch."""
 
     @staticmethod
-    def forward(ctx, scores, mask, scale, causal_offset, dtype):
+    def forward(scores, mask, scale, causal_offset, dtype):
         masking = _launch.masking(scores, mask, scale, causal_offset)
-        y = _launch.masked_softmax_forward(scores, dtype or scores.dtype, masking)
-        ops.save_masked_softmax_context(ctx, scores, mask, scale, y)
-        return y
+        return _launch.masked_softmax_forward(scores, dtype or scores.dtype, masking)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        scores, mask, scale, _, _ = inputs
+        ops.save_masked_softmax_context(ctx, scores, mask, scale, output)
+        ctx.save_for_forward(output)
 
     @staticmethod
     def backward(ctx, dy):
         (y,) = ctx.saved_tensors
-        return (*ops.masked_softmax_grads(ctx, y, dy, SoftmaxBackwardFunction.apply), None, None, None)
+        return (*ops.masked_softmax_grads(ctx, y, dy, _softmax_backward), None, None, None)
+
+    @staticmethod
+    def jvp(ctx, scores_tangent, mask_tangent, *_):
+        """y * (t - sum(t * y)) with t = scale * the scores' tangent + the mask's (broadcast)."""
+        (y,) = ctx.saved_tensors
+        if mask_tangent is None:
+            return JacobianProductFunction.apply(y, scores_tangent, -1, y.dtype, "softmax", ctx.scale)
+        tangent = mask_tangent.expand(y.shape)
+        if scores_tangent is not None:
+            tangent = scores_tangent * ctx.scale + tangent
+        return JacobianProductFunction.apply(y, tangent, -1, y.dtype, "softmax")
+
+    @staticmethod
+    def vmap(info, in_dims, scores, mask, scale, causal_offset, dtype):
+        return vmapped_masked_softmax(
+            MaskedSoftmaxFunction.apply, info, in_dims, scores, mask, scale, causal_offset, dtype
+        )
+
+
+def _softmax_backward(y, dy, dtype, scale):
+    return JacobianProductFunction.apply(y, dy, -1, dtype, "softmax", scale)
 
 
 def _masked_softmax_torch(scores, mask, scale, causal_offset, dtype):

@@ -7,8 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import handle_torch_function, has_torch_function_unary
 
-from . import _launch, ops
+from . import _jacobian, _launch, ops
 from ._backend import KERNEL_DTYPES, use_kernels
+from ._jacobian import backward_product, forward_product
+from ._vmap import legacy_batched, vmapped
 
 
 def _implicit_dim(name, ndim, stacklevel):
@@ -33,61 +35,108 @@ def _wrap_dim(name, dim, ndim):
     return dim % bound
 
 
-def _forward(ctx, x, dim, dtype, log):
-    y = _launch.softmax_forward(x, dim, dtype or x.dtype, log)
-    ctx.dim, ctx.log, ctx.input_dtype = dim, log, x.dtype
+def _setup_context(ctx, inputs, y):
+    x, dim = inputs[:2]
+    ctx.dim, ctx.input_dtype = dim, x.dtype
     ctx.save_for_backward(y)
-    return y
+    ctx.save_for_forward(y)
 
 
-def _backward(ctx, dy):
+def _backward(ctx, dy, log):
     (y,) = ctx.saved_tensors
-    return SoftmaxBackwardFunction.apply(y, dy, ctx.dim, ctx.input_dtype, ctx.log), None, None
+    return JacobianProductFunction.apply(y, dy, ctx.dim, ctx.input_dtype, backward_product(log)), None, None
+
+
+def _jvp(ctx, tangent, log):
+    (y,) = ctx.saved_tensors
+    return JacobianProductFunction.apply(y, tangent, ctx.dim, y.dtype, forward_product(log))
 
 
 class SoftmaxFunction(torch.autograd.Function):
     """Softmax along ``dim`` on the Triton kernels, output in ``dtype`` (default: x's), read and
-    written in one pass. Saves only y; the backward is one kernel and returns x's dtype."""
+    written in one pass. Saves only y; the backward is one kernel and returns x's dtype, the
+    forward-mode tangent is one kernel too. Works under every torch.func transform; a vmapped
+    call is one launch."""
 
     @staticmethod
-    def forward(ctx, x, dim, dtype=None):
-        return _forward(ctx, x, dim, dtype, log=False)
+    def forward(x, dim, dtype=None):
+        return _launch.softmax_forward(x, dim, dtype or x.dtype, log=False)
+
+    setup_context = staticmethod(_setup_context)
 
     @staticmethod
     def backward(ctx, dy):
-        return _backward(ctx, dy)
+        return _backward(ctx, dy, log=False)
+
+    @staticmethod
+    def jvp(ctx, tangent, *_):
+        return _jvp(ctx, tangent, log=False)
+
+    @staticmethod
+    def vmap(info, in_dims, x, dim, dtype=None):
+        return vmapped(SoftmaxFunction.apply, info, in_dims, (x,), dim, dtype)
 
 
 class LogSoftmaxFunction(torch.autograd.Function):
     """Log-softmax along ``dim`` on the same kernels as ``SoftmaxFunction``."""
 
     @staticmethod
-    def forward(ctx, x, dim, dtype=None):
-        return _forward(ctx, x, dim, dtype, log=True)
+    def forward(x, dim, dtype=None):
+        return _launch.softmax_forward(x, dim, dtype or x.dtype, log=True)
+
+    setup_context = staticmethod(_setup_context)
 
     @staticmethod
     def backward(ctx, dy):
-        return _backward(ctx, dy)
-
-
-class SoftmaxBackwardFunction(torch.autograd.Function):
-    """dx from (y, dy) on the backward kernel, in ``dtype``; differentiable, for double backward.
-
-    softmax: dx = scale * y * (dy - sum(dy * y)); log-softmax: dx = scale * (dy - exp(y) * sum(dy)).
-    ``scale`` is masked_softmax's, the derivative of the scaled scores.
-    """
+        return _backward(ctx, dy, log=True)
 
     @staticmethod
-    def forward(ctx, y, dy, dim, dtype, log, scale=1.0):
-        ctx.dim, ctx.log, ctx.scale = dim, log, scale
-        ctx.save_for_backward(y, dy)
-        return _launch.softmax_backward(y, dy, dim, dtype, log, scale=scale)
+    def jvp(ctx, tangent, *_):
+        return _jvp(ctx, tangent, log=True)
 
     @staticmethod
-    def backward(ctx, ddx):
-        y, dy = ctx.saved_tensors
-        grad_y, grad_dy = ops.second_derivatives(y, dy, ddx.to(y.dtype) * ctx.scale, ctx.dim, ctx.log)
-        return grad_y, grad_dy.to(dy.dtype), None, None, None, None
+    def vmap(info, in_dims, x, dim, dtype=None):
+        return vmapped(LogSoftmaxFunction.apply, info, in_dims, (x,), dim, dtype)
+
+
+class JacobianProductFunction(torch.autograd.Function):
+    """``scale`` times the product ``kind`` (see ``_jacobian``) of v with softmax's Jacobian at y,
+    in ``dtype``, on the backward kernel: the backward of softmax, log-softmax and
+    masked_softmax (v = dy) and their forward-mode tangents (v = the input's tangent).
+    Differentiable in y and v, in both modes, for double backward, hessians and the like."""
+
+    @staticmethod
+    def forward(y, v, dim, dtype, kind, scale=1.0):
+        if legacy_batched(y, v):
+            return ops.jacobian_product(y, v, dim, dtype, kind, scale)
+        return _launch.jacobian_product(y, v, dim, dtype, kind, scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        y, v, dim, dtype, kind, *scale = inputs
+        ctx.dim, ctx.dtype, ctx.kind, ctx.scale = dim, dtype, kind, scale[0] if scale else 1.0
+        ctx.save_for_backward(y, v)
+        ctx.save_for_forward(y, v)
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, v = ctx.saved_tensors
+        grad_y, grad_v = _jacobian.second_derivatives(y, v, grad * ctx.scale, ctx.dim, ctx.kind)
+        return grad_y, grad_v, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, y_tangent, v_tangent, *_):
+        y, v = ctx.saved_tensors
+        tangent = 0
+        if v_tangent is not None:  # linear in v: the product itself
+            tangent = JacobianProductFunction.apply(y, v_tangent, ctx.dim, ctx.dtype, ctx.kind, ctx.scale)
+        if y_tangent is not None:
+            tangent = tangent + _jacobian.y_tangent(y, v, y_tangent, ctx.dim, ctx.kind) * ctx.scale
+        return tangent.to(ctx.dtype)
+
+    @staticmethod
+    def vmap(info, in_dims, y, v, dim, dtype, kind, scale=1.0):
+        return vmapped(JacobianProductFunction.apply, info, in_dims, (y, v), dim, dtype, kind, scale)
 
 
 def _fusable(input_dtype, dtype):

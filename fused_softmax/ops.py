@@ -3,16 +3,20 @@
 ``fused_softmax::softmax`` / ``log_softmax`` run the forward kernel, ``softmax_backward`` /
 ``log_softmax_backward`` the backward kernel, ``masked_softmax`` the attention forward (its
 backward is ``softmax_backward`` with the scale). Each has a fake (meta) implementation for
-tracing and an autograd formula, the backward ops too, so double backward compiles. The
-dispatcher boundary costs tens of microseconds a call, so eager code calls the autograd
-Functions directly and only code being compiled goes through these ops.
+tracing, an autograd formula (the backward ops too, so double backward compiles) and a vmap
+rule that makes a vmapped call one launch. The dispatcher boundary costs tens of microseconds
+a call, so eager code calls the autograd Functions directly and only code being compiled goes
+through these ops. torch's custom ops have no forward-mode formula and no support for
+torch.func's grad transforms (pytorch#179652): the Functions, used outside compiled code,
+have both.
 """
 
 from typing import Optional
 
 import torch
 
-from . import _launch
+from . import _jacobian, _launch
+from ._vmap import vmapped, vmapped_masked_softmax
 
 
 def _empty_like(x, dtype):
@@ -54,32 +58,42 @@ def _define(name, log):
 
     def backward_grad(ctx, ddx):
         y, dy = ctx.saved_tensors
-        grad_y, grad_dy = second_derivatives(y, dy, ddx.to(y.dtype) * ctx.scale, ctx.dim, log)
-        return grad_y, grad_dy.to(dy.dtype), None, None, None
+        kind = _jacobian.backward_product(log)
+        return (*_jacobian.second_derivatives(y, dy, ddx * ctx.scale, ctx.dim, kind), None, None, None)
+
+    def forward_vmap(info, in_dims, x, dim, dtype=None):
+        return vmapped(forward, info, in_dims, (x,), dim, dtype)
+
+    def backward_vmap(info, in_dims, y, dy, dim, dtype, scale=1.0):
+        return vmapped(backward, info, in_dims, (y, dy), dim, dtype, scale)
 
     forward.register_autograd(forward_grad, setup_context=setup_forward)
     backward.register_autograd(backward_grad, setup_context=setup_backward)
+    forward.register_vmap(forward_vmap)
+    backward.register_vmap(backward_vmap)
     return forward, backward
 
 
-def second_derivatives(y, dy, ddx, dim, log):
-    """Gradients of <ddx, dx(y, dy)> for y and dy, in torch ops (differentiable in turn).
-
-    softmax: dx = y * (dy - sum(dy * y)); log-softmax: dx = dy - exp(y) * sum(dy).
-    """
-    if log:
-        e = y.exp()
-        return -ddx * e * dy.sum(dim, keepdim=True), ddx - (ddx * e).sum(dim, keepdim=True)
-    grad_y = ddx * (dy - (dy * y).sum(dim, keepdim=True)) - dy * (ddx * y).sum(dim, keepdim=True)
-    return grad_y, y * (ddx - (ddx * y).sum(dim, keepdim=True))
-
-
 def masked_softmax_grads(ctx, y, dy, softmax_backward):
-    """(d scores, d mask) from y and dy, through ``softmax_backward(y, dy, dim, dtype, log, scale)``."""
+    """(d scores, d mask) from y and dy, through ``softmax_backward(y, dy, dtype, scale)``."""
     if not ctx.needs_input_grad[1]:
-        return softmax_backward(y, dy, -1, ctx.scores_dtype, False, ctx.scale), None
-    dz = softmax_backward(y, dy, -1, torch.promote_types(ctx.scores_dtype, ctx.mask_dtype), False, 1.0)
+        return softmax_backward(y, dy, ctx.scores_dtype, ctx.scale), None
+    dz = softmax_backward(y, dy, torch.promote_types(ctx.scores_dtype, ctx.mask_dtype), 1.0)
     return (dz * ctx.scale).to(ctx.scores_dtype), dz.sum_to_size(ctx.mask_shape).to(ctx.mask_dtype)
+
+
+@torch.library.custom_op("fused_softmax::jacobian_product", mutates_args=())
+def jacobian_product(
+    y: torch.Tensor, v: torch.Tensor, dim: int, dtype: torch.dtype, kind: str, scale: float
+) -> torch.Tensor:
+    """The backward kernel's product ``kind`` (see ``_jacobian``) as an op, for
+    ``JacobianProductFunction`` under ``is_grads_batched`` (see ``_vmap``); no autograd of its own."""
+    return _launch.jacobian_product(y, v, dim, dtype, kind, scale)
+
+
+@jacobian_product.register_fake
+def _(y, v, dim, dtype, kind, scale):
+    return _empty_like(y, dtype)
 
 
 softmax, softmax_backward = _define("softmax", log=False)
@@ -117,11 +131,16 @@ def _setup_masked(ctx, inputs, output):
 
 def _masked_grad(ctx, dy):
     (y,) = ctx.saved_tensors
-    return (*masked_softmax_grads(ctx, y, dy, _backward_op), None, None, None)
+    return (*masked_softmax_grads(ctx, y, dy, _last_dim_backward), None, None, None)
 
 
-def _backward_op(y, dy, dim, dtype, log, scale):
-    return (log_softmax_backward if log else softmax_backward)(y, dy, dim, dtype, scale)
+def _last_dim_backward(y, dy, dtype, scale):
+    return softmax_backward(y, dy, -1, dtype, scale)
+
+
+def _masked_vmap(info, in_dims, scores, mask, scale, causal_offset, dtype=None):
+    return vmapped_masked_softmax(masked_softmax, info, in_dims, scores, mask, scale, causal_offset, dtype)
 
 
 masked_softmax.register_autograd(_masked_grad, setup_context=_setup_masked)
+masked_softmax.register_vmap(_masked_vmap)

@@ -15,6 +15,7 @@ import triton.language as tl
 
 from .tiles import (
     block_statistics,
+    check_product,
     column_block,
     input_grad_sweep,
     load_block,
@@ -96,7 +97,7 @@ def normalise_with_lse_kernel(
 def backward_row_sums_kernel(
     y_ptr,
     dy_ptr,
-    row_sums_ptr,  # output, [rows]: sum of dy * y (softmax) or of dy (log-softmax)
+    row_sums_ptr,  # output, [rows]: the PRODUCT's row sums (tiles.summand)
     n_outer,
     n_cols,
     n_inner,
@@ -109,10 +110,11 @@ def backward_row_sums_kernel(
     BLOCK_N: tl.constexpr,
     ROWS: tl.constexpr,
     ONLINE: tl.constexpr,
-    LOG: tl.constexpr,
+    PRODUCT: tl.constexpr,  # see tiles.check_product
     ALIGN: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
 ):
+    check_product(PRODUCT)
     n_cols = n_cols * ALIGN
     for tile in tl.range(tl.program_id(0), tile_count(n_outer, n_inner, ROWS), tl.num_programs(0)):
         outer, inner, row_mask, row = tile_rows(tile, n_inner, ROWS)
@@ -120,14 +122,14 @@ def backward_row_sums_kernel(
         dy_rows = row_starts(dy_ptr, outer, inner, dy_stride_outer, dy_stride_inner, ALIGN)
         if ONLINE:
             row_sum = online_row_sums(
-                y_rows, y_stride_col, dy_rows, dy_stride_col, row_mask, n_cols, LOG, ROWS, BLOCK_N, COMPUTE_DTYPE
+                y_rows, y_stride_col, dy_rows, dy_stride_col, row_mask, n_cols, PRODUCT, ROWS, BLOCK_N, COMPUTE_DTYPE
             )
         else:
             col = column_block(0, BLOCK_N)
             in_bounds = row_mask & (col < n_cols)
             y = load_block(y_rows, y_stride_col, col, in_bounds, 0.0, COMPUTE_DTYPE)
             dy = load_block(dy_rows, dy_stride_col, col, in_bounds, 0.0, COMPUTE_DTYPE)
-            row_sum = tl.sum(summand(y, dy, LOG), axis=1, keep_dims=True)
+            row_sum = tl.sum(summand(y, dy, PRODUCT), axis=1, keep_dims=True)
         tl.store(row_sums_ptr + row, row_sum, mask=row_mask)
 
 
@@ -151,10 +153,11 @@ def backward_with_row_sums_kernel(
     dx_stride_inner,
     BLOCK_N: tl.constexpr,
     ROWS: tl.constexpr,
-    LOG: tl.constexpr,
+    PRODUCT: tl.constexpr,  # see tiles.check_product
     ALIGN: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
 ):
+    check_product(PRODUCT)
     n_cols = n_cols * ALIGN
     for tile in tl.range(tl.program_id(0), tile_count(n_outer, n_inner, ROWS), tl.num_programs(0)):
         outer, inner, row_mask, row = tile_rows(tile, n_inner, ROWS)
@@ -173,7 +176,7 @@ def backward_with_row_sums_kernel(
             n_cols,
             row_sum,
             1.0,
-            LOG,
+            PRODUCT,
             BLOCK_N,
             COMPUTE_DTYPE,
         )

@@ -10,8 +10,9 @@ regimes, chosen at compile time by the launch heuristic:
   its row sum per lane, then writes dx. The second sweep walks the row backwards, so the
   blocks read last, still in L2, are read again first.
 
-``LOG`` gives log-softmax from the same statistics. See ``tiles`` for the layout, the
-alignment (ALIGN) and the math dtype.
+``LOG`` gives log-softmax from the same statistics. The backward kernel's ``PRODUCT`` also
+serves forward-mode AD: a tangent times the Jacobian has the same row-sum structure. See
+``tiles`` for the layout, the alignment (ALIGN) and the math dtype.
 """
 
 import triton
@@ -19,6 +20,7 @@ import triton.language as tl
 
 from .tiles import (
     block_statistics,
+    check_product,
     column_block,
     fp32_pair,
     input_grad,
@@ -108,11 +110,14 @@ def softmax_backward_kernel(
     BLOCK_N: tl.constexpr,
     ROWS: tl.constexpr,
     ONLINE: tl.constexpr,
-    LOG: tl.constexpr,
+    PRODUCT: tl.constexpr,  # see tiles.check_product
     ALIGN: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
 ):
-    """softmax: dx = scale * y * (dy - sum(dy * y)); log-softmax: dx = scale * (dy - exp(y) * sum(dy))."""
+    """dx = scale * the PRODUCT of dy with the Jacobian at y. softmax: y * (dy - sum(dy * y));
+    log-softmax's vjp (the backward): dy - exp(y) * sum(dy); its jvp (dy a tangent of the input,
+    dx the output's): dy - sum(exp(y) * dy)."""
+    check_product(PRODUCT)
     n_cols = n_cols * ALIGN
     scale = fp32_pair(scale_high, scale_low, COMPUTE_DTYPE)
     for tile in tl.range(tl.program_id(0), tile_count(n_outer, n_inner, ROWS), tl.num_programs(0)):
@@ -121,7 +126,7 @@ def softmax_backward_kernel(
         dy_rows = row_starts(dy_ptr, outer, inner, dy_stride_outer, dy_stride_inner, ALIGN)
         if ONLINE:
             row_sum = online_row_sums(
-                y_rows, y_stride_col, dy_rows, dy_stride_col, row_mask, n_cols, LOG, ROWS, BLOCK_N, COMPUTE_DTYPE
+                y_rows, y_stride_col, dy_rows, dy_stride_col, row_mask, n_cols, PRODUCT, ROWS, BLOCK_N, COMPUTE_DTYPE
             )
             dx_rows = row_starts(dx_ptr, outer, inner, dx_stride_outer, dx_stride_inner, ALIGN)
             input_grad_sweep(
@@ -135,7 +140,7 @@ def softmax_backward_kernel(
                 n_cols,
                 row_sum,
                 scale,
-                LOG,
+                PRODUCT,
                 BLOCK_N,
                 COMPUTE_DTYPE,
             )
@@ -144,6 +149,6 @@ def softmax_backward_kernel(
             in_bounds = row_mask & (col < n_cols)
             y = load_block(y_rows, y_stride_col, col, in_bounds, 0.0, COMPUTE_DTYPE)
             dy = load_block(dy_rows, dy_stride_col, col, in_bounds, 0.0, COMPUTE_DTYPE)
-            row_sum = tl.sum(summand(y, dy, LOG), axis=1, keep_dims=True)
+            row_sum = tl.sum(summand(y, dy, PRODUCT), axis=1, keep_dims=True)
             dx_rows = row_starts(dx_ptr, outer, inner, dx_stride_outer, dx_stride_inner, ALIGN)
-            store_block(dx_rows, dx_stride_col, col, in_bounds, input_grad(y, dy, row_sum, LOG) * scale)
+            store_block(dx_rows, dx_stride_col, col, in_bounds, input_grad(y, dy, row_sum, PRODUCT) * scale)

@@ -57,8 +57,13 @@ def load_block(rows, stride_col, col, in_bounds, other, COMPUTE_DTYPE: tl.conste
 
 @triton.jit
 def store_block(rows, stride_col, col, in_bounds, value):
-    """``value`` stored at columns ``col`` of the rows, cast to the output's dtype."""
-    tl.store(rows + col * stride_col, value.to(rows.dtype.element_ty), mask=in_bounds)
+    """``value`` stored at columns ``col`` of the rows, cast to the output's dtype. fp64 reaches a
+    16-bit output through fp32, as torch's casts do (the interpreter's direct cast is wrong)."""
+    out_dtype = rows.dtype.element_ty
+    if value.dtype.is_fp64() and out_dtype.primitive_bitwidth == 16:
+        tl.store(rows + col * stride_col, value.to(tl.float32).to(out_dtype), mask=in_bounds)
+    else:
+        tl.store(rows + col * stride_col, value.to(out_dtype), mask=in_bounds)
 
 
 @triton.jit
@@ -131,19 +136,38 @@ def normalising_sweep(
 
 
 @triton.jit
-def summand(y, dy, LOG: tl.constexpr):
-    """The backward's row sum is of dy * y (softmax) or of dy (log-softmax)."""
-    if LOG:
-        return dy
-    return dy * y
+def check_product(PRODUCT: tl.constexpr):
+    """The products of a vector v with softmax's Jacobian J that the kernels compute from y:
+    'softmax' (J is symmetric: the backward's vjp and forward-mode's jvp), 'log_softmax_vjp'
+    (the backward, Jᵀv) and 'log_softmax_jvp' (forward mode, Jv)."""
+    tl.static_assert(
+        PRODUCT == "softmax" or PRODUCT == "log_softmax_vjp" or PRODUCT == "log_softmax_jvp",
+        "PRODUCT is 'softmax', 'log_softmax_vjp' or 'log_softmax_jvp'",
+    )
 
 
 @triton.jit
-def input_grad(y, dy, row_sum, LOG: tl.constexpr):
-    """softmax: dx = y * (dy - sum(dy * y)); log-softmax: dx = dy - exp(y) * sum(dy)."""
-    if LOG:
-        return dy - tl.exp(y) * row_sum
-    return y * (dy - row_sum)
+def summand(y, v, PRODUCT: tl.constexpr):
+    """The product's row sum is of v * y (softmax), of v (log-softmax's vjp) or of v * exp(y)
+    (log-softmax's jvp: y holds log-probabilities)."""
+    if PRODUCT == "softmax":
+        return v * y
+    elif PRODUCT == "log_softmax_vjp":
+        return v
+    else:
+        return v * tl.exp(y)
+
+
+@triton.jit
+def input_grad(y, v, row_sum, PRODUCT: tl.constexpr):
+    """softmax: y * (v - sum(v * y)); log-softmax's vjp: v - exp(y) * sum(v); its jvp:
+    v - sum(exp(y) * v)."""
+    if PRODUCT == "softmax":
+        return y * (v - row_sum)
+    elif PRODUCT == "log_softmax_vjp":
+        return v - tl.exp(y) * row_sum
+    else:
+        return v - row_sum
 
 
 @triton.jit
@@ -154,7 +178,7 @@ def online_row_sums(
     dy_stride_col,
     row_mask,
     n_cols,
-    LOG: tl.constexpr,
+    PRODUCT: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
@@ -165,7 +189,7 @@ def online_row_sums(
         col = column_block(start, BLOCK_N)
         in_bounds = row_mask & (col < n_cols)
         y = load_block(y_rows, y_stride_col, col, in_bounds, 0.0, COMPUTE_DTYPE)
-        lane_sum += summand(y, load_block(dy_rows, dy_stride_col, col, in_bounds, 0.0, COMPUTE_DTYPE), LOG)
+        lane_sum += summand(y, load_block(dy_rows, dy_stride_col, col, in_bounds, 0.0, COMPUTE_DTYPE), PRODUCT)
     return tl.sum(lane_sum, axis=1, keep_dims=True)
 
 
@@ -181,7 +205,7 @@ def input_grad_sweep(
     n_cols,
     row_sum,
     scale,
-    LOG: tl.constexpr,
+    PRODUCT: tl.constexpr,
     BLOCK_N: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
 ):
@@ -193,7 +217,7 @@ def input_grad_sweep(
         in_bounds = row_mask & (col < n_cols)
         y = load_block(y_rows, y_stride_col, col, in_bounds, 0.0, COMPUTE_DTYPE)
         dy = load_block(dy_rows, dy_stride_col, col, in_bounds, 0.0, COMPUTE_DTYPE)
-        store_block(dx_rows, dx_stride_col, col, in_bounds, input_grad(y, dy, row_sum, LOG) * scale)
+        store_block(dx_rows, dx_stride_col, col, in_bounds, input_grad(y, dy, row_sum, PRODUCT) * scale)
 
 
 @triton.jit

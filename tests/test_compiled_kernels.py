@@ -155,3 +155,11 @@ def test_an_invalid_switch_fails_to_compile():
     switches = tuple((name, "causal" if name == "MASK" else value) for name, value in kernel.switches)
     with pytest.raises(Exception, match="MASK is '', 'bool' or 'additive'"):
         machine_code.compile_kernel(dataclasses.replace(kernel, switches=switches))
+
+
+def test_an_invalid_product_fails_to_compile():
+    """The backward kernel's PRODUCT is one of the three of ``_jacobian``; anything else is a compile error."""
+    kernel = machine_code.kernel_for(True, ("fp32", "fp32", "fp32"), False, 1000)
+    switches = tuple((name, "log_softmax" if name == "PRODUCT" else value) for name, value in kernel.switches)
+    with pytest.raises(Exception, match="PRODUCT is 'softmax', 'log_softmax_vjp' or 'log_softmax_jvp'"):
+        machine_code.compile_kernel(dataclasses.replace(kernel, switches=switches))

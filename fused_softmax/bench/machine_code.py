@@ -78,7 +78,7 @@ STRIDED_LENGTHS = (1000, 100_000)
 VECTOR_BITS = 128
 TARGET = GPUTarget("cuda", 90, 32)
 _DIVISIBLE_BY_16 = [["tt.divisibility", 16]]
-# The constexprs a LaunchConfig sets; a kernel's others (LOG, ALIGN, ONLINE, MASK, CAUSAL) are its switches.
+# The constexprs a LaunchConfig sets; a kernel's others (LOG, PRODUCT, ALIGN, ONLINE, MASK, CAUSAL) are its switches.
 _CONFIG_CONSTEXPRS = ("BLOCK_N", "ROWS", "COMPUTE_DTYPE")
 
 
@@ -142,7 +142,8 @@ class Kernel:
 
     @property
     def log(self):
-        return dict(self.switches).get("LOG", False)
+        switches = dict(self.switches)
+        return switches.get("LOG", False) or switches.get("PRODUCT", "softmax") != "softmax"
 
     @property
     def align(self):
@@ -269,8 +270,9 @@ MODE_DTYPES = ("fp16", "bf16", "fp32", "fp64")
 
 
 def _mode_launches(n):
-    """(job, tensors, description) of the masked-softmax and row-statistics launches for rows of
-    ``n``: masked_softmax with each mask kind, and each statistics kernel."""
+    """(job, tensors, description) of the masked-softmax, forward-mode and row-statistics
+    launches for rows of ``n``: masked_softmax with each mask kind, log-softmax's tangent (the
+    backward kernel's third PRODUCT) and each statistics kernel."""
     for d in MODE_DTYPES:
         x, dtype = _empty((ROWS, n), d), TORCH_DTYPES[d]
         stats = torch.empty(ROWS, dtype=_launch.stats_dtype(dtype))
@@ -281,6 +283,7 @@ def _mode_launches(n):
         ):
             masking = _launch.masking(x, mask, 0.125, causal)
             yield lambda x, masking=masking: _launch.masked_softmax_forward(x, x.dtype, masking), (x,), name
+        yield lambda y, v: _launch.jacobian_product(y, v, 1, y.dtype, "log_softmax_jvp"), (x, x), "log-softmax jvp"
         yield lambda x: _launch.row_statistics(x, 1), (x,), "row stats out"
         yield lambda x, lse=stats: _launch.normalise_with_lse(x, 1, x.dtype, False, lse), (x,), "row lse in"
         yield lambda y, dy: _launch.backward_row_sums(y, dy, 1), (x, x), "row sums out"

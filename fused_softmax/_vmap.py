@@ -1,0 +1,50 @@
+"""vmap for the autograd Functions: the vmapped dim becomes one more outer dim of the same
+launch, so a vmapped call (per-sample gradients, jacrev, jacfwd) costs one kernel launch, not a
+loop.
+
+``torch.autograd.grad(..., is_grads_batched=True)`` batches with torch's older vmap instead,
+whose tensors reach a backward without storage and without the rules above; it runs a custom
+op once per batch entry, so there the backward goes through one (``legacy_batched``).
+"""
+
+import torch
+
+
+def batch_first(info, in_dims, *tensors):
+    """Each tensor with its vmapped dim moved to the front; one that is not vmapped (in_dim None)
+    is expanded along a new front dim, a view. None stays None."""
+    return [
+        t if t is None else t.movedim(d, 0) if d is not None else t.expand(info.batch_size, *t.shape)
+        for t, d in zip(tensors, in_dims, strict=False)
+    ]
+
+
+def vmapped(apply, info, in_dims, tensors, dim, *rest):
+    """A vmap rule's (output, out_dims) for ``apply(*tensors, dim, *rest)``, whose tensors share
+    one shape and ``dim`` is a dim of them (negative too): one call over the whole batch."""
+    tensors = batch_first(info, in_dims, *tensors)
+    ndim = tensors[0].dim() - 1
+    if ndim == 0:  # a 0-d tensor's softmax is over itself alone: rows of one element
+        return apply(*(t.unsqueeze(1) for t in tensors), 1, *rest).squeeze(1), 0
+    return apply(*tensors, dim % ndim + 1, *rest), 0
+
+
+def vmapped_masked_softmax(apply, info, in_dims, scores, mask, scale, causal_offset, dtype):
+    """A vmap rule's (output, out_dims) for masked_softmax's ``apply``: the batch is one more
+    leading dim of the scores and of a vmapped mask (given unit dims after it, so that it still
+    broadcasts to the scores); an unbatched mask broadcasts as it is. One call."""
+    scores, mask = batch_first(info, in_dims[:2], scores, mask)
+    ndim = scores.dim() - 1
+    if mask is not None and in_dims[1] is not None:
+        mask = mask.reshape(mask.shape[:1] + (1,) * (ndim + 1 - mask.dim()) + mask.shape[1:])
+    if ndim > 0:
+        return apply(scores, mask, scale, causal_offset, dtype), 0
+    # 0-d scores: each is a softmax over one key
+    if mask is not None and mask.dim():
+        mask = mask.unsqueeze(1)
+    return apply(scores.unsqueeze(1), mask, scale, causal_offset, dtype).squeeze(1), 0
+
+
+def legacy_batched(*tensors):
+    """Whether any tensor is batched by the older vmap of ``is_grads_batched``."""
+    return any(torch._C._functorch.is_legacy_batchedtensor(t) for t in tensors)

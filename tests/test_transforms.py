@@ -1,0 +1,240 @@
+"""torch.func and forward-mode AD through every differentiable function of the package, on both
+backends, in float64 against torch's own functions: vmap, grad, vjp, jacrev, jacfwd, jvp,
+hessian, dual tensors, batched gradients, gradcheck and gradgradcheck with every batched and
+forward-mode check. A vmapped call is one launch per kernel; double backward in half precision
+is as accurate as torch's; a bf16 input with float64 output gets the GPU's gradients."""
+
+import dataclasses
+from typing import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from support import TOLERANCES, assert_no_less_accurate_than_torch, random
+
+import fused_softmax
+from fused_softmax.testing import limit_block
+
+SCALE = 0.7
+
+
+def _causal_bool(n_queries, n_keys):
+    return torch.ones(n_queries, n_keys, dtype=torch.bool).tril()
+
+
+def _torch_masked(scores, mask=None, causal=False, scale=1.0):
+    z = scores * scale
+    if causal:
+        z = z.masked_fill(~_causal_bool(*z.shape[-2:]), float("-inf"))
+    if mask is not None and mask.dtype == torch.bool:
+        z = z.masked_fill(~mask, float("-inf"))
+    elif mask is not None:
+        z = z + mask
+    return torch.softmax(z, -1)
+
+
+def _keep_mask(shape):
+    """A bool mask that hides about a third of the keys, never a whole row."""
+    keep = random(shape, seed=5) > -0.4
+    keep[..., 0] = True
+    return keep
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """A differentiable function of the package, its torch twin, and the shapes of its inputs,
+    batched along dim 0 (B = 3) where ``in_dims`` says 0, for vmap."""
+
+    name: str
+    fused: Callable
+    torch: Callable
+    shapes: tuple
+    max_block: int | None = None
+    in_dims: tuple = (0, 0, 0)
+
+    def __str__(self):
+        return self.name
+
+    def inputs(self):
+        return tuple(random(shape, torch.float64, seed=i) for i, shape in enumerate(self.shapes))
+
+    def batch_dims(self, args):
+        return self.in_dims[: len(args)]
+
+    def first(self, args):
+        """The inputs of the batch's first entry."""
+        return tuple(a[0] if d == 0 else a for a, d in zip(args, self.batch_dims(args), strict=True))
+
+
+KEEP = _keep_mask((4, 5))
+CASES = [
+    Case("softmax", lambda x: fused_softmax.softmax(x, dim=-1), lambda x: F.softmax(x, dim=-1), ((3, 2, 5),)),
+    Case("log_softmax", lambda x: fused_softmax.log_softmax(x, 1), lambda x: F.log_softmax(x, 1), ((3, 4, 2),)),
+    # Rows longer than the (capped) block: the online regime of every kernel.
+    Case("softmax_online", lambda x: fused_softmax.softmax(x, -1), lambda x: F.softmax(x, -1), ((3, 2, 9),), 4),
+    Case(
+        "log_softmax_online", lambda x: fused_softmax.log_softmax(x, -1), lambda x: F.log_softmax(x, -1), ((3, 9),), 4
+    ),
+    Case(
+        "masked_causal",
+        lambda s: fused_softmax.masked_softmax(s, scale=SCALE, causal=True),
+        lambda s: _torch_masked(s, causal=True, scale=SCALE),
+        ((3, 4, 5),),
+    ),
+    Case(
+        "masked_bool",
+        lambda s: fused_softmax.masked_softmax(s, KEEP, scale=SCALE),
+        lambda s: _torch_masked(s, KEEP, scale=SCALE),
+        ((3, 4, 5),),
+    ),
+    # An additive mask that is differentiated too (a learned bias), broadcast over the batch.
+    Case(
+        "masked_additive",
+        lambda s, m: fused_softmax.masked_softmax(s, m, scale=SCALE),
+        lambda s, m: _torch_masked(s, m, scale=SCALE),
+        ((3, 4, 5), (4, 5)),
+        in_dims=(0, None),
+    ),
+    Case(
+        "attention",
+        lambda q, k, v: fused_softmax.attention(q, k, v, is_causal=True),
+        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+        ((3, 4, 2), (3, 4, 2), (3, 4, 2)),
+    ),
+]
+
+
+def _scalar(f):
+    """A scalar function of the inputs with a non-trivial Hessian."""
+    return lambda *args: f(*args).sin().sum()
+
+
+ARGNUMS = {"masked_additive": (0, 1), "attention": (0, 1, 2)}
+
+TRANSFORMS = {
+    "vmap": lambda f, args, case: torch.func.vmap(f, in_dims=case.batch_dims(args))(*args),
+    # The batch along dim 1 of the first input.
+    "vmap_in_dims": lambda f, args, case: torch.func.vmap(f, in_dims=(1, *case.batch_dims(args)[1:]))(
+        args[0].movedim(0, 1).contiguous(), *args[1:]
+    ),
+    "grad": lambda f, args, case: torch.func.grad(_scalar(f), argnums=ARGNUMS.get(case.name, 0))(*args),
+    "vjp": lambda f, args, case: torch.func.vjp(f, *args)[1](random(f(*args).shape, torch.float64, seed=9)),
+    "jacrev": lambda f, args, case: torch.func.jacrev(f, argnums=ARGNUMS.get(case.name, 0))(*args),
+    "jacfwd": lambda f, args, case: torch.func.jacfwd(f, argnums=ARGNUMS.get(case.name, 0))(*args),
+    "jvp": lambda f, args, case: torch.func.jvp(f, args, tuple(a.cos() for a in args)),
+    "hessian": lambda f, args, case: torch.func.hessian(_scalar(f))(*args),
+    "per_sample_grad": lambda f, args, case: torch.func.vmap(torch.func.grad(_scalar(f)), case.batch_dims(args))(*args),
+}
+
+
+@pytest.mark.parametrize("transform", list(TRANSFORMS))
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_transform_matches_torch(backend, case, transform):
+    args = case.inputs()
+    with limit_block(case.max_block):
+        actual = TRANSFORMS[transform](case.fused, args, case)
+    expected = TRANSFORMS[transform](case.torch, args, case)
+    torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_forward_mode_dual_tensors(backend, case):
+    args = case.inputs()
+    tangents = tuple(a.cos() for a in args)
+    with torch.autograd.forward_ad.dual_level():
+        duals = [torch.autograd.forward_ad.make_dual(a, t) for a, t in zip(args, tangents, strict=True)]
+        with limit_block(case.max_block):
+            actual = torch.autograd.forward_ad.unpack_dual(case.fused(*duals))
+    _, expected = torch.func.jvp(case.torch, args, tangents)
+    torch.testing.assert_close(actual.tangent, expected, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_batched_gradients(backend, case):
+    """torch.autograd.grad(is_grads_batched=True): per-sample vector-Jacobian products."""
+    args = [a.requires_grad_() for a in case.inputs()]
+    grads = random((2, *case.torch(*args).shape), torch.float64, seed=7)
+    with limit_block(case.max_block):
+        actual = torch.autograd.grad(case.fused(*args), args, grads, is_grads_batched=True)
+    expected = torch.autograd.grad(case.torch(*args), args, grads, is_grads_batched=True)
+    torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_gradcheck_with_batched_and_forward_checks(kernels, case):
+    args = [a.requires_grad_() for a in case.inputs()]
+    with limit_block(case.max_block):
+        assert torch.autograd.gradcheck(
+            case.fused, args, check_batched_grad=True, check_forward_ad=True, check_batched_forward_grad=True
+        )
+        assert torch.autograd.gradgradcheck(
+            case.fused, args, check_batched_grad=True, check_fwd_over_rev=True, check_rev_over_rev=True
+        )
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.name != "attention"], ids=str)
+def test_vmap_is_one_launch_per_kernel(kernels, launches, case):
+    """A vmapped call launches what one unbatched call does, whatever the batch size; so do
+    per-sample gradients (a forward and a backward) and jacrev's batch of basis vectors."""
+    args = case.inputs()
+    with limit_block(case.max_block):
+        case.fused(*case.first(args))
+        assert len(launches) == 1
+        torch.func.vmap(case.fused, case.batch_dims(args))(*args)
+        assert len(launches) == 2
+        torch.func.vmap(torch.func.grad(_scalar(case.fused)), case.batch_dims(args))(*args)
+        assert len(launches) == 4
+        torch.func.jacrev(case.fused)(*args)
+        assert len(launches) == 6
+
+
+def test_vmap_over_a_mask_that_is_batched_alone(backend):
+    """Per-example masks over shared scores: the scores are expanded (a view), the mask gets
+    unit dims after the batch so it still broadcasts over the heads."""
+    scores = random((2, 4, 5), torch.float64)
+    masks = torch.stack([_keep_mask((4, 5)), _keep_mask((4, 5)).flip(-1)])  # [B, Lq, Lk] of [H, Lq, Lk] scores
+    masks[..., -1] = True
+    actual = torch.func.vmap(lambda m: fused_softmax.masked_softmax(scores, m[None], scale=SCALE))(masks)
+    expected = torch.stack([_torch_masked(scores, m, scale=SCALE) for m in masks])
+    torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-10)
+
+
+def test_vmap_over_0d_inputs(backend):
+    x = random((4,), torch.float64)
+    torch.testing.assert_close(torch.func.vmap(lambda t: fused_softmax.log_softmax(t, 0))(x), torch.zeros(4).double())
+    jac = torch.func.vmap(torch.func.jacrev(lambda t: fused_softmax.softmax(t, -1)))(x)
+    torch.testing.assert_close(jac, torch.zeros(4).double())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", ["softmax", "log_softmax"])
+def test_half_precision_double_backward_is_as_accurate_as_torch(kernels, name, dtype):
+    """The second derivatives' row sums are in fp32: error against float64 within 2x torch's."""
+    x, dy, ddx = (random((4, 64), torch.float64, seed=s, scale=1.0) for s in range(3))
+
+    def second_derivatives(function, dtype):
+        inputs = [x.to(dtype).requires_grad_(), dy.to(dtype).requires_grad_()]
+        (dx,) = torch.autograd.grad(function(inputs[0], 1), inputs[0], inputs[1], create_graph=True)
+        return torch.autograd.grad(dx, inputs, ddx.to(dtype))
+
+    expected = second_derivatives(getattr(F, name), torch.float64)
+    ours = second_derivatives(getattr(fused_softmax, name), dtype)
+    with fused_softmax.use_backend("torch"):
+        torchs = second_derivatives(getattr(F, name), dtype)
+    for actual, reference, twin in zip(ours, expected, torchs, strict=True):
+        assert actual.dtype == dtype
+        assert_no_less_accurate_than_torch(actual, reference, twin)
+
+
+@pytest.mark.parametrize("name", ["softmax", "log_softmax"])
+def test_bf16_input_with_float64_output_gets_its_gradient(kernels, name):
+    """The backward computes in fp64 and writes bf16 through fp32, as torch's cast does: not the
+    zeros or NaN of a direct fp64 -> bf16 conversion under the interpreter."""
+    x = random((3, 40), torch.bfloat16).requires_grad_()
+    dy = random((3, 40), torch.float64, seed=1)
+    (dx,) = torch.autograd.grad(getattr(fused_softmax, name)(x, 1, dtype=torch.float64), x, dy)
+    x64 = x.detach().double().requires_grad_()
+    (expected,) = torch.autograd.grad(getattr(F, name)(x64, 1), x64, dy)
+    assert dx.dtype == torch.bfloat16 and dx.abs().sum() > 0
+    rtol, atol = TOLERANCES[torch.bfloat16]
+    torch.testing.assert_close(dx, expected.to(torch.bfloat16), rtol=rtol, atol=atol)
