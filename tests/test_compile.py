@@ -57,3 +57,27 @@ def test_opcheck(kernels, device, op_name, dtype):
         torch.library.opcheck(backward, (y, dy, dim, dtype))
     if dtype in (torch.float16, torch.bfloat16):
         torch.library.opcheck(forward, (x, 1, torch.float32))
+
+
+@pytest.mark.parametrize("name", ["torch", "triton"])
+def test_fullgraph_vmap_is_one_launch(device, launches, name):
+    """Under torch.compile the ops' vmap rules serve: the batch is one more dim of one launch."""
+    torch._dynamo.reset()
+    scores = torch.randn(3, 2, 4, 5, device=device, dtype=torch.float64)
+
+    def model(s):
+        return fused_softmax.masked_softmax(fused_softmax.log_softmax(s, dim=1), scale=0.5, causal=True)
+
+    with fused_softmax.use_backend(name):
+        y = torch.compile(torch.func.vmap(model), fullgraph=True, backend="aot_eager")(scores)
+    expected = torch.softmax(
+        (torch.log_softmax(scores, 2) * 0.5).masked_fill(~torch.ones(4, 5).tril().bool(), -torch.inf), -1
+    )
+    torch.testing.assert_close(y, expected)
+    assert len(launches) == (2 if name == "triton" else 0)
+
+
+def test_opcheck_jacobian_product(kernels, device):
+    y = torch.softmax(torch.randn(4, 19, device=device), 1)
+    for kind in ("softmax", "log_softmax_vjp", "log_softmax_jvp"):
+        torch.library.opcheck(ops.jacobian_product, (y, torch.randn_like(y), 1, torch.float32, kind, 0.5))
