@@ -30,6 +30,7 @@ class Overrides:
     device: object = None  # the DeviceProperties to plan for, instead of the tensors' device's
     observers: tuple = ()  # callables given each Launch before it runs
     run: bool = True  # False: plan and observe launches, run none (the offline machine-code audit)
+    min_split_bytes: float | None = None  # the split-row regime's threshold, instead of the heuristic's
 
 
 _overrides = Overrides()
@@ -79,6 +80,18 @@ class Plan:
         n_outer, _, n_inner = self.sizes
         return (self.config.grid(n_outer, n_inner, self.device),)
 
+    @property
+    def n_rows(self):
+        return self.sizes[0] * self.sizes[2]
+
+    def of_inputs(self, count):
+        """The plan of a launch that takes only the first ``count`` tensors (a split row's first phase)."""
+        return dataclasses.replace(self, tensors=self.tensors[:count], strides=self.strides[:count])
+
+    def chunk_arguments(self):
+        """A split row's chunking, for the split-row kernels (chunk_cols divided by ALIGN)."""
+        return dict(chunk_cols=self.config.chunk_cols // self.align, n_chunks=self.config.chunks)
+
     def arguments(self, *names):
         """The kernel's keyword arguments for the tensors, called ``names`` there: pointers, sizes
         and strides (n_cols and the row strides divided by ALIGN), ALIGN and the tile's constexprs."""
@@ -92,9 +105,10 @@ class Plan:
         return args | self.config.constexprs()
 
 
-def plan(tensors, dim, *, backward, masking=None):
+def plan(tensors, dim, *, backward, masking=None, split=False):
     """The launch over ``tensors`` along ``dim``: views, alignment (shared with a mask in
-    ``masking``) and the heuristic's configuration for the forward or ``backward`` kernel."""
+    ``masking``) and the heuristic's configuration for the forward or ``backward`` kernel; with
+    ``split``, for jobs that have a split-row regime, one that may cut the rows into chunks."""
     device = _overrides.device or device_properties(tensors[0].device)
     tensors, sizes, strides = row_views(tensors, dim % max(tensors[0].dim(), 1))
     aligned = list(tensors), [(col, outer, inner) for outer, col, inner in strides]
@@ -104,7 +118,13 @@ def plan(tensors, dim, *, backward, masking=None):
         aligned[1].append((key, batch, head, query))
     align = alignment(*aligned, sizes[1])
     contiguous_rows = sizes[2] if strides[0][2] == 1 and strides[0][1] != 1 else 1
-    config = kernels().launch_config(
+    heuristics = kernels().heuristics
+    splitting = {}
+    if split:
+        splitting = dict(n_rows=sizes[0] * sizes[2], min_split_bytes=heuristics.SPLIT_MIN_BYTES)
+        if _overrides.min_split_bytes is not None:
+            splitting["min_split_bytes"] = _overrides.min_split_bytes
+    config = heuristics.launch_config(
         sizes[1],
         max(t.element_size() for t in tensors),
         device,
@@ -113,6 +133,7 @@ def plan(tensors, dim, *, backward, masking=None):
         align=align,
         contiguous_rows=contiguous_rows,
         max_block=_overrides.max_block,
+        **splitting,
     )
     return Plan(tuple(tensors), tuple(strides), sizes, align, config, device)
 
@@ -143,6 +164,11 @@ def _run(kernel, p, args):
         kernel[p.grid](**args, num_warps=p.config.num_warps, enable_fp_fusion=True)
 
 
+def triton_next_power_of_2(n):
+    """The power of two at or above ``n`` (triton.next_power_of_2, without importing Triton here)."""
+    return 1 << (n - 1).bit_length()
+
+
 @functools.lru_cache(maxsize=64)
 def fp32_pair(value):
     """``value`` as two fp32 numbers whose sum is it to ~2^-48: Triton passes floats as fp32."""
@@ -168,21 +194,49 @@ def softmax_forward(x, dim, out_dtype, log=False):
     """softmax (or log_softmax) of ``x`` along ``dim``, contiguous, in ``out_dtype``."""
     y = empty(x.shape, out_dtype, x.device)
     if y.numel():
-        p = plan((x, y), dim, backward=False)
-        args = p.arguments("x", "y") | dict(ONLINE=p.config.online, LOG=log)
-        _run(kernels().softmax_forward_kernel, p, args)
+        p = plan((x, y), dim, backward=False, split=True)
+        if p.config.chunks > 1:
+            _split_forward(p, log)
+        else:
+            args = p.arguments("x", "y") | dict(ONLINE=p.config.online, LOG=log)
+            _run(kernels().softmax_forward_kernel, p, args)
     return y
+
+
+def _chunk_values(p, x):
+    return empty((p.n_rows, p.config.chunks), stats_dtype(x.dtype), x.device)
+
+
+def _split_forward(p, log):
+    """The split-row forward: each chunk's statistics, then each chunk of y from its row's."""
+    maxes, sums = _chunk_values(p, p.tensors[0]), _chunk_values(p, p.tensors[0])
+    first = p.of_inputs(1)
+    _run(
+        kernels().chunk_statistics_kernel,
+        first,
+        first.arguments("x") | p.chunk_arguments() | dict(maxes_ptr=maxes, sums_ptr=sums),
+    )
+    args = p.arguments("x", "y") | p.chunk_arguments() | dict(maxes_ptr=maxes, sums_ptr=sums, LOG=log)
+    _run(kernels().chunk_normalise_kernel, p, args | dict(CHUNKS=triton_next_power_of_2(p.config.chunks)))
 
 
 def jacobian_product(y, v, dim, out_dtype, kind, scale=1.0):
     """``scale`` times the product ``kind`` (see ``_jacobian``) of v with softmax's Jacobian at y,
-    along ``dim``, contiguous, in ``out_dtype``: the backward kernel."""
+    along ``dim``, contiguous, in ``out_dtype``: the backward kernel, or the split-row pair."""
     out = empty(y.shape, out_dtype, y.device)
     if out.numel():
-        p = plan((y, v, out), dim, backward=True)
+        p = plan((y, v, out), dim, backward=True, split=True)
         high, low = fp32_pair(scale)
-        args = p.arguments("y", "dy", "dx") | dict(scale_high=high, scale_low=low, ONLINE=p.config.online, PRODUCT=kind)
-        _run(kernels().softmax_backward_kernel, p, args)
+        args = p.arguments("y", "dy", "dx") | dict(scale_high=high, scale_low=low, PRODUCT=kind)
+        if p.config.chunks > 1:
+            sums = _chunk_values(p, y)
+            first = p.of_inputs(2)
+            first_args = first.arguments("y", "dy") | p.chunk_arguments() | dict(sums_ptr=sums, PRODUCT=kind)
+            _run(kernels().chunk_row_sums_kernel, first, first_args)
+            chunks = dict(sums_ptr=sums, CHUNKS=triton_next_power_of_2(p.config.chunks))
+            _run(kernels().chunk_product_kernel, p, args | p.chunk_arguments() | chunks)
+        else:
+            _run(kernels().softmax_backward_kernel, p, args | dict(ONLINE=p.config.online))
     return out
 
 

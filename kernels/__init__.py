@@ -4,11 +4,12 @@
 - softmax / log-softmax forward and backward (masked_softmax's backward too): ``softmax``;
 - masked_softmax forward (scale, mask, causal diagonal): ``attention``;
 - the sharded softmax's row statistics, y from the log-sum-exp, the backward's row sums and dx
-  from them: ``row_stats``.
+  from them: ``row_stats``;
+- the split-row regime, rows too few to fill the GPU cut into chunks: ``split_row``.
 """
 
 from .attention import masked_softmax_forward_kernel
-from .heuristics import H100, DeviceProperties, LaunchConfig, launch_config
+from .heuristics import H100, H200, DeviceProperties, LaunchConfig, launch_config
 from .row_stats import (
     backward_row_sums_kernel,
     backward_with_row_sums_kernel,
@@ -16,13 +17,19 @@ from .row_stats import (
     row_statistics_kernel,
 )
 from .softmax import softmax_backward_kernel, softmax_forward_kernel
+from .split_row import chunk_normalise_kernel, chunk_product_kernel, chunk_row_sums_kernel, chunk_statistics_kernel
 
 __all__ = [
     "H100",
+    "H200",
     "DeviceProperties",
     "LaunchConfig",
     "backward_row_sums_kernel",
     "backward_with_row_sums_kernel",
+    "chunk_normalise_kernel",
+    "chunk_product_kernel",
+    "chunk_row_sums_kernel",
+    "chunk_statistics_kernel",
     "launch_config",
     "masked_softmax_forward_kernel",
     "normalise_with_lse_kernel",

@@ -16,10 +16,16 @@ machine without a GPU (see ``fused_softmax.bench.machine_code``). The rules:
 - Warps are sized so each thread issues about four accesses per tile (two for attention
   scores, whose masking needs registers; its online tile is half the size too).
 - The grid is persistent: at most as many programs as the SMs hold at once.
+- Rows too few to fill the GPU are split (``kernels.split_row``). By Little's law, memory runs
+  at its bandwidth only with bandwidth x latency bytes in flight, and only when every SM is
+  working: where the tiles would leave SMs idle or keep less than that in flight, a row is cut
+  into chunks of online tiles until (rows x chunks) programs do both. Tensors under
+  ``SPLIT_MIN_BYTES`` are not split: their time is the launch, and a split takes two.
 """
 
 import functools
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 import triton
 import triton.language as tl
@@ -32,19 +38,31 @@ SECTOR_BYTES = 32
 # fp64 exp and log (libdevice) need many registers of their own: compiled for sm_90, fp64
 # rows up to this length stay on chip without spilling.
 FP64_ON_CHIP = 8192
+SPLIT_MIN_BYTES = 1 << 20
+# Programs in flight wanted beyond the bare Little's-law need, for the tail of a wave.
+IN_FLIGHT_MARGIN = 1.25
 
 
 @dataclass(frozen=True)
 class DeviceProperties:
-    """What the heuristic needs to know about a GPU."""
+    """What the heuristic needs to know about a GPU. Bandwidth (bytes/s, the datasheet's) and
+    latency (s, a DRAM load's under load) give the bytes that must be in flight."""
 
     name: str
     sm_count: int
     registers_per_sm: int = 65536
     max_threads_per_sm: int = 2048
+    memory_bandwidth: float = 3.35e12
+    memory_latency: float = 800e-9
+    l2_bytes: int = 50 * 2**20
+
+    @property
+    def bytes_in_flight_needed(self) -> float:
+        return self.memory_bandwidth * self.memory_latency
 
 
 H100 = DeviceProperties(name="NVIDIA H100 80GB HBM3", sm_count=132)
+H200 = DeviceProperties(name="NVIDIA H200", sm_count=132, memory_bandwidth=4.8e12, l2_bytes=60 * 2**20)
 
 
 @dataclass(frozen=True)
@@ -54,11 +72,16 @@ class LaunchConfig:
     num_warps: int
     online: bool
     compute_dtype: tl.dtype
+    chunks: int = 1  # > 1: the split-row regime, each row cut into this many chunks
+    chunk_cols: int = 0  # the split-row regime's chunk length, a multiple of block_n
 
     @property
     def regime(self) -> str:
         """How a program covers its rows: 'multi_row' (several whole rows per tile), 'single_pass'
-        (one whole row on chip) or 'online' (a row streamed through blocks, two sweeps)."""
+        (one whole row on chip), 'online' (a row streamed through blocks, two sweeps) or 'split'
+        (a chunk of a row, several programs per row, two launches)."""
+        if self.chunks > 1:
+            return "split"
         if self.online:
             return "online"
         return "multi_row" if self.rows_per_program > 1 else "single_pass"
@@ -68,11 +91,15 @@ class LaunchConfig:
         ONLINE only to the kernels that have both regimes."""
         return dict(BLOCK_N=self.block_n, ROWS=self.rows_per_program, COMPUTE_DTYPE=self.compute_dtype)
 
+    def resident_programs(self, device: DeviceProperties) -> int:
+        """Programs the GPU holds at once (the warps being the limit)."""
+        return device.sm_count * max(1, device.max_threads_per_sm // (32 * self.num_warps))
+
     def grid(self, n_outer: int, n_inner: int, device: DeviceProperties) -> int:
-        """Persistent grid: enough programs to fill every SM, never more than there are tiles."""
-        tiles = n_outer * triton.cdiv(n_inner, self.rows_per_program)
-        resident = max(1, device.max_threads_per_sm // (32 * self.num_warps))
-        return max(1, min(tiles, device.sm_count * resident))
+        """Persistent grid: enough programs to fill every SM, never more than there are work
+        items (tiles, times the chunks of a split row)."""
+        items = n_outer * triton.cdiv(n_inner, self.rows_per_program) * self.chunks
+        return max(1, min(items, self.resident_programs(device)))
 
 
 def max_on_chip_elements(compute_bytes: int, live_tensors: int, wide: bool, device: DeviceProperties) -> int:
@@ -82,7 +109,38 @@ def max_on_chip_elements(compute_bytes: int, live_tensors: int, wide: bool, devi
     return MAX_WARPS * 32 * values
 
 
-@functools.cache
+def tile_load_bytes(config: LaunchConfig, elem_bytes: int, backward: bool) -> int:
+    """The bytes one program has in flight: one tile of each tensor it reads (x; y and dy)."""
+    return config.rows_per_program * config.block_n * elem_bytes * (2 if backward else 1)
+
+
+def _split(config, n_rows, n_cols, elem_bytes, device, backward, align, vector, min_split_bytes):
+    """``config`` with its rows cut into chunks where its tiles would leave SMs idle or keep too
+    little in flight (bandwidth x latency, or the whole input if that is less); unchanged where
+    the rows fill the GPU or the tensor is small."""
+    if n_rows is None or n_rows * n_cols * elem_bytes < min_split_bytes:
+        return config
+    tiles = triton.cdiv(n_rows, config.rows_per_program)
+    reads = n_rows * n_cols * elem_bytes * (2 if backward else 1)
+    needed = min(IN_FLIGHT_MARGIN * device.bytes_in_flight_needed, reads)
+    programs = min(tiles, config.resident_programs(device))
+    if programs >= device.sm_count and programs * tile_load_bytes(config, elem_bytes, backward) >= needed:
+        return config
+    tiled = replace(config, block_n=min(ONLINE_BLOCK, config.block_n), online=True)
+    wanted = max(device.sm_count, math.ceil(needed / tile_load_bytes(tiled, elem_bytes, backward)))
+    chunks = triton.cdiv(wanted, tiles)
+    # Chunks of whole blocks, at least ``chunks`` of them: a block of the largest power of two
+    # that fits a chunk, and chunks of as many blocks as fit.
+    per_chunk = max(1, n_cols // chunks)
+    block = max(align, min(tiled.block_n, 1 << (per_chunk.bit_length() - 1)))
+    chunk_cols = max(block, per_chunk // block * block)
+    if triton.cdiv(n_cols, chunk_cols) < 2:
+        return config
+    tiled = replace(tiled, block_n=block, num_warps=_warps(config.rows_per_program, block, vector, False))
+    return replace(tiled, chunks=triton.cdiv(n_cols, chunk_cols), chunk_cols=chunk_cols)
+
+
+@functools.lru_cache(maxsize=4096)
 def launch_config(
     n_cols: int,
     elem_bytes: int,
@@ -93,6 +151,8 @@ def launch_config(
     align: int = 1,
     contiguous_rows: int = 1,
     max_block: int | None = None,
+    n_rows: int | None = None,
+    min_split_bytes: float = SPLIT_MIN_BYTES,
 ) -> LaunchConfig:
     """Pick the regime, tile and warps for rows of ``n_cols`` elements.
 
@@ -102,7 +162,9 @@ def launch_config(
     twice the warps. ``align``: the proven alignment of rows, in elements (accesses are 128-bit
     when it reaches 16 bytes). ``contiguous_rows``: how many neighbouring rows lie at unit stride
     (1 when the columns are unit-stride). ``max_block`` caps the on-chip row, a power of two;
-    tests use it to reach the online regime with tiny rows.
+    tests use it to reach the online regime with tiny rows. ``n_rows``: how many rows the
+    launch has, given by the jobs that have a split-row regime (not attention scores): it
+    decides that regime, unless the tensor is under ``min_split_bytes``.
     """
     compute_bytes = 8 if elem_bytes == 8 else 4
     wide = align * elem_bytes >= VECTOR_BYTES
@@ -124,11 +186,17 @@ def launch_config(
         if contiguous_rows > 1:
             rows = min(rows, row_run)
     vector = align if contiguous_rows == 1 else min(row_run, VECTOR_BYTES // elem_bytes)
-    num_warps = min(MAX_WARPS, max(1, rows * block_n // (vector * 32 * (4 >> attention))))
-    return LaunchConfig(
+    config = LaunchConfig(
         block_n=block_n,
         rows_per_program=rows,
-        num_warps=num_warps,
+        num_warps=_warps(rows, block_n, vector, attention),
         online=online,
         compute_dtype=tl.float64 if compute_bytes == 8 else tl.float32,
     )
+    if attention:
+        return config
+    return _split(config, n_rows, n_cols, elem_bytes, device, backward, align, vector, min_split_bytes)
+
+
+def _warps(rows, block_n, vector, attention):
+    return min(MAX_WARPS, max(1, rows * block_n // (vector * 32 * (4 >> attention))))

@@ -51,7 +51,9 @@ def row_statistics_kernel(
         outer, inner, row_mask, row = tile_rows(tile, n_inner, ROWS)
         x_rows = row_starts(x_ptr, outer, inner, x_stride_outer, x_stride_inner, ALIGN)
         if ONLINE:
-            row_max, row_sum = online_statistics(x_rows, x_stride_col, row_mask, n_cols, ROWS, BLOCK_N, COMPUTE_DTYPE)
+            row_max, row_sum = online_statistics(
+                x_rows, x_stride_col, row_mask, 0, n_cols, ROWS, BLOCK_N, COMPUTE_DTYPE
+            )
         else:
             col = column_block(0, BLOCK_N)
             x = load_block(x_rows, x_stride_col, col, row_mask & (col < n_cols), float("-inf"), COMPUTE_DTYPE)
@@ -122,7 +124,7 @@ def backward_row_sums_kernel(
         dy_rows = row_starts(dy_ptr, outer, inner, dy_stride_outer, dy_stride_inner, ALIGN)
         if ONLINE:
             row_sum = online_row_sums(
-                y_rows, y_stride_col, dy_rows, dy_stride_col, row_mask, n_cols, PRODUCT, ROWS, BLOCK_N, COMPUTE_DTYPE
+                y_rows, y_stride_col, dy_rows, dy_stride_col, row_mask, 0, n_cols, PRODUCT, ROWS, BLOCK_N, COMPUTE_DTYPE
             )
         else:
             col = column_block(0, BLOCK_N)
@@ -173,6 +175,7 @@ def backward_with_row_sums_kernel(
             dx_rows,
             dx_stride_col,
             row_mask,
+            0,
             n_cols,
             row_sum,
             1.0,

@@ -64,7 +64,9 @@ def softmax_forward_kernel(
         x_rows = row_starts(x_ptr, outer, inner, x_stride_outer, x_stride_inner, ALIGN)
         # Output addresses are formed after the statistics, so they are not held across the reductions.
         if ONLINE:
-            row_max, row_sum = online_statistics(x_rows, x_stride_col, row_mask, n_cols, ROWS, BLOCK_N, COMPUTE_DTYPE)
+            row_max, row_sum = online_statistics(
+                x_rows, x_stride_col, row_mask, 0, n_cols, ROWS, BLOCK_N, COMPUTE_DTYPE
+            )
             y_rows = row_starts(y_ptr, outer, inner, y_stride_outer, y_stride_inner, ALIGN)
             normalising_sweep(
                 x_rows,
@@ -72,6 +74,7 @@ def softmax_forward_kernel(
                 y_rows,
                 y_stride_col,
                 row_mask,
+                0,
                 n_cols,
                 row_max,
                 row_sum,
@@ -126,7 +129,7 @@ def softmax_backward_kernel(
         dy_rows = row_starts(dy_ptr, outer, inner, dy_stride_outer, dy_stride_inner, ALIGN)
         if ONLINE:
             row_sum = online_row_sums(
-                y_rows, y_stride_col, dy_rows, dy_stride_col, row_mask, n_cols, PRODUCT, ROWS, BLOCK_N, COMPUTE_DTYPE
+                y_rows, y_stride_col, dy_rows, dy_stride_col, row_mask, 0, n_cols, PRODUCT, ROWS, BLOCK_N, COMPUTE_DTYPE
             )
             dx_rows = row_starts(dx_ptr, outer, inner, dx_stride_outer, dx_stride_inner, ALIGN)
             input_grad_sweep(
@@ -137,6 +140,7 @@ def softmax_backward_kernel(
                 dx_rows,
                 dx_stride_col,
                 row_mask,
+                0,
                 n_cols,
                 row_sum,
                 scale,

@@ -91,14 +91,15 @@ def combine_lanes(lane_max, lane_sum):
 
 @triton.jit
 def online_statistics(
-    x_rows, x_stride_col, row_mask, n_cols, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, COMPUTE_DTYPE: tl.constexpr
+    x_rows, x_stride_col, row_mask, start, stop, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, COMPUTE_DTYPE: tl.constexpr
 ):
-    """Each row's (max, sum of exp(x - max)) over rows longer than a block: one sweep."""
+    """Each row's (max, sum of exp(x - max)) over columns [start, stop), longer than a block: one
+    sweep. (0, n_cols) for whole rows; a split row's chunk otherwise."""
     lane_max = tl.full([ROWS, BLOCK_N], float("-inf"), COMPUTE_DTYPE)
     lane_sum = tl.zeros([ROWS, BLOCK_N], COMPUTE_DTYPE)
-    for start in tl.range(0, n_cols, BLOCK_N):
-        col = column_block(start, BLOCK_N)
-        x = load_block(x_rows, x_stride_col, col, row_mask & (col < n_cols), float("-inf"), COMPUTE_DTYPE)
+    for block_start in tl.range(start, stop, BLOCK_N):
+        col = column_block(block_start, BLOCK_N)
+        x = load_block(x_rows, x_stride_col, col, row_mask & (col < stop), float("-inf"), COMPUTE_DTYPE)
         lane_max, lane_sum = online_step(lane_max, lane_sum, x)
     return combine_lanes(lane_max, lane_sum)
 
@@ -118,19 +119,21 @@ def normalising_sweep(
     y_rows,
     y_stride_col,
     row_mask,
-    n_cols,
+    start,
+    stop,
     row_max,
     row_sum,
     LOG: tl.constexpr,
     BLOCK_N: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
 ):
-    """y of rows longer than a block, given their statistics: a second sweep, walking the row
-    backwards so the blocks the first sweep read last, still in L2, are read again first."""
-    n_blocks = tl.cdiv(n_cols, BLOCK_N)
+    """y over columns [start, stop) of rows longer than a block, given their statistics: a
+    second sweep, walking backwards so the blocks the first sweep read last, still in L2, are
+    read again first."""
+    n_blocks = tl.cdiv(stop - start, BLOCK_N)
     for back in tl.range(0, n_blocks):
-        col = column_block((n_blocks - 1 - back) * BLOCK_N, BLOCK_N)
-        in_bounds = row_mask & (col < n_cols)
+        col = column_block(start + (n_blocks - 1 - back) * BLOCK_N, BLOCK_N)
+        in_bounds = row_mask & (col < stop)
         x = load_block(x_rows, x_stride_col, col, in_bounds, float("-inf"), COMPUTE_DTYPE)
         store_block(y_rows, y_stride_col, col, in_bounds, normalise(x, row_max, row_sum, LOG))
 
@@ -177,17 +180,19 @@ def online_row_sums(
     dy_rows,
     dy_stride_col,
     row_mask,
-    n_cols,
+    start,
+    stop,
     PRODUCT: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
 ):
-    """The backward's row sums over rows longer than a block, accumulated per lane: one sweep."""
+    """The product's row sums over columns [start, stop) of rows longer than a block,
+    accumulated per lane: one sweep."""
     lane_sum = tl.zeros([ROWS, BLOCK_N], COMPUTE_DTYPE)
-    for start in tl.range(0, n_cols, BLOCK_N):
-        col = column_block(start, BLOCK_N)
-        in_bounds = row_mask & (col < n_cols)
+    for block_start in tl.range(start, stop, BLOCK_N):
+        col = column_block(block_start, BLOCK_N)
+        in_bounds = row_mask & (col < stop)
         y = load_block(y_rows, y_stride_col, col, in_bounds, 0.0, COMPUTE_DTYPE)
         lane_sum += summand(y, load_block(dy_rows, dy_stride_col, col, in_bounds, 0.0, COMPUTE_DTYPE), PRODUCT)
     return tl.sum(lane_sum, axis=1, keep_dims=True)
@@ -202,19 +207,20 @@ def input_grad_sweep(
     dx_rows,
     dx_stride_col,
     row_mask,
-    n_cols,
+    start,
+    stop,
     row_sum,
     scale,
     PRODUCT: tl.constexpr,
     BLOCK_N: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
 ):
-    """dx of rows longer than a block, given their row sums: a second sweep, in reverse (see
-    ``normalising_sweep``)."""
-    n_blocks = tl.cdiv(n_cols, BLOCK_N)
+    """dx over columns [start, stop) of rows longer than a block, given their row sums: a second
+    sweep, in reverse (see ``normalising_sweep``)."""
+    n_blocks = tl.cdiv(stop - start, BLOCK_N)
     for back in tl.range(0, n_blocks):
-        col = column_block((n_blocks - 1 - back) * BLOCK_N, BLOCK_N)
-        in_bounds = row_mask & (col < n_cols)
+        col = column_block(start + (n_blocks - 1 - back) * BLOCK_N, BLOCK_N)
+        in_bounds = row_mask & (col < stop)
         y = load_block(y_rows, y_stride_col, col, in_bounds, 0.0, COMPUTE_DTYPE)
         dy = load_block(dy_rows, dy_stride_col, col, in_bounds, 0.0, COMPUTE_DTYPE)
         store_block(dx_rows, dx_stride_col, col, in_bounds, input_grad(y, dy, row_sum, PRODUCT) * scale)

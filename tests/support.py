@@ -47,10 +47,11 @@ def assert_no_less_accurate_than_torch(actual, expected, torch_actual):
 
 
 def regime(shape, dtype, *, backward=False, max_block=None, dim=-1):
-    """The regime the launch for a contiguous ``shape`` takes: 'multi_row', 'single_pass' or 'online'."""
+    """The regime softmax's launch for a contiguous ``shape`` takes: 'multi_row', 'single_pass',
+    'online' or 'split'."""
     tensors = [torch.empty(shape, dtype=dtype) for _ in range(3 if backward else 2)]
     with limit_block(max_block):
-        return plan(tensors, dim % len(shape), backward=backward).config.regime
+        return plan(tensors, dim % len(shape), backward=backward, split=True).config.regime
 
 
 def random(shape, dtype=torch.float32, device="cpu", scale=3.0, seed=0):

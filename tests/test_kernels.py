@@ -1,6 +1,8 @@
 """The Triton kernels against the float64 reference, in every regime, dtype and edge value,
 for softmax and log_softmax."""
 
+import math
+
 import pytest
 import torch
 from support import (
@@ -16,7 +18,7 @@ from support import (
 
 import fused_softmax
 from fused_softmax import _launch
-from fused_softmax.testing import limit_block, planned_for, reference
+from fused_softmax.testing import limit_block, planned_for, reference, split_threshold
 
 
 def test_cases_reach_every_regime():
@@ -113,14 +115,17 @@ def test_gradcheck_through_kernels(kernels, device, op, max_block, dim):
         assert torch.autograd.gradgradcheck(lambda t: op.fused(t, dim=dim), (x,))
 
 
-def test_long_row(kernels, device, op):
-    """No cap on row length: a row of 2^20 + 3 elements streams through the online regime."""
+@pytest.mark.parametrize("threshold", [None, math.inf], ids=["split", "online"])
+def test_long_row(kernels, device, op, threshold):
+    """No cap on row length: a row of 2^20 + 3 elements is split across programs (the regime of
+    few long rows), or, kept whole, streams through one program's online regime."""
     n = 2**20 + 3
-    assert regime((1, n), torch.float32) == "online"
-    x = random((1, n), torch.float32, device, scale=5.0).requires_grad_()
-    dy = random((1, n), torch.float32, device, seed=1)
-    y = op.fused(x, dim=-1)
-    (dx,) = torch.autograd.grad(y, x, dy)
+    with split_threshold(threshold):
+        assert regime((1, n), torch.float32) == ("online" if threshold else "split")
+        x = random((1, n), torch.float32, device, scale=5.0).requires_grad_()
+        dy = random((1, n), torch.float32, device, seed=1)
+        y = op.fused(x, dim=-1)
+        (dx,) = torch.autograd.grad(y, x, dy)
     assert_close(y, op.reference(x))
     assert_close(dx, op.reference_backward(op.reference(x), dy))
 

@@ -36,6 +36,14 @@ def limit_block(max_block):
 
 
 @contextlib.contextmanager
+def split_threshold(min_bytes):
+    """Tensors of at least ``min_bytes`` whose rows do not fill the GPU take the split-row regime
+    (the heuristic's threshold is 1 MiB): 0 makes tiny test tensors split, ``math.inf`` none."""
+    with _launch.overridden(min_split_bytes=min_bytes):
+        yield
+
+
+@contextlib.contextmanager
 def planned_for(device):
     """Plan every launch for ``device`` (a ``kernels.DeviceProperties``): its grid and configuration."""
     with _launch.overridden(device=device):
@@ -107,5 +115,6 @@ __all__ = [
     "planned_for",
     "poisoned_outputs",
     "recorded_launches",
+    "split_threshold",
     "reference",
 ]
