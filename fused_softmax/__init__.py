@@ -9,6 +9,7 @@ Triton's interpreter. Triton is imported on first use.
 from ._backend import use_backend
 from .attention import MaskedSoftmaxFunction, attention, masked_softmax
 from .dropin import disable, enable, patch, swap_modules
+from .explain import explain
 from .functional import LogSoftmaxFunction, SoftmaxFunction, log_softmax, softmax
 from .modules import LogSoftmax, Softmax
 from .multihead_attention import MultiheadAttention
@@ -23,6 +24,7 @@ __all__ = [
     "SoftmaxFunction",
     "disable",
     "enable",
+    "explain",
     "log_softmax",
     "masked_softmax",
     "patch",

@@ -123,8 +123,9 @@ def _split(config, n_rows, n_cols, elem_bytes, device, backward, align, vector, 
     tiles = triton.cdiv(n_rows, config.rows_per_program)
     reads = n_rows * n_cols * elem_bytes * (2 if backward else 1)
     needed = min(IN_FLIGHT_MARGIN * device.bytes_in_flight_needed, reads)
-    programs = min(tiles, config.resident_programs(device))
-    if programs >= device.sm_count and programs * tile_load_bytes(config, elem_bytes, backward) >= needed:
+    if tiles >= config.resident_programs(device):
+        return config  # the rows alone fill every program the GPU holds: a split adds none
+    if tiles >= device.sm_count and tiles * tile_load_bytes(config, elem_bytes, backward) >= needed:
         return config
     tiled = replace(config, block_n=min(ONLINE_BLOCK, config.block_n), online=True)
     wanted = max(device.sm_count, math.ceil(needed / tile_load_bytes(tiled, elem_bytes, backward)))

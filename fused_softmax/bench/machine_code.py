@@ -36,6 +36,7 @@ import concurrent.futures
 import dataclasses
 import inspect
 import itertools
+import math
 import multiprocessing
 import os
 import pickle
@@ -56,7 +57,7 @@ from triton.runtime.jit import JITFunction
 
 from .. import _launch, kernels
 from ..kernels import LaunchConfig
-from ..testing import recorded_launches
+from ..testing import recorded_launches, split_threshold
 
 TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
 ELEM_BYTES = {name: dtype.itemsize for name, dtype in TORCH_DTYPES.items()}
@@ -199,12 +200,19 @@ def _kernel_of(launch, layout, n):
     return Kernel(launch.name, config, switches, spec, layout, (n, n))
 
 
-def launched(job, *tensors, layout="last dim", n=None):
-    """The Kernel that ``job(*tensors)``, one of the host's job functions, launches."""
+def launched_all(job, *tensors, layout="last dim", n=None):
+    """The Kernels that ``job(*tensors)``, one of the host's job functions, launches, in order."""
     with recorded_launches(run=False) as launches:
         job(*tensors)
-    (launch,) = launches
-    return _kernel_of(launch, layout, n)
+    return [_kernel_of(launch, layout, n) for launch in launches]
+
+
+def launched(job, *tensors, layout="last dim", n=None):
+    """The one Kernel that ``job(*tensors)`` launches. Rows are never split here: the
+    split-row regime's kernels are enumerated on their own (``split_kernels``)."""
+    with split_threshold(math.inf):
+        (kernel,) = launched_all(job, *tensors, layout=layout, n=n)
+    return kernel
 
 
 def _empty(shape, dtype):
@@ -295,12 +303,36 @@ def _mode_launches(n):
 
 
 def mode_kernels():
-    """The masked-softmax and row-statistics kernels at ``MODE_LENGTHS``, deduplicated."""
+    """The masked-softmax and row-statistics kernels at ``MODE_LENGTHS``, then the split-row
+    kernels (``split_kernels``), deduplicated."""
     found = {}
     for n in MODE_LENGTHS:
         for job, tensors, name in _mode_launches(n):
             kernel = launched(job, *tensors, layout=name, n=n)
             found.setdefault(kernel, kernel)
+    return list(found.values()) + split_kernels()
+
+
+# Decoding-sized tensors, the split-row regime's: (rows, row length).
+SPLIT_SHAPES = [(1, 262144), (4, 131072), (32, 32768), (128, 32768)]
+SPLIT_PRODUCTS = ("softmax", "log_softmax_vjp", "log_softmax_jvp")
+
+
+def split_kernels():
+    """The split-row kernels the heuristic gives ``SPLIT_SHAPES`` in each dtype, forward
+    (softmax, log-softmax) and backward (each product), deduplicated; the first phase's kernels
+    (per-chunk values out) named "chunks out", the second's "chunks in"."""
+    found = {}
+    for (m, n), d in itertools.product(SPLIT_SHAPES, MODE_DTYPES):
+        x = _empty((m, n), d)
+        jobs = [lambda x, log=log: _launch.softmax_forward(x, 1, x.dtype, log) for log in (False, True)]
+        jobs += [lambda x, kind=kind: _launch.jacobian_product(x, x, 1, x.dtype, kind) for kind in SPLIT_PRODUCTS]
+        for job in jobs:
+            kernels = launched_all(job, x, n=n)
+            if len(kernels) == 2:
+                for kernel, phase in zip(kernels, ("chunks out", "chunks in"), strict=True):
+                    kernel = dataclasses.replace(kernel, layout=phase)
+                    found.setdefault(kernel, kernel)
     return list(found.values())
 
 

@@ -1,0 +1,67 @@
+"""``explain``: the plan of a launch and its Little's-law prediction, for an H100 or an H200,
+without a GPU. Every shape of at least 4 MiB is predicted at 85 % of the bandwidth or more, and
+the traffic explain states is the traffic the kernels make, counted under the interpreter."""
+
+import pytest
+import torch
+from support import random
+
+import fused_softmax
+from fused_softmax import _launch
+from fused_softmax.explain import main
+from fused_softmax.testing import kernel_traffic, limit_block, split_threshold
+
+# M = 1 to 65,536 rows of N = 128 to 4M, the sweep's range, powers of two and odd lengths.
+SHAPES = [(2**i, n) for i in range(17) for k in range(7, 23) for n in (2**k, 2**k * 3 // 2 + 1)]
+
+
+@pytest.mark.parametrize("device", ["h100", "h200"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+def test_every_large_shape_is_predicted_memory_bound(device, dtype, backward):
+    short = []
+    for shape in SHAPES:
+        size = shape[0] * shape[1] * dtype.itemsize
+        if not 4 * 2**20 <= size <= 2**32:
+            continue
+        e = fused_softmax.explain(shape, dtype=dtype, backward=backward, device=device)
+        if e.predicted_fraction < 0.85:
+            short.append((shape, e.regime, e.grid, round(e.predicted_fraction, 2)))
+    assert not short, short
+
+
+# (shape, dim, max_block, split threshold): on chip, online, split; last dim and an earlier one.
+CASES = [
+    ((4, 300), -1, None, None),
+    ((3, 300), -1, 64, float("inf")),
+    ((3, 300), -1, 64, 0),
+    ((2, 50, 8), 1, 16, 0),
+]
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_explained_traffic_is_the_kernels(kernels, case, backward):
+    shape, dim, max_block, threshold = case
+    x = random(shape)
+    y, dy = torch.softmax(x, dim), random(shape, seed=1)
+    with limit_block(max_block), split_threshold(threshold):
+        e = fused_softmax.explain(x, dim, backward=backward)
+        with kernel_traffic() as traffic:
+            if backward:
+                _launch.softmax_backward(y, dy, dim, y.dtype)
+            else:
+                _launch.softmax_forward(x, dim, x.dtype)
+    assert traffic.total == e.bytes_moved, (e.regime, traffic.total, e.bytes_moved)
+    assert e.regime == ("split" if threshold == 0 else "online" if max_block else "multi_row")
+
+
+def test_a_transposed_tensor_is_explained_through_its_strides():
+    e = fused_softmax.explain(torch.empty(64, 4096).t(), dim=0)
+    assert e.shape == (4096, 64) and e.minimum_bytes == 2 * 4096 * 64 * 4
+
+
+def test_command_line(capsys):
+    main(["4x131072", "--dtype", "bfloat16", "--device", "h200"])
+    out = capsys.readouterr().out
+    assert "regime: split" in out and "NVIDIA H200" in out and "predicted:" in out
