@@ -150,6 +150,7 @@ class GpuCheck:
                 "dry_run": dry_run,
                 "timing": TIMING[dry_run],
                 "budget_s": budget_s,
+                "install": os.environ.get("GPU_CHECK_INSTALL", "as found: not through gpu_check.sh"),
             },
             "copy_gbps": None,
             "skipped": [],
@@ -219,7 +220,7 @@ class GpuCheck:
         if self.dry_run:
             info["device"] = f"DRY RUN, not GPU figures: Triton interpreter on {info['device']}"
         own = self.results["metadata"]
-        self.results["metadata"] = info | {key: own[key] for key in ("dry_run", "timing", "budget_s")}
+        self.results["metadata"] = info | {key: own[key] for key in ("dry_run", "timing", "budget_s", "install")}
         return Outcome(note=f"{info['device']}, commit {info['git_commit']} ({info['commit_source']})")
 
     def _tests(self, key, arguments, deadline):
