@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from . import suite
-from .host_time import TINY_SHAPES, host_times
+from .host_time import MODES, TINY_SHAPES, host_times
 from .provenance import ROOT, metadata
 from .report import cell, counts_text, fused_passed, plot_check, point_label, steps_table, tests_lines, write_check
 from .sweep import (
@@ -89,10 +89,15 @@ def gpu_sizes(device):
     free = torch.cuda.mem_get_info(device)[0]
     sm_count = torch.cuda.get_device_properties(device).multi_processor_count
     input_bytes = min(QUICK_INPUT_BYTES, free // FREE_MEMORY_SHARE)
-    dtypes = list(CHECK_DTYPES.values())
     workers = min(8, os.cpu_count() or 1)
+    # A dtype's shapes together, so a sweep cut at its limit loses the last dtype, not the decoding shapes.
+    problems = [
+        problem
+        for dtype in CHECK_DTYPES.values()
+        for problem in (*sweep_problems([dtype], True, sm_count, input_bytes), *decode_problems([dtype]))
+    ]
     return Sizes(
-        problems=(*sweep_problems(dtypes, True, sm_count, input_bytes), *decode_problems(dtypes)),
+        problems=tuple(problems),
         timer=do_bench_timer(10, 40),
         copy_bytes=2**30,
         host_shapes=TINY_SHAPES,
@@ -124,6 +129,8 @@ def dry_run_sizes():
 
 @dataclasses.dataclass
 class Outcome:
+    """How a step ended: ``cut`` at its limit or not, and a line for the report."""
+
     cut: bool = False
     note: str = ""
 
@@ -137,6 +144,8 @@ def _stop(signum, frame):
 
 
 class GpuCheck:
+    """The steps, their limits, and the results they add to, written out after each."""
+
     def __init__(self, out_dir, dry_run, budget_s, commit, started):
         self.device = torch.device("cpu") if dry_run else torch.device("cuda", torch.cuda.current_device())
         self.dry_run, self.commit, self.out_dir = dry_run, commit, out_dir
@@ -277,7 +286,7 @@ class GpuCheck:
     def small_calls(self, deadline):
         sizes = self.sizes
         records = host_times(sizes.host_dtypes, self.device, sizes.host_shapes, sizes.host_blocks, sizes.host_block_s)
-        total = len(sizes.host_shapes) * len(sizes.host_dtypes) * 2
+        total = len(sizes.host_shapes) * len(sizes.host_dtypes) * len(MODES)
         for done, record in enumerate(records, 1):
             self.results["host_time"].append(record)
             if time.perf_counter() > deadline and done < total:
