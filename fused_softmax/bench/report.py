@@ -1,7 +1,9 @@
-"""Reports of the benchmark sweep: markdown tables, plots, and the README's performance section.
+"""Reports of the benchmark sweep and the GPU check: markdown tables, plots, and the README's
+performance section.
 
-Kept apart from the measuring (``sweep``) so that a committed results.json can be
-re-rendered, and the README regenerated from it, without a GPU.
+Kept apart from the measuring (``sweep``, ``gpu_check``) so that a committed results.json can
+be re-rendered, and the README regenerated from it, without a GPU. A dry run's numbers (the
+Triton interpreter on a CPU) are flagged in every report and never reach the README.
 """
 
 import json
@@ -14,7 +16,9 @@ def point_label(record):
 
 
 def cell(record):
-    """'GB/s (% of copy)', with WRONG or the error where the check failed."""
+    """'GB/s (% of copy)', with WRONG or the error where the check failed; blank where not measured."""
+    if not record:
+        return ""
     if "error" in record:
         return "error"
     cell = f"{record['gbps']:,.0f} ({record['pct_of_copy']:.0f}%)"
@@ -54,10 +58,15 @@ def by_point(records):
 
 
 def markdown(metadata, copy, records, skipped):
-    impls = list(dict.fromkeys(record["implementation"] for record in records))
     lines = [f"# fused_softmax benchmark: {metadata['device']}", ""]
     lines += [f"- {key}: {value}" for key, value in metadata.items()]
-    lines += [
+    return "\n".join(lines + sweep_tables(copy, records, skipped)) + "\n"
+
+
+def sweep_tables(copy, records, skipped):
+    """The sweep's lines: what a cell means, a table per dtype and direction, the failures."""
+    impls = list(dict.fromkeys(record["implementation"] for record in records))
+    lines = [
         "",
         f"Device-to-device copy: {copy:,.0f} GB/s. Cells: GB/s (% of copy), where GB/s is the bytes a perfect kernel "
         "moves (forward: read x, write y; backward: read y and dy, write dx) over the median time. WRONG: max abs "
@@ -84,17 +93,25 @@ def markdown(metadata, copy, records, skipped):
     failures = [failure(record) for record in records if not record["ok"]]
     if failures:
         lines += ["", "## Failures", "", *(f"- {failure}" for failure in failures)]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
-def plot(out_dir, records, copy, device_name):
-    """One PNG per dtype and direction: GB/s against N, a line per implementation; none without matplotlib."""
+def _pyplot():
+    """matplotlib.pyplot on a file-only backend, or None where matplotlib is not installed."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot(out_dir, records, copy, device_name):
+    """One PNG per dtype and direction: GB/s against N, a line per implementation; none without matplotlib."""
+    plt = _pyplot()
+    if plt is None:
         return []
     impls = list(dict.fromkeys(record["implementation"] for record in records))
     paths = []
@@ -140,26 +157,175 @@ def plot(out_dir, records, copy, device_name):
 def comparison_table(records):
     """fused_softmax against torch eager, a row per problem and direction."""
     rows = []
-    for points in by_point(records).values():
+    for (dtype, direction), points in by_point(records).items():
         for (_, n_rows, n_cols), by_impl in points.items():
-            fused, eager = by_impl["fused_softmax"], by_impl["torch"]
+            fused, eager = by_impl.get("fused_softmax", {}), by_impl.get("torch", {})
             speedup = f"{fused['gbps'] / eager['gbps']:.2f}x" if "gbps" in fused and "gbps" in eager else ""
             error = f"{fused['max_abs_err']:.2g}" if "max_abs_err" in fused else fused.get("error", "")
             rows.append(
                 [
                     f"{n_rows}x{n_cols}",
-                    fused["dtype"],
-                    fused["direction"],
-                    fused["fused_regime"],
+                    dtype,
+                    direction,
+                    next(iter(by_impl.values()))["fused_regime"],
                     cell(fused),
                     cell(eager),
                     speedup,
                     error,
-                    "ok" if fused["ok"] else "FAIL",
+                    {True: "ok", False: "FAIL"}.get(fused.get("ok"), "not run"),
                 ]
             )
     headers = ["shape", "dtype", "direction", "regime", "fused_softmax", "torch", "speedup", "max abs err", "check"]
     return table(headers, rows)
+
+
+def plot_decode(out_dir, records, copy, device_name):
+    """decode.png: GB/s against the row count M of the decoding shapes, a panel per dtype and
+    direction, a colour per implementation and a line style per N; None without matplotlib or data."""
+    plt = _pyplot()
+    decode = [record for record in records if record["group"] == "decode" and "gbps" in record]
+    if plt is None or not decode:
+        return None
+    sections = by_point(decode)
+    impls = list(dict.fromkeys(record["implementation"] for record in decode))
+    lines = ("-", "--", ":", "-.")
+    styles = {n_cols: lines[i % len(lines)] for i, n_cols in enumerate(sorted({r["n_cols"] for r in decode}))}
+    fig, axes = plt.subplots(1, len(sections), figsize=(5.5 * len(sections), 5), squeeze=False)
+    for ax, ((dtype, direction), points) in zip(axes[0], sections.items(), strict=True):
+        for color, impl in enumerate(impls):
+            for n_cols, style in styles.items():
+                measured = [
+                    by_impl[impl] for (_, _, cols), by_impl in points.items() if cols == n_cols and impl in by_impl
+                ]
+                if measured:
+                    ax.plot(
+                        [r["n_rows"] for r in measured],
+                        [r["gbps"] for r in measured],
+                        style,
+                        color=f"C{color}",
+                        marker="o",
+                        markersize=3,
+                        label=f"{impl}, N={n_cols:,}",
+                    )
+        ax.axhline(copy, color="gray", linestyle=":", label="device-to-device copy")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("M (rows)")
+        ax.set_ylabel("GB/s")
+        ax.set_ylim(bottom=0)
+        ax.set_title(f"{dtype} {direction}")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=6)
+    fig.suptitle(f"softmax over a few long rows (LLM decoding), {device_name}")
+    path = out_dir / "decode.png"
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _us(value):
+    return "" if value is None else f"{value:,.1f}"
+
+
+def host_time_table(records):
+    """Per-call wall µs of the small shapes, the ratios that matter, and the kernels' own µs."""
+    rows = []
+    for record in records:
+        us, kernel = record["us"], record.get("kernel_us", {})
+        rows.append(
+            [
+                f"{record['n_rows']}x{record['n_cols']}",
+                record["dtype"],
+                record["mode"],
+                _us(us["fused_softmax"]),
+                _us(us["torch"]),
+                _us(us["torch.empty_like"]),
+                f"{us['fused_softmax'] / us['torch']:.1f}x",
+                f"{us['fused_softmax'] / us['torch.empty_like']:.0f}x",
+                _us(kernel.get("fused_softmax")) or record.get("kernel_error", ""),
+                _us(kernel.get("torch")),
+            ]
+        )
+    headers = [
+        "shape",
+        "dtype",
+        "mode",
+        "fused_softmax us",
+        "torch us",
+        "empty_like us",
+        "fused/torch",
+        "fused/empty_like",
+        "fused kernel us",
+        "torch kernel us",
+    ]
+    return table(headers, rows)
+
+
+HOST_TIME_NOTE = (
+    "Wall time per call, median of blocks of many calls with the device synchronized at both ends of "
+    "each block (inference: forward without grad; training: forward and backward through autograd); "
+    "kernel us: CUDA events around CUDA-graph replays, the device's time without the host's."
+)
+
+
+def counts_text(run):
+    """'34 collected: 30 passed, 4 skipped', with what the limit left unrun."""
+    counts = ", ".join(f"{number} {outcome}" for outcome, number in run["counts"].items() if number)
+    cut = f"; cut at its limit, {run['not_run']} not run" if run["cut"] else ""
+    return f"{run['collected']} collected: {counts or 'none run'}{cut}"
+
+
+def tests_lines(tests):
+    """A line per test run: counts, whether the limit cut it, and its first failures."""
+    lines = []
+    for name, run in tests.items():
+        if "counts" not in run:
+            lines.append(f"- {name}: {run.get('note', 'not run')}")
+            continue
+        lines.append(f"- {name} (`{run['selection']}`), {run['elapsed_s']:.0f} s: {counts_text(run)}")
+        for failed in run["failures"]:
+            last = (failed["detail"].strip().splitlines() or [""])[-1]
+            lines.append(f"  - {failed['test']}: {last}")
+    return lines
+
+
+def steps_table(steps):
+    rows = [[s["name"], f"{s['budget_s']:.0f}", f"{s['elapsed_s']:.1f}", s["status"], s.get("note", "")] for s in steps]
+    return table(["step", "budget s", "elapsed s", "status", "note"], rows)
+
+
+DRY_RUN_BANNER = (
+    "**DRY RUN on a CPU: every time below is the Triton interpreter's or the CPU's, by the host's clock. "
+    "These are not GPU figures: they only show that the check runs.**"
+)
+
+
+def check_markdown(results):
+    """The GPU check's report: provenance, each step's budget and outcome, tests, sweep, small calls."""
+    info = results["metadata"]
+    lines = [f"# fused_softmax GPU check: {info['device']}", ""]
+    if info.get("dry_run"):
+        lines += [DRY_RUN_BANNER, ""]
+    lines += [f"- {key}: {value}" for key, value in info.items()]
+    lines += ["", "## Steps", "", steps_table(results["steps"]), "", f"Plots: {results.get('plots', 'not drawn')}"]
+    lines += ["", "## Tests", "", *tests_lines(results["tests"])]
+    if results["results"]:
+        lines += ["", "## Sweep", *sweep_tables(results["copy_gbps"], results["results"], results["skipped"])]
+    if results["host_time"]:
+        lines += ["", "## Small calls", "", HOST_TIME_NOTE, "", host_time_table(results["host_time"])]
+    return "\n".join(lines) + "\n"
+
+
+def write_check(out_dir, results):
+    """results.json and results.md of a GPU check."""
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out_dir / "results.md").write_text(check_markdown(results))
+
+
+def plot_check(out_dir, results):
+    """The sweep's plots and decode.png; [] without matplotlib."""
+    records, copy, name = results["results"], results["copy_gbps"], results["metadata"]["device"]
+    decode = plot_decode(out_dir, records, copy, name)
+    return plot(out_dir, records, copy, name) + ([decode] if decode else [])
 
 
 README_BEGIN = "<!-- performance: generated by python -m fused_softmax.bench.report -->"
@@ -167,8 +333,14 @@ README_END = "<!-- performance: end -->"
 
 
 def readme_section(results, out_dir, readme_dir):
-    """The README's performance section: where the figures came from, a summary table, the plots."""
+    """The README's performance section: where the figures came from, summary tables, the plots.
+
+    A dry run's numbers come from the interpreter on a CPU: they are refused here, so they can
+    never be read as a GPU's.
+    """
     info, copy, records = results["metadata"], results["copy_gbps"], results["results"]
+    if info.get("dry_run"):
+        raise ValueError("a dry run's figures are the Triton interpreter's on a CPU and never go in the README")
     lines = [
         README_BEGIN,
         f"Measured on **{info['device']}** (driver {info['driver']}, CUDA {info['cuda']}, torch {info['torch']}, "
@@ -182,6 +354,17 @@ def readme_section(results, out_dir, readme_dir):
         ),
         "",
     ]
+    decode = [r for r in records if r["group"] == "decode" and r["implementation"] in ("fused_softmax", "torch")]
+    if decode:
+        lines += ["A few long rows, as in LLM decoding:", "", comparison_table(decode), ""]
+    if results.get("host_time"):
+        lines += ["Small calls, where the host sets the pace. " + HOST_TIME_NOTE, ""]
+        lines += [host_time_table(results["host_time"]), ""]
+    if results.get("tests"):
+        lines += ["Tests on this device:", "", *tests_lines(results["tests"]), ""]
+    cut = [f"{step['name']} ({step['note']})" for step in results.get("steps", []) if step["status"] != "done"]
+    if cut:
+        lines += [f"Not run to the end in that check: {'; '.join(cut)}.", ""]
     for png in sorted(out_dir.glob("*.png")):
         lines.append(f"![{png.stem}]({png.relative_to(readme_dir).as_posix()})")
     lines.append(README_END)
@@ -202,9 +385,13 @@ def main(argv=None):
     out_dir = Path(argv[0])
     readme = Path(argv[1]) if len(argv) > 1 else Path("README.md")
     results = json.loads((out_dir / "results.json").read_text())
-    records, copy = results["results"], results["copy_gbps"]
-    (out_dir / "results.md").write_text(markdown(results["metadata"], copy, records, results["skipped"]))
-    plot(out_dir, records, copy, results["metadata"]["device"])
+    if "steps" in results:  # a GPU check's
+        write_check(out_dir, results)
+        plot_check(out_dir, results)
+    else:
+        records, copy = results["results"], results["copy_gbps"]
+        (out_dir / "results.md").write_text(markdown(results["metadata"], copy, records, results["skipped"]))
+        plot(out_dir, records, copy, results["metadata"]["device"])
     update_readme(readme, readme_section(results, out_dir.resolve(), readme.resolve().parent))
     print(f"Updated {readme} from {out_dir}")
 

@@ -1,9 +1,12 @@
-"""Benchmarks of fused_softmax against torch eager, torch.compile and, where installed, Liger-Kernel and QuACK.
+"""Benchmarks of fused_softmax against torch eager, torch.compile and, where installed, Liger-Kernel,
+QuACK and FlagGems.
 
 Softmax is memory bound, so on a CUDA GPU each point reports bandwidth: the bytes a perfect
 kernel moves over the median time of ``triton.testing.do_bench``, and that as a share of a
 device-to-device copy timed in the same run, the ceiling any softmax can approach. Every
-output is checked against float64 torch, so a fast wrong result shows as WRONG.
+output is checked against float64 torch, so a fast wrong result shows as WRONG. The shapes:
+many rows over N from 128 to 4M, a few rows (a quarter of the SMs) of long N, and the
+few-rows shapes of LLM decoding (M = 1 to 128 over a vocabulary of 32k to 256k).
 
 A CPU has no bandwidth worth comparing with a GPU's: there the run times the eager
 fallback's per-call overhead and checks the real kernels under Triton's interpreter.
@@ -20,7 +23,6 @@ import os
 import platform
 import re
 import statistics
-import subprocess
 import time
 import warnings
 from dataclasses import dataclass
@@ -34,12 +36,15 @@ from .._backend import use_backend
 from .._launch import plan
 from .._runtime import kernels_interpreted, triton_available
 from ..testing import limit_block, reference
+from .host_time import interleaved_median_us
+from .provenance import metadata
 from .report import (
     comparison_table,
     failure,
     fused_passed,
     markdown,
     plot,
+    plot_decode,
     point_label,
     readme_section,
     table,
@@ -60,6 +65,9 @@ SMALL_M_COLS = [4**k for k in range(6, 12)]
 QUICK_COLS = [128, 1000, 4096, 50257, 262144, 4194304]
 QUICK_SMALL_M_COLS = [65536, 4194304]
 SUMMARY_SHAPES = ((65536, 512), (8192, 8192), (1024, 65536), (32, 1048576))
+# LLM decoding: softmax over a vocabulary for a batch of a few rows.
+DECODE_ROWS = (1, 4, 8, 32, 128)
+DECODE_COLS = (32768, 131072, 262144)
 
 # Inputs far larger than the L2 cache, so the sweep measures HBM. At most 1/32 of free memory:
 # the float64 references and their temporaries take up to ~20x the input.
@@ -130,16 +138,40 @@ def implementations(peers=True):
         skipped.append(f"QuACK skipped: quack.softmax is not importable ({_describe(error)})")
     else:
         impls["quack"] = lambda: quack_softmax
+    try:
+        from flag_gems import use_gems
+    except Exception as error:
+        skipped.append(f"FlagGems skipped: flag_gems.use_gems is not importable ({_describe(error)})")
+    else:
+        impls["flaggems"] = lambda: lambda x: FlagGemsSoftmax.apply(x, use_gems)
     return impls, skipped
 
 
-def regime(n_cols, dtype, direction, device, max_block=None):
-    """The regime of the fused kernel's launch for contiguous rows of ``n_cols`` (with its rows per
-    tile when it packs several)."""
+class FlagGemsSoftmax(torch.autograd.Function):
+    """FlagGems' softmax, forward and backward: it replaces aten's ops only inside ``use_gems()``,
+    and autograd runs the backward outside any context the caller holds."""
+
+    @staticmethod
+    def forward(ctx, x, use_gems):
+        with use_gems():
+            y = torch._softmax(x, -1, False)
+        ctx.save_for_backward(y)
+        ctx.use_gems = use_gems
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        (y,) = ctx.saved_tensors
+        with ctx.use_gems():
+            return torch._softmax_backward_data(dy, y, -1, y.dtype), None
+
+
+def regime(x, direction, max_block=None):
+    """The regime of the fused kernel's launch over the rows of ``x`` (with its rows per tile when
+    it packs several); the plan sees the real row count, which a regime may depend on."""
     backward = direction == "backward"
-    tensors = [torch.empty(1, n_cols, dtype=dtype, device=device) for _ in range(3 if backward else 2)]
     with limit_block(max_block):
-        config = plan(tensors, 1, backward=backward).config
+        config = plan([x] * (3 if backward else 2), -1, backward=backward).config
     return f"{config.regime} x{config.rows_per_program}" if config.regime == "multi_row" else config.regime
 
 
@@ -183,7 +215,8 @@ def _measure(problem, direction, name, softmax, x, dy, expected, timer, copy_gbp
         n_rows=problem.n_rows,
         n_cols=problem.n_cols,
         implementation=name,
-        fused_regime=regime(problem.n_cols, problem.dtype, direction, x.device),
+        fused_regime=regime(x, direction),
+        bytes_moved=problem.bytes_moved(direction),
     )
     try:
         with use_backend("triton"):
@@ -194,7 +227,7 @@ def _measure(problem, direction, name, softmax, x, dy, expected, timer, copy_gbp
     except Exception as error:  # a failing implementation is reported, not fatal to the sweep
         record.update(ok=False, error=_describe(error))
         return record
-    gbps = problem.bytes_moved(direction) / ms / 1e6
+    gbps = record["bytes_moved"] / ms / 1e6
     record.update(
         ok=record["max_abs_err"] <= record["allowed_err"], ms=ms, gbps=gbps, pct_of_copy=100 * gbps / copy_gbps
     )
@@ -223,6 +256,21 @@ def do_bench_timer(warmup=25, rep=100):
     return lambda call: do_bench(call, warmup=warmup, rep=rep, return_mode="median")
 
 
+def wall_clock_timer(calls=3):
+    """Median milliseconds of a call by the host's clock, for the CPU dry run, where no CUDA events exist."""
+
+    def timer(call):
+        call()
+        times = []
+        for _ in range(calls):
+            start = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times) * 1e3
+
+    return timer
+
+
 def copy_gbps(timer, device, nbytes=COPY_BYTES):
     """Bandwidth of dst.copy_(src): read and write nbytes each, the ceiling for a kernel that streams."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
@@ -238,6 +286,14 @@ def sweep_problems(dtypes, quick, sm_count, input_bytes):
             yield Problem(max(1, input_bytes // (n_cols * dtype.itemsize)), n_cols, dtype, "large")
         for n_cols in small_m_cols:
             yield Problem(max(1, sm_count // 4), n_cols, dtype, "small-M")
+
+
+def decode_problems(dtypes, rows=DECODE_ROWS, cols=DECODE_COLS):
+    """The few-rows shapes of LLM decoding: a batch of ``rows`` over a vocabulary of ``cols``."""
+    for dtype in dtypes:
+        for n_cols in cols:
+            for n_rows in rows:
+                yield Problem(n_rows, n_cols, dtype, "decode")
 
 
 class Progress:
@@ -268,34 +324,6 @@ class Progress:
             self._bar.close()
 
 
-def _output(*command):
-    try:
-        return subprocess.run(command, capture_output=True, text=True, check=True, timeout=30).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def metadata(device):
-    props = torch.cuda.get_device_properties(device)
-    source = Path(__file__).resolve().parent
-    commit = _output("git", "-C", str(source), "rev-parse", "HEAD")
-    driver = _output("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader")
-    return {
-        "device": props.name,
-        "sm_count": props.multi_processor_count,
-        "memory_gib": round(props.total_memory / 2**30, 1),
-        "driver": driver.splitlines()[0] if driver else None,
-        "cuda": torch.version.cuda,
-        "torch": torch.__version__,
-        "triton": importlib.metadata.version("triton"),
-        "python": platform.python_version(),
-        "fused_softmax": __version__,
-        "git_commit": commit,
-        "git_dirty": bool(_output("git", "-C", str(source), "status", "--porcelain")) if commit else None,
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-    }
-
-
 def default_out_dir(device_name):
     slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
     return Path("benchmarks") / "results" / f"{slug}-{datetime.date.today().isoformat()}"
@@ -315,7 +343,7 @@ def cuda_sweep(dtypes, directions, quick, out_dir, readme=None):
     )
     copy = copy_gbps(timer, device)
     print(f"{info['device']}: device-to-device copy {copy:,.0f} GB/s")
-    problems = list(sweep_problems(dtypes, quick, info["sm_count"], input_bytes))
+    problems = [*sweep_problems(dtypes, quick, info["sm_count"], input_bytes), *decode_problems(dtypes)]
     progress = Progress(len(problems) * len(impls) * len(directions))
     records = []
     for record in sweep(problems, impls, directions, timer, copy, device):
@@ -332,7 +360,8 @@ def cuda_sweep(dtypes, directions, quick, out_dir, readme=None):
     results = {"metadata": info, "copy_gbps": copy, "skipped": skipped, "results": records}
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out_dir / "results.md").write_text(report)
-    plots = plot(out_dir, records, copy, info["device"])
+    decode = plot_decode(out_dir, records, copy, info["device"])
+    plots = plot(out_dir, records, copy, info["device"]) + ([decode] if decode else [])
     print(report)
     print(f"Wrote results.json, results.md and {len(plots)} plots to {out_dir} in {info['elapsed_s']:.0f} s")
     if not plots:
@@ -341,23 +370,6 @@ def cuda_sweep(dtypes, directions, quick, out_dir, readme=None):
         update_readme(readme, readme_section(results, out_dir.resolve(), readme.resolve().parent))
         print(f"Updated the performance section of {readme}")
     return int(not fused_passed(records))
-
-
-def _interleaved_median_us(*calls, blocks=31, block_s=2e-3):
-    """Median per-call microseconds of each call, timed in alternating blocks so drift hits all alike."""
-    for call in calls:
-        call()
-    start = time.perf_counter()
-    calls[0]()
-    number = max(1, round(block_s / max(time.perf_counter() - start, 1e-7)))
-    samples = [[] for _ in calls]
-    for _ in range(blocks):
-        for call, times in zip(calls, samples, strict=True):
-            start = time.perf_counter()
-            for _ in range(number):
-                call()
-            times.append((time.perf_counter() - start) / number)
-    return [statistics.median(times) * 1e6 for times in samples]
 
 
 def cpu_overhead(dtypes):
@@ -370,7 +382,7 @@ def cpu_overhead(dtypes):
             for n_rows, n_cols in CPU_OVERHEAD_SHAPES:
                 for dtype in dtypes:
                     x = torch.randn(n_rows, n_cols, dtype=dtype)
-                    eager_us, fused_us = _interleaved_median_us(
+                    eager_us, fused_us = interleaved_median_us(
                         functools.partial(_eager, x), functools.partial(_fused, x)
                     )
                     rows.append(
@@ -401,7 +413,7 @@ def interpreter_checks(dtypes, directions):
                 y = reference.softmax(x)
                 expected = {"forward": y, "backward": reference.softmax_backward(y, dy)}
                 for direction in directions:
-                    label = regime(n_cols, dtype, direction, x.device, max_block)
+                    label = regime(x, direction, max_block)
                     if max_block:
                         label += f" (limit_block({max_block}))"
                     with limit_block(max_block):

@@ -1,0 +1,109 @@
+"""Time per call of small softmaxes, where the host, not the memory system, sets the pace.
+
+A decoding step or a small model calls softmax on a few KiB: the kernel runs for a few µs and
+the host path (planning, autograd, Triton's launch) decides what a caller waits. Each call is
+timed in blocks of many calls with the device synchronized at both ends of a block, so the
+figure is wall time per call; ``torch.empty_like``, the cheapest call that makes a tensor, is
+the yardstick the host path is held to. The kernel's own time, from CUDA events around CUDA
+graph replays (no host in the loop), is kept apart.
+"""
+
+import functools
+import statistics
+import time
+
+import torch
+
+from .. import functional
+from .._backend import use_backend
+
+TINY_SHAPES = ((1, 128), (8, 512), (4, 4096))
+MODES = ("inference", "training")
+YARDSTICK = "torch.empty_like"
+
+
+def interleaved_median_us(*calls, blocks=31, block_s=2e-3, sync=None):
+    """Median per-call microseconds of each call, timed in alternating blocks so drift hits all alike.
+
+    Each call repeats enough times to fill ``block_s``; ``sync`` (torch.cuda.synchronize on a GPU)
+    runs before a block's clock starts and before it stops, so queued device work is counted.
+    """
+    sync = sync or (lambda: None)
+    numbers = []
+    for call in calls:
+        call()
+        sync()
+        start = time.perf_counter()
+        for _ in range(3):
+            call()
+        sync()
+        numbers.append(max(1, round(3 * block_s / max(time.perf_counter() - start, 1e-7))))
+    samples = [[] for _ in calls]
+    for _ in range(blocks):
+        for call, number, times in zip(calls, numbers, samples, strict=True):
+            sync()
+            start = time.perf_counter()
+            for _ in range(number):
+                call()
+            sync()
+            times.append((time.perf_counter() - start) / number)
+    return [statistics.median(times) * 1e6 for times in samples]
+
+
+def _calls(x, dy, mode):
+    """name -> call: fused_softmax and torch.softmax over the last dim, and the yardstick.
+
+    Inference is a forward on a tensor that needs no gradient; training a forward and a backward
+    through autograd.
+    """
+    fused = functools.partial(functional.softmax, dim=-1)
+    eager = functools.partial(torch.softmax, dim=-1)
+    if mode == "inference":
+        calls = {"fused_softmax": functools.partial(fused, x), "torch": functools.partial(eager, x)}
+    else:
+        leaf = x.detach().requires_grad_()
+        calls = {
+            name: functools.partial(_train, softmax, leaf, dy)
+            for name, softmax in (("fused_softmax", fused), ("torch", eager))
+        }
+    return calls | {YARDSTICK: functools.partial(torch.empty_like, x)}
+
+
+def _train(softmax, x, dy):
+    return torch.autograd.grad(softmax(x), x, dy)
+
+
+def kernel_us(call):
+    """Median µs of ``call`` replayed from a CUDA graph: the device's time without the host's."""
+    from triton.testing import do_bench_cudagraph
+
+    return do_bench_cudagraph(call, rep=20, return_mode="median") * 1e3
+
+
+def host_times(dtypes, device, shapes=TINY_SHAPES, blocks=21, block_s=5e-3):
+    """Yield a record per shape, dtype (``dtypes``: name -> dtype) and mode: wall µs per call of
+    each implementation and, on a GPU for inference, each kernel's µs; fused_softmax runs on its
+    kernels."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    for n_rows, n_cols in shapes:
+        for name, dtype in dtypes.items():
+            x = torch.randn(n_rows, n_cols, dtype=dtype, device=device)
+            dy = torch.randn_like(x)
+            for mode in MODES:
+                calls = _calls(x, dy, mode)
+                with use_backend("triton"):
+                    wall = interleaved_median_us(*calls.values(), blocks=blocks, block_s=block_s, sync=sync)
+                    record = dict(
+                        n_rows=n_rows, n_cols=n_cols, dtype=name, mode=mode, us=dict(zip(calls, wall, strict=True))
+                    )
+                    if device.type == "cuda" and mode == "inference":
+                        record.update(_kernel_times(calls))
+                yield record
+
+
+def _kernel_times(calls):
+    """{'kernel_us': {name: µs}} for fused_softmax and torch, or the error that stopped the graph's capture."""
+    try:
+        return {"kernel_us": {name: kernel_us(calls[name]) for name in ("fused_softmax", "torch")}}
+    except Exception as error:  # a capture that fails is reported beside the wall times, not fatal
+        return {"kernel_error": f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"}
