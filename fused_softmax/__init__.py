@@ -8,6 +8,7 @@ Triton's interpreter. Triton is imported on first use.
 
 from ._backend import use_backend
 from .attention import MaskedSoftmaxFunction, attention, masked_softmax
+from .cross_entropy import CrossEntropyFunction, CrossEntropyLoss, cross_entropy
 from .dropin import disable, enable, patch, swap_modules
 from .functional import LogSoftmaxFunction, SoftmaxFunction, log_softmax, softmax
 from .modules import LogSoftmax, Softmax
@@ -15,12 +16,15 @@ from .multihead_attention import MultiheadAttention
 
 __all__ = [
     "attention",
+    "CrossEntropyFunction",
+    "CrossEntropyLoss",
     "LogSoftmax",
     "LogSoftmaxFunction",
     "MaskedSoftmaxFunction",
     "MultiheadAttention",
     "Softmax",
     "SoftmaxFunction",
+    "cross_entropy",
     "disable",
     "enable",
     "log_softmax",
