@@ -91,9 +91,10 @@ class Plan:
         return args | self.config.constexprs()
 
 
-def plan(tensors, dim, *, backward, masking=None):
+def plan(tensors, dim, *, backward, masking=None, cross_entropy=False):
     """The launch over ``tensors`` along ``dim``: views, alignment (shared with a mask in
-    ``masking``) and the heuristic's configuration for the forward or ``backward`` kernel."""
+    ``masking``) and the heuristic's configuration for the forward or ``backward`` kernel (or
+    the ``cross_entropy`` one)."""
     device = _overrides.device or device_properties(tensors[0].device)
     tensors, sizes, strides = row_views(tensors, dim % max(tensors[0].dim(), 1))
     aligned = list(tensors), [(col, outer, inner) for outer, col, inner in strides]
@@ -109,6 +110,7 @@ def plan(tensors, dim, *, backward, masking=None):
         device,
         backward=backward,
         attention=masking is not None,
+        cross_entropy=cross_entropy,
         align=align,
         contiguous_rows=contiguous_rows,
         max_block=_overrides.max_block,
@@ -305,7 +307,7 @@ def cross_entropy_forward(
     tensors = (x, target) if probabilities else (x,)
     if grad is not None:
         names, tensors = (*names, "grad"), (*tensors, grad)
-    p = plan(tensors, 1, backward=probabilities)
+    p = plan(tensors, 1, backward=probabilities, cross_entropy=True)
     args = p.arguments(*names) | dict(loss_ptr=losses, weight_ptr=weight, grad_scale_ptr=grad_scale)
     if grad is None:
         args |= dict(grad_ptr=None, grad_stride_outer=None, grad_stride_col=None, grad_stride_inner=None)

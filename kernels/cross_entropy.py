@@ -82,15 +82,23 @@ def smoothing_weights(
 
 
 @triton.jit
-def index_lane_terms(x, col, in_bounds, target, u, SMOOTHING: tl.constexpr):
-    """A block's per-lane parts of x'_t (x' at the target's column, else 0) and of S = Σ u·x'
-    (0 without smoothing: u·x' would be NaN at a -inf logit)."""
-    target_part = tl.where(col == target, x, 0.0)
+def is_target(target, in_range, start, BLOCK_N: tl.constexpr):
+    """[ROWS, BLOCK_N]: which column of the block at ``start`` is the row's target. Compared in
+    int32 lanes: int64 column indices would take twice the registers of the block."""
+    local = tl.where(in_range, target - start, -1).to(tl.int32)
+    return tl.arange(0, BLOCK_N)[None, :] == local
+
+
+@triton.jit
+def index_block_sums(x, hit, in_bounds, u, SMOOTHING: tl.constexpr):
+    """A block's part of each row's x'_t and of S = Σ u·x' (0 without smoothing: u·x' would be NaN
+    at a -inf logit)."""
+    target_logit = tl.sum(tl.where(hit, x, 0.0), axis=1, keep_dims=True)
     if SMOOTHING:
-        smooth_part = tl.where(in_bounds, u * x, 0.0)
+        smooth_sum = tl.sum(tl.where(in_bounds, u * x, 0.0), axis=1, keep_dims=True)
     else:
-        smooth_part = tl.zeros(x.shape, x.dtype)
-    return target_part, smooth_part
+        smooth_sum = tl.zeros(target_logit.shape, x.dtype)
+    return target_logit, smooth_sum
 
 
 @triton.jit
@@ -124,8 +132,7 @@ def validated(value, valid, in_range):
 @triton.jit
 def index_grad_block(
     x,
-    col,
-    target,
+    hit,
     row_max,
     log_sum,
     probability_coef,
@@ -140,7 +147,7 @@ def index_grad_block(
 ):
     """The gradient of a block: (p·A - (1 - ε)·w_t·[c = t] - ε/C·u)·cap'·scale, 0 on ignored rows."""
     p = probabilities(x, row_max, log_sum)
-    g = p * probability_coef - tl.where(col == target, target_coef, 0.0) - smooth_coef * u
+    g = p * probability_coef - tl.where(hit, target_coef, 0.0) - smooth_coef * u
     return validated(g * cap_derivative(x, softcap, SOFTCAP) * scale, valid, in_range)
 
 
@@ -198,9 +205,9 @@ def cross_entropy_kernel(
         if ONLINE:
             lane_max = tl.full([ROWS, BLOCK_N], float("-inf"), COMPUTE_DTYPE)
             lane_sum = tl.zeros([ROWS, BLOCK_N], COMPUTE_DTYPE)
-            lane_target = tl.zeros([ROWS, BLOCK_N], COMPUTE_DTYPE)
-            lane_smooth = tl.zeros([ROWS, BLOCK_N], COMPUTE_DTYPE)
-            lane_weight = tl.zeros([1, BLOCK_N], COMPUTE_DTYPE)
+            target_logit = tl.zeros([ROWS, 1], COMPUTE_DTYPE)
+            smooth_sum = tl.zeros([ROWS, 1], COMPUTE_DTYPE)
+            smooth_weight = tl.zeros([1, 1], COMPUTE_DTYPE)
             for start in tl.range(0, n_cols, BLOCK_N):
                 col = column_block(start, BLOCK_N)
                 col_ok = col < n_cols
@@ -208,14 +215,12 @@ def cross_entropy_kernel(
                 x = load_capped(x_rows, x_stride_col, col, in_bounds, softcap, SOFTCAP, COMPUTE_DTYPE)
                 lane_max, lane_sum = online_step(lane_max, lane_sum, x)
                 u = smoothing_weights(weight_ptr, col, col_ok, BLOCK_N, SMOOTHING, HAS_WEIGHT, COMPUTE_DTYPE)
-                target_part, smooth_part = index_lane_terms(x, col, in_bounds, target, u, SMOOTHING)
-                lane_target += target_part
-                lane_smooth += smooth_part
-                lane_weight += u
+                hit = is_target(target, in_range, start, BLOCK_N)
+                block_target, block_smooth = index_block_sums(x, hit, in_bounds, u, SMOOTHING)
+                target_logit += block_target
+                smooth_sum += block_smooth
+                smooth_weight += tl.sum(u, axis=1, keep_dims=True)
             row_max, row_sum = combine_lanes(lane_max, lane_sum)
-            target_logit = tl.sum(lane_target, axis=1, keep_dims=True)
-            smooth_sum = tl.sum(lane_smooth, axis=1, keep_dims=True)
-            smooth_weight = tl.sum(lane_weight, axis=1, keep_dims=True)
         else:
             col = column_block(0, BLOCK_N)
             col_ok = col < n_cols
@@ -223,9 +228,8 @@ def cross_entropy_kernel(
             x = load_capped(x_rows, x_stride_col, col, in_bounds, softcap, SOFTCAP, COMPUTE_DTYPE)
             row_max, row_sum = block_statistics(x)
             u = smoothing_weights(weight_ptr, col, col_ok, BLOCK_N, SMOOTHING, HAS_WEIGHT, COMPUTE_DTYPE)
-            target_part, smooth_part = index_lane_terms(x, col, in_bounds, target, u, SMOOTHING)
-            target_logit = tl.sum(target_part, axis=1, keep_dims=True)
-            smooth_sum = tl.sum(smooth_part, axis=1, keep_dims=True)
+            hit = is_target(target, in_range, 0, BLOCK_N)
+            target_logit, smooth_sum = index_block_sums(x, hit, in_bounds, u, SMOOTHING)
             smooth_weight = tl.sum(u, axis=1, keep_dims=True)
         log_sum = tl.log(row_sum)
         lse = row_max + log_sum
@@ -241,15 +245,15 @@ def cross_entropy_kernel(
             if ONLINE:
                 n_blocks = tl.cdiv(n_cols, BLOCK_N)
                 for back in tl.range(0, n_blocks):
-                    col = column_block((n_blocks - 1 - back) * BLOCK_N, BLOCK_N)
+                    start = (n_blocks - 1 - back) * BLOCK_N
+                    col = column_block(start, BLOCK_N)
                     col_ok = col < n_cols
                     in_bounds = row_mask & col_ok
                     x = load_capped(x_rows, x_stride_col, col, in_bounds, softcap, SOFTCAP, COMPUTE_DTYPE)
                     u = smoothing_weights(weight_ptr, col, col_ok, BLOCK_N, SMOOTHING, HAS_WEIGHT, COMPUTE_DTYPE)
                     g = index_grad_block(
                         x,
-                        col,
-                        target,
+                        is_target(target, in_range, start, BLOCK_N),
                         row_max,
                         log_sum,
                         probability_coef,
@@ -266,8 +270,7 @@ def cross_entropy_kernel(
             else:
                 g = index_grad_block(
                     x,
-                    col,
-                    target,
+                    hit,
                     row_max,
                     log_sum,
                     probability_coef,
@@ -383,8 +386,8 @@ def cross_entropy_probabilities_kernel(
         if ONLINE:
             lane_max = tl.full([ROWS, BLOCK_N], float("-inf"), COMPUTE_DTYPE)
             lane_sum = tl.zeros([ROWS, BLOCK_N], COMPUTE_DTYPE)
-            lane_wr = tl.zeros([ROWS, BLOCK_N], COMPUTE_DTYPE)
-            lane_wrx = tl.zeros([ROWS, BLOCK_N], COMPUTE_DTYPE)
+            weight_sum = tl.zeros([ROWS, 1], COMPUTE_DTYPE)
+            weighted_logits = tl.zeros([ROWS, 1], COMPUTE_DTYPE)
             for start in tl.range(0, n_cols, BLOCK_N):
                 x, wr, wrx, in_bounds = load_probability_block(
                     x_rows,
@@ -403,11 +406,9 @@ def cross_entropy_probabilities_kernel(
                     COMPUTE_DTYPE,
                 )
                 lane_max, lane_sum = online_step(lane_max, lane_sum, x)
-                lane_wr += wr
-                lane_wrx += wrx
+                weight_sum += tl.sum(wr, axis=1, keep_dims=True)
+                weighted_logits += tl.sum(wrx, axis=1, keep_dims=True)
             row_max, row_sum = combine_lanes(lane_max, lane_sum)
-            weight_sum = tl.sum(lane_wr, axis=1, keep_dims=True)
-            weighted_logits = tl.sum(lane_wrx, axis=1, keep_dims=True)
         else:
             col = column_block(0, BLOCK_N)
             x, wr, wrx, in_bounds = load_probability_block(
