@@ -11,6 +11,8 @@ gradients and the backward only scales them by the upstream gradient (nothing, f
 again. Eager PyTorch takes the kernel's place where the backend says so, chunked the same way.
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
@@ -226,10 +228,12 @@ def linear_cross_entropy(
         if t is not None and t.requires_grad and grad_enabled
     )
     options = (ignore_index, float(label_smoothing), float(z_loss), None if softcap is None else float(softcap))
-    loss = _apply(flat_input, weight, bias, flat_target, options, reduction, rows, wanted)
+    loss = _eager_apply()(flat_input, weight, bias, flat_target, options, reduction, rows, wanted)[0]
     return loss.view(target.shape) if reduction == "none" else loss
 
 
-@torch.compiler.disable
-def _apply(input, weight, bias, target, options, reduction, rows, wanted):
-    return LinearCrossEntropyFunction.apply(input, weight, bias, target, options, reduction, rows, wanted)[0]
+@functools.cache
+def _eager_apply():
+    """The Function's apply, kept out of torch.compile's graphs (a graph break): made at the first
+    call, as torch.compiler.disable imports torch._dynamo, and with it triton."""
+    return torch.compiler.disable(LinearCrossEntropyFunction.apply)

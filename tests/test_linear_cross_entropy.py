@@ -174,3 +174,18 @@ def test_bad_input_raises_torchs_error(launches, case):
     with fused_softmax.use_backend("triton"), pytest.raises(type(error), match=re.escape(str(error))):
         fused_softmax.linear_cross_entropy(x, w, target)
     assert not launches
+
+
+def test_runs_eagerly_inside_compiled_code(kernels, device):
+    """A graph break around the chunks: the compiled function's result and gradients are eager's."""
+    torch._dynamo.reset()
+    x, w, b, target = layer(torch.float32, device)
+
+    def model(x, w, b):
+        return fused_softmax.linear_cross_entropy(x * 2, w, target, b, chunk_size=5) + x.mean()
+
+    loss = torch.compile(model, backend="aot_eager")(x, w, b)
+    grads = torch.autograd.grad(loss, (x, w, b))
+    expected = model(x, w, b)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(grads, torch.autograd.grad(expected, (x, w, b)))
