@@ -107,7 +107,7 @@ def _mean_divisor(x, target, weight, ignore_index, probabilities):
     (``_index_denominator``)."""
     dtype = _launch.stats_dtype(x.dtype)
     if probabilities:
-        return torch.tensor(float(target.numel() // x.shape[1]), dtype=dtype, device=x.device)
+        return torch.full((), float(target.numel() // x.shape[1]), dtype=dtype, device=x.device)
     return _index_denominator(target, weight, ignore_index).to(dtype)
 
 
@@ -157,7 +157,8 @@ def _is_one(grad_loss):
     """Whether the upstream gradient is the scalar 1, or 1 broadcast (``loss.sum().backward()``).
     Reading it synchronises with a GPU once per backward; scaling the gradient would read and
     write all of it."""
-    return all(s == 0 for s in grad_loss.stride()) and bool(grad_loss.reshape(-1)[0] == 1)
+    broadcast = grad_loss.numel() > 0 and all(s == 0 for s in grad_loss.stride())
+    return broadcast and bool(grad_loss[(0,) * grad_loss.dim()] == 1)
 
 
 def scaled_grad(grad, grad_loss, input_dim, reduction, inplace):

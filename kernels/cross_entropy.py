@@ -102,7 +102,7 @@ def index_block_sums(x, hit, in_bounds, u, SMOOTHING: tl.constexpr):
 
 
 @triton.jit
-def probabilities(x, row_max, log_sum):
+def softmax_block(x, row_max, log_sum):
     """p = exp(x' - lse), with lse = max + log Σ exp(x' - max) applied in two steps: x' - max is
     exact for the large logits, where rounding lse first would cost p its precision."""
     return tl.exp((x - row_max) - log_sum)
@@ -146,7 +146,7 @@ def index_grad_block(
     SOFTCAP: tl.constexpr,
 ):
     """The gradient of a block: (p·A - (1 - ε)·w_t·[c = t] - ε/C·u)·cap'·scale, 0 on ignored rows."""
-    p = probabilities(x, row_max, log_sum)
+    p = softmax_block(x, row_max, log_sum)
     g = p * probability_coef - tl.where(hit, target_coef, 0.0) - smooth_coef * u
     return validated(g * cap_derivative(x, softcap, SOFTCAP) * scale, valid, in_range)
 
@@ -305,7 +305,7 @@ def probability_lane_terms(x, q, w, in_bounds, eps, n_cols):
 @triton.jit
 def probability_grad_block(x, wr, row_max, log_sum, probability_coef, scale, row_mask, softcap, SOFTCAP: tl.constexpr):
     """The gradient of a block: (p·(Σ w·r + 2z·lse) - w·r)·cap'·scale."""
-    g = probabilities(x, row_max, log_sum) * probability_coef - wr
+    g = softmax_block(x, row_max, log_sum) * probability_coef - wr
     return tl.where(row_mask, g * cap_derivative(x, softcap, SOFTCAP) * scale, 0.0)
 
 
