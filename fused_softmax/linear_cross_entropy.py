@@ -11,8 +11,6 @@ gradients and the backward only scales them by the upstream gradient (nothing, f
 again. Eager PyTorch takes the kernel's place where the backend says so, chunked the same way.
 """
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
@@ -212,6 +210,10 @@ def linear_cross_entropy(
     chunk (default: see ``chunk_rows``). The result has the loss's usual shape and input's dtype.
     First derivatives only; under torch.compile it runs eagerly (a graph break).
     """
+    if torch.compiler.is_compiling():  # a graph break: the checks and the chunks run eagerly
+        options = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)
+        options |= dict(z_loss=z_loss, softcap=softcap, chunk_size=chunk_size)
+        return torch.compiler.disable(linear_cross_entropy)(input, weight, target, bias, **options)
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be a positive number or None, not {softcap}")
     _check_like_torch(input, weight, target, bias, ignore_index, reduction, label_smoothing)
@@ -228,12 +230,5 @@ def linear_cross_entropy(
         if t is not None and t.requires_grad and grad_enabled
     )
     options = (ignore_index, float(label_smoothing), float(z_loss), None if softcap is None else float(softcap))
-    loss = _eager_apply()(flat_input, weight, bias, flat_target, options, reduction, rows, wanted)[0]
+    loss = LinearCrossEntropyFunction.apply(flat_input, weight, bias, flat_target, options, reduction, rows, wanted)[0]
     return loss.view(target.shape) if reduction == "none" else loss
-
-
-@functools.cache
-def _eager_apply():
-    """The Function's apply, kept out of torch.compile's graphs (a graph break): made at the first
-    call, as torch.compiler.disable imports torch._dynamo, and with it triton."""
-    return torch.compiler.disable(LinearCrossEntropyFunction.apply)

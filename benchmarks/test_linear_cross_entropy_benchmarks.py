@@ -2,7 +2,7 @@
 F.cross_entropy(F.linear(...)) in eager torch and, on CUDA, under torch.compile: time, and the
 peak memory of one step in ``extra_info["peak_bytes"]``.
 
-    pytest benchmarks/test_linear_cross_entropy.py --benchmark-only   # on a CUDA GPU: an LM head
+    pytest benchmarks/test_linear_cross_entropy_benchmarks.py --benchmark-only   # on a CUDA GPU: an LM head
     pytest benchmarks/ --benchmark-disable -q                         # anywhere: a smoke test
 
 On CUDA the peak is ``torch.cuda.max_memory_allocated`` over one step, beyond what was allocated
