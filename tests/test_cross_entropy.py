@@ -191,6 +191,17 @@ def test_gradcheck_through_kernels(kernels, device, regime):
                 assert torch.autograd.gradgradcheck(probability_loss, (x, q), fast_mode=True)
 
 
+def test_byte_targets_and_a_single_row_of_probabilities(backend, device):
+    """uint8 class indices, which torch accepts too; a [C] input with [C] probabilities."""
+    x = random((5, 7), torch.float64, device)
+    target = index_targets(5, 7, device)
+    loss, dx = loss_and_grad(fused_softmax.cross_entropy, x, target.to(torch.uint8), "sum", torch.tensor(0.5))
+    assert_matches_reference(x, target, "sum", torch.tensor(0.5), loss, dx)
+    q = torch.rand(7, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(device)
+    loss, dx = loss_and_grad(fused_softmax.cross_entropy, x[0], q, "mean", torch.tensor(2.0), label_smoothing=0.1)
+    assert_matches_reference(x[0], q, "mean", torch.tensor(2.0), loss, dx, label_smoothing=0.1)
+
+
 def test_special_values(backend, device):
     """Rows with some -inf logits are finite; a row of -inf is NaN; all targets ignored: a NaN
     mean with zero gradients; an empty batch: NaN mean, 0 sum; as torch."""
@@ -300,23 +311,28 @@ def test_inplace_backward_writes_the_gradient_over_the_logits(kernels, device, r
 
 
 def test_out_of_range_target_never_reads_out_of_bounds(kernels, device):
-    """The kernel itself, without the host's check: a NaN loss and gradient for that row alone."""
+    """The kernel itself, without the host's check: a NaN loss and gradient for those rows alone,
+    and no lane loads the weight of a class that does not exist (the interpreter would read
+    such an address silently: the traffic counter sees every active lane)."""
     x = random((3, 5), torch.float32, device)
     grad = torch.empty_like(x)
-    scale = torch.ones(1)
-    losses = _launch.cross_entropy_forward(
-        x,
-        torch.tensor([7, 1, -3]),
-        class_weights(5, torch.float32, device),
-        ignore_index=-100,
-        smoothing=0.1,
-        z_loss=0.0,
-        softcap=None,
-        grad=grad,
-        grad_scale=scale,
-    )
+    weight = class_weights(5, torch.float32, device)
+    with kernel_traffic() as traffic:
+        losses = _launch.cross_entropy_forward(
+            x,
+            torch.tensor([7, 1, -3]),
+            weight,
+            ignore_index=-100,
+            smoothing=0.0,
+            z_loss=0.0,
+            softcap=None,
+            grad=grad,
+            grad_scale=torch.ones(1),
+        )
     assert losses[[0, 2]].isnan().all() and grad[[0, 2]].isnan().all()
     assert torch.isfinite(losses[1]) and torch.isfinite(grad[1]).all()
+    logits, targets, scale = x.numel() * 4, 3 * 8, 4
+    assert traffic.loaded == logits + targets + 1 * 4 + scale  # one target weight: row 1's
 
 
 def test_cross_entropy_loss_module(backend, device):
