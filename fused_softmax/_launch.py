@@ -105,10 +105,11 @@ class Plan:
         return args | self.config.constexprs()
 
 
-def plan(tensors, dim, *, backward, masking=None, split=False):
+def plan(tensors, dim, *, backward, masking=None, cross_entropy=False, split=False):
     """The launch over ``tensors`` along ``dim``: views, alignment (shared with a mask in
-    ``masking``) and the heuristic's configuration for the forward or ``backward`` kernel; with
-    ``split``, for jobs that have a split-row regime, one that may cut the rows into chunks."""
+    ``masking``) and the heuristic's configuration for the forward or ``backward`` kernel (or
+    the ``cross_entropy`` one); with ``split``, for jobs that have a split-row regime, one that
+    may cut the rows into chunks."""
     device = _overrides.device or device_properties(tensors[0].device)
     tensors, sizes, strides = row_views(tensors, dim % max(tensors[0].dim(), 1))
     aligned = list(tensors), [(col, outer, inner) for outer, col, inner in strides]
@@ -130,6 +131,7 @@ def plan(tensors, dim, *, backward, masking=None, split=False):
         device,
         backward=backward,
         attention=masking is not None,
+        cross_entropy=cross_entropy,
         align=align,
         contiguous_rows=contiguous_rows,
         max_block=_overrides.max_block,
@@ -349,3 +351,35 @@ def backward_with_row_sums(y, dy, dim, out_dtype, log, row_sums):
         args = p.arguments("y", "dy", "dx") | dict(row_sums_ptr=row_sums.contiguous(), PRODUCT=backward_product(log))
         _run(kernels().backward_with_row_sums_kernel, p, args)
     return dx
+
+
+def cross_entropy_forward(
+    x, target, weight, *, ignore_index, smoothing, z_loss, softcap, grad=None, grad_scale=None, probabilities=False
+):
+    """Each row's cross-entropy of logits ``x`` [n, C, inner...] (classes along dim 1), in the
+    kernels' compute dtype, shaped like x without dim 1. ``target``: [rows] class indices in
+    row-major order, or class probabilities shaped like x (``probabilities``). With ``grad`` (a
+    tensor shaped like x; x itself to overwrite the logits) the same pass writes into it the
+    logits' gradient of Σ loss · ``grad_scale`` (a 1-element tensor in the compute dtype)."""
+    losses = empty(_rows_shape(x, 1), stats_dtype(x.dtype), x.device)
+    if not losses.numel():
+        return losses
+    names = ("x", "target") if probabilities else ("x",)
+    tensors = (x, target) if probabilities else (x,)
+    if grad is not None:
+        names, tensors = (*names, "grad"), (*tensors, grad)
+    p = plan(tensors, 1, backward=probabilities, cross_entropy=True)
+    args = p.arguments(*names) | dict(loss_ptr=losses, weight_ptr=weight, grad_scale_ptr=grad_scale)
+    if grad is None:
+        args |= dict(grad_ptr=None, grad_stride_outer=None, grad_stride_col=None, grad_stride_inner=None)
+    for name, value in (("smoothing", smoothing), ("z_loss", z_loss), ("softcap", softcap or 0.0)):
+        args[f"{name}_high"], args[f"{name}_low"] = fp32_pair(float(value))
+    args |= dict(
+        ONLINE=p.config.online, HAS_WEIGHT=weight is not None, SOFTCAP=softcap is not None, STORE_GRAD=grad is not None
+    )
+    if probabilities:
+        _run(kernels().cross_entropy_probabilities_kernel, p, args)
+    else:
+        args |= dict(target_ptr=target, ignore_index=ignore_index, SMOOTHING=smoothing > 0)
+        _run(kernels().cross_entropy_kernel, p, args)
+    return losses

@@ -1,4 +1,4 @@
-"""A global drop-in switch: torch's softmax entry points routed through fused_softmax.
+"""A global drop-in switch: torch's softmax and cross-entropy entry points routed through fused_softmax.
 
 The mechanism is Python-level wrapping, not an aten override through torch.library: a wrapper
 sees ``dtype=`` before torch casts the input, so the fused upcast survives, where an aten
@@ -15,6 +15,7 @@ from torch.overrides import has_torch_function_unary
 
 from . import modules
 from ._backend import use_kernels
+from .cross_entropy import CrossEntropyLoss, cross_entropy
 from .functional import log_softmax, softmax
 
 _originals = {}
@@ -83,6 +84,8 @@ def _replacements():
         (torch.Tensor, "log_softmax", _dim_first(log_softmax, torch.Tensor.log_softmax, _method_form)),
         (torch.nn.Softmax, "forward", modules.Softmax.forward),
         (torch.nn.LogSoftmax, "forward", modules.LogSoftmax.forward),
+        (F, "cross_entropy", cross_entropy),
+        (torch.nn.CrossEntropyLoss, "forward", CrossEntropyLoss.forward),
     ]
 
 
@@ -91,8 +94,8 @@ def is_enabled():
 
 
 def enable():
-    """Route torch.softmax, F.softmax, Tensor.softmax, nn.Softmax and their log_softmax twins
-    through fused_softmax. Calling it again changes nothing."""
+    """Route torch.softmax, F.softmax, Tensor.softmax, nn.Softmax and their log_softmax twins, and
+    F.cross_entropy and nn.CrossEntropyLoss, through fused_softmax. Calling it again changes nothing."""
     if is_enabled():
         return
     for owner, name, replacement in _replacements():

@@ -3,12 +3,15 @@
 
 - softmax / log-softmax forward and backward (masked_softmax's backward too): ``softmax``;
 - masked_softmax forward (scale, mask, causal diagonal): ``attention``;
+- cross-entropy, with class-index or class-probability targets, its gradient in the same pass:
+  ``cross_entropy``;
 - the sharded softmax's row statistics, y from the log-sum-exp, the backward's row sums and dx
   from them: ``row_stats``;
 - the split-row regime, rows too few to fill the GPU cut into chunks: ``split_row``.
 """
 
 from .attention import masked_softmax_forward_kernel
+from .cross_entropy import cross_entropy_kernel, cross_entropy_probabilities_kernel
 from .heuristics import H100, H200, DeviceProperties, LaunchConfig, launch_config
 from .row_stats import (
     backward_row_sums_kernel,
@@ -30,6 +33,8 @@ __all__ = [
     "chunk_product_kernel",
     "chunk_row_sums_kernel",
     "chunk_statistics_kernel",
+    "cross_entropy_kernel",
+    "cross_entropy_probabilities_kernel",
     "launch_config",
     "masked_softmax_forward_kernel",
     "normalise_with_lse_kernel",

@@ -149,6 +149,7 @@ def launch_config(
     *,
     backward: bool = False,
     attention: bool = False,
+    cross_entropy: bool = False,
     align: int = 1,
     contiguous_rows: int = 1,
     max_block: int | None = None,
@@ -160,19 +161,23 @@ def launch_config(
     ``elem_bytes``: the widest element the kernel touches; math is fp64 for 8-byte elements,
     else fp32. ``attention``: masked_softmax's forward, whose mask and causal comparisons take
     about a tile's registers beside the scores: half the on-chip row, half the online tile and
-    twice the warps. ``align``: the proven alignment of rows, in elements (accesses are 128-bit
-    when it reaches 16 bytes). ``contiguous_rows``: how many neighbouring rows lie at unit stride
-    (1 when the columns are unit-stride). ``max_block`` caps the on-chip row, a power of two;
-    tests use it to reach the online regime with tiny rows. ``n_rows``: how many rows the
-    launch has, given by the jobs that have a split-row regime (not attention scores): it
-    decides that regime, unless the tensor is under ``min_split_bytes``.
+    twice the warps. ``cross_entropy``: its forward, which keeps the target's and the smoothing's
+    sums beside the softmax's and writes the gradient from the block it reduced (with the
+    smoothing's weights beside it): two tiles' registers more, half the online tile and the
+    multi-row tile, and a quarter of fp64's on-chip row. ``align``: the proven alignment of rows,
+    in elements (accesses are 128-bit when it reaches 16 bytes). ``contiguous_rows``: how many
+    neighbouring rows lie at unit stride (1 when the columns are unit-stride). ``max_block`` caps
+    the on-chip row, a power of two; tests use it to reach the online regime with tiny rows.
+    ``n_rows``: how many rows the launch has, given by the jobs that have a split-row regime
+    (softmax and its products; not attention scores nor cross-entropy): it decides that regime,
+    unless the tensor is under ``min_split_bytes``.
     """
     compute_bytes = 8 if elem_bytes == 8 else 4
     wide = align * elem_bytes >= VECTOR_BYTES
     narrow = 1 if wide else 2  # an element that is its own access needs its own address registers
-    on_chip = max_on_chip_elements(compute_bytes, (2 if backward else 1) + attention, wide, device)
+    on_chip = max_on_chip_elements(compute_bytes, (2 if backward else 1) + attention + 2 * cross_entropy, wide, device)
     if compute_bytes == 8:
-        on_chip = min(on_chip, FP64_ON_CHIP)
+        on_chip = min(on_chip, FP64_ON_CHIP >> 2 * cross_entropy)
     if max_block is not None:
         on_chip = min(on_chip, max_block)
     row_run = triton.next_power_of_2(contiguous_rows)
@@ -181,9 +186,9 @@ def launch_config(
     online = block_n * min_rows > on_chip
     if online:
         rows = min_rows
-        block_n = max(1, min(ONLINE_BLOCK >> attention, on_chip // narrow) // rows)
+        block_n = max(1, min(ONLINE_BLOCK >> (attention or cross_entropy), on_chip // narrow) // rows)
     else:
-        rows = max(min_rows, TILE_BYTES // narrow // elem_bytes // block_n)
+        rows = max(min_rows, (TILE_BYTES >> cross_entropy) // narrow // elem_bytes // block_n)
         if contiguous_rows > 1:
             rows = min(rows, row_run)
     vector = align if contiguous_rows == 1 else min(row_run, VECTOR_BYTES // elem_bytes)

@@ -129,7 +129,8 @@ def test_no_spills_and_widest_accesses(backward, log):
 
 def test_attention_and_row_statistics_kernels():
     """No spills, and 128-bit loads (its rows are 16-byte aligned) and stores of the output; the
-    row-statistics kernels without an output store one value per row."""
+    row-statistics kernels without an output, and the cross-entropy kernel writing only the loss,
+    store one value per row. The cross-entropy kernels are among them (``mode_kernels``)."""
     records = machine_code.compile_all([k for k in KERNELS if not k.plain], WORKERS)
     assert len(records) > 100
     spilled = [r for r in records if r.spills]

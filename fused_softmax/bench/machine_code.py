@@ -24,8 +24,8 @@ alignment and the JIT's view of the N / ALIGN it is passed depend on the largest
 dividing N (see ``_brackets``): a few lengths per power-of-two bracket reach every kernel. 3
 rows, odd, leave n_inner unspecialised, the least the compiler may assume. Plus a layout whose
 rows, not columns, are unit-stride: a softmax over dim 1 of a contiguous [4, N, 64] tensor, for
-one on-chip and one online row length; and the masked-softmax and row-statistics kernels at a
-few row lengths (``mode_kernels``).
+one on-chip and one online row length; and the masked-softmax, row-statistics and
+cross-entropy kernels at a few row lengths (``mode_kernels``).
 
 Compiling is the cost: about 0.3 s of CPU per kernel, so ``compile_all`` spreads it over
 processes (Triton's compiler holds the GIL, threads do not overlap).
@@ -302,12 +302,48 @@ def _mode_launches(n):
         )
 
 
+CROSS_ENTROPY_LENGTHS = (1000, 4096, 8192, 16384, 131072)
+CROSS_ENTROPY_DTYPES = ("bf16", "fp32", "fp64")  # fp16 compiles as bf16 does
+
+
+def _cross_entropy_launches(n):
+    """(job, tensors, description) of the cross-entropy launches for rows of ``n`` classes: with the
+    gradient, plain and with every option (weights, smoothing, z-loss, softcap); the loss alone;
+    probability targets."""
+    for d in CROSS_ENTROPY_DTYPES:
+        x, dtype = _empty((ROWS, n), d), TORCH_DTYPES[d]
+        index, probabilities = torch.zeros(ROWS, dtype=torch.int64), torch.empty(ROWS, n, dtype=dtype)
+        weight, scale = torch.empty(n, dtype=dtype), torch.empty(1, dtype=_launch.stats_dtype(dtype))
+        for target, options, name in (
+            (index, dict(weight=None, smoothing=0.0, z_loss=0.0, softcap=None), "cross entropy, gradient"),
+            (index, dict(weight=weight, smoothing=0.1, z_loss=1e-4, softcap=30.0), "cross entropy, all options"),
+            (probabilities, dict(weight=None, smoothing=0.1, z_loss=0.0, softcap=None), "cross entropy, probabilities"),
+        ):
+
+            def job(x, target=target, options=options, scale=scale):
+                grad = torch.empty_like(x)
+                probability = target.is_floating_point()
+                _launch.cross_entropy_forward(
+                    x, target, ignore_index=-100, grad=grad, grad_scale=scale, probabilities=probability, **options
+                )
+
+            yield job, (x,), name
+
+        def loss_only(x, target=index):
+            _launch.cross_entropy_forward(x, target, None, ignore_index=-100, smoothing=0.1, z_loss=0.0, softcap=None)
+
+        yield loss_only, (x,), "cross entropy, loss out"
+
+
 def mode_kernels():
-    """The masked-softmax and row-statistics kernels at ``MODE_LENGTHS``, then the split-row
-    kernels (``split_kernels``), deduplicated."""
+    """The masked-softmax and row-statistics kernels at ``MODE_LENGTHS``, the cross-entropy
+    kernels at ``CROSS_ENTROPY_LENGTHS`` and the split-row kernels (``split_kernels``),
+    deduplicated."""
     found = {}
-    for n in MODE_LENGTHS:
-        for job, tensors, name in _mode_launches(n):
+    launches = [(n, _mode_launches(n)) for n in MODE_LENGTHS]
+    launches += [(n, _cross_entropy_launches(n)) for n in CROSS_ENTROPY_LENGTHS]
+    for n, jobs in launches:
+        for job, tensors, name in jobs:
             kernel = launched(job, *tensors, layout=name, n=n)
             found.setdefault(kernel, kernel)
     return list(found.values()) + split_kernels()

@@ -18,8 +18,21 @@ zeros, as with SDPA, where eager attends uniformly to every key: no real token a
 
 Attention weights are not returned (None, as with SDPA): the fused path keeps them internal.
 Features the fused path lacks raise NotImplementedError rather than being silently dropped.
+
+The loss. ``fused_causal_lm_loss`` is transformers' causal-LM loss (``ForCausalLM``: labels
+shifted by one, ignore_index, the ``num_items_in_batch`` normalisation) on
+``fused_softmax.cross_entropy``: one pass over the logits, their gradient written in it, and no
+fp32 copy of bf16 logits. Per model, ``model.loss_function = fused_causal_lm_loss``; for every
+model, ``register(causal_lm_loss=True)``, the switch, which installs it as transformers'
+``ForCausalLM`` loss (off by default: the registration leaves the loss alone). And
+``use_linear_cross_entropy(model)`` goes further in training: the loss comes from the LM head's
+input through ``fused_softmax.linear_cross_entropy``, and the logits are never built.
 """
 
+import functools
+
+import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -66,8 +79,89 @@ def fused_attention_forward(
     return output.transpose(1, 2).contiguous(), None
 
 
-def register():
+def register(causal_lm_loss=False):
     """Makes ``attn_implementation="fused_softmax"`` available to every transformers model that
-    routes attention through ``AttentionInterface``. Calling it again changes nothing."""
+    routes attention through ``AttentionInterface``; with ``causal_lm_loss``, also makes
+    ``fused_causal_lm_loss`` the loss of every causal LM. Calling it again changes nothing."""
     AttentionInterface.register(NAME, fused_attention_forward)
     AttentionMaskInterface.register(NAME, sdpa_mask)
+    if causal_lm_loss:
+        from transformers.loss.loss_utils import LOSS_MAPPING
+
+        LOSS_MAPPING["ForCausalLM"] = fused_causal_lm_loss
+
+
+def fused_causal_lm_loss(
+    logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, shift_labels=None, **kwargs
+):
+    """transformers' ``ForCausalLMLoss`` on ``fused_softmax.cross_entropy``. The logits keep their
+    dtype (the kernel's math is fp32); the loss comes back in fp32 at least, as transformers'."""
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    logits = logits.reshape(-1, vocab_size)
+    shift_labels = shift_labels.reshape(-1).to(logits.device)
+    reduction = "sum" if num_items_in_batch is not None else "mean"
+    loss = fused_softmax.cross_entropy(logits, shift_labels, ignore_index=ignore_index, reduction=reduction)
+    loss = loss.to(torch.promote_types(loss.dtype, torch.float32))
+    if num_items_in_batch is not None:
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        loss = loss / num_items_in_batch
+    return loss
+
+
+# Causal LMs whose forward applies nothing between the LM head and the loss (no logit scaling or
+# softcapping): the head's input can go to linear_cross_entropy in its place.
+LINEAR_LOSS_MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt2")
+
+
+def use_linear_cross_entropy(model):
+    """Make ``model(input_ids, labels=labels)`` in training compute its loss with
+    ``fused_softmax.linear_cross_entropy`` from the LM head's input, so the full logits are never
+    built (the output's ``logits`` is None then). In eval mode, or without labels, the model runs
+    as before. For the model types in ``LINEAR_LOSS_MODEL_TYPES``; returns ``model``."""
+    if model.config.model_type not in LINEAR_LOSS_MODEL_TYPES:
+        raise NotImplementedError(
+            f"use_linear_cross_entropy: {model.config.model_type!r} models are not among {LINEAR_LOSS_MODEL_TYPES}"
+        )
+    head, original = model.get_output_embeddings(), model.forward
+
+    def loss_from_hidden_states(logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, **kwargs):
+        shift_labels = kwargs.get("shift_labels")
+        if shift_labels is None:
+            shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+        reduction = "sum" if num_items_in_batch is not None else "mean"
+        loss = fused_softmax.linear_cross_entropy(
+            logits,
+            head.weight,
+            shift_labels.to(logits.device),
+            head.bias,
+            ignore_index=ignore_index,
+            reduction=reduction,
+        )
+        loss = loss.to(torch.promote_types(loss.dtype, torch.float32))
+        if num_items_in_batch is not None:
+            if torch.is_tensor(num_items_in_batch):
+                num_items_in_batch = num_items_in_batch.to(loss.device)
+            loss = loss / num_items_in_batch
+        return loss
+
+    @functools.wraps(original)
+    def forward(*args, labels=None, **kwargs):
+        if labels is None or not model.training:
+            return original(*args, labels=labels, **kwargs)
+        own_loss = model.__dict__.get("_loss_function")
+        head.forward, model.loss_function = (lambda hidden: hidden), loss_from_hidden_states
+        try:
+            output = original(*args, labels=labels, **kwargs)
+        finally:
+            del head.forward
+            if own_loss is None:
+                del model._loss_function
+            else:
+                model.loss_function = own_loss
+        output.logits = None
+        return output
+
+    model.forward = forward
+    return model

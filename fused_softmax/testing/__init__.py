@@ -7,7 +7,9 @@ Each helper is a context manager over ``_launch.overridden``, for the calls insi
 - ``planned_for(device)``: launches planned for another device's properties;
 - ``recorded_launches(run=True)``: the list of every ``Launch`` (kernel, keyword arguments,
   plan), in order; with ``run=False`` the kernels are planned and recorded, not run;
-- ``kernel_traffic()``: bytes loaded and stored by kernels run under Triton's interpreter.
+- ``kernel_traffic()``: bytes loaded and stored by kernels run under Triton's interpreter;
+- ``allocation_peak()``: the most bytes of tensor storage allocated inside the block and alive at
+  once, on any device (CPU included, where torch keeps no allocator statistics).
 
 ``reference`` holds the NumPy float64 references, the tests' truth.
 """
@@ -16,6 +18,7 @@ import contextlib
 import dataclasses
 
 import numpy as np
+import torch
 
 from .. import _launch
 from . import reference
@@ -102,13 +105,65 @@ def kernel_traffic():
         InterpreterBuilder.create_masked_load, InterpreterBuilder.create_masked_store = load, store
 
 
+@dataclasses.dataclass
+class Allocations:
+    """Bytes of the storages allocated inside an ``allocation_peak`` block: alive now, and at most."""
+
+    live: int = 0
+    peak: int = 0
+
+
+def _storage(value):
+    """The storage of a tensor (or a storage itself), None for anything else."""
+    if isinstance(value, torch.Tensor):
+        return value.untyped_storage()
+    return value if isinstance(value, torch.UntypedStorage) else None
+
+
+@contextlib.contextmanager
+def allocation_peak():
+    """Track every storage that torch ops allocate inside the block (each op's outputs, seen by a
+    TorchDispatchMode) until the storage is freed (a finalizer on its preserved Python object):
+    the peak of their sum is the block's extra memory, whatever the device."""
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    allocations = Allocations()
+    seen = set()
+
+    def freed(key, nbytes):
+        seen.discard(key)
+        allocations.live -= nbytes
+
+    class Tracker(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            given = {id(_storage(a)) for a in torch.utils._pytree.tree_leaves((args, kwargs)) if _storage(a)}
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                    storage = t.untyped_storage()
+                    key = id(storage)
+                    if key not in seen and key not in given:  # views, in-place and out= ops allocate nothing
+                        seen.add(key)
+                        allocations.live += storage.nbytes()
+                        allocations.peak = max(allocations.peak, allocations.live)
+                        weakref.finalize(storage, freed, key, storage.nbytes())
+            return out
+
+    with Tracker():
+        yield allocations
+
+
 def minimum_bytes(*tensors):
     """The least traffic possible: every element of every tensor moved once."""
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
 __all__ = [
+    "Allocations",
     "Traffic",
+    "allocation_peak",
     "kernel_traffic",
     "limit_block",
     "minimum_bytes",

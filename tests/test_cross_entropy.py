@@ -1,0 +1,455 @@
+"""fused_softmax.cross_entropy against the float64 reference and F.cross_entropy: every option,
+both target kinds, the layouts, both regimes, torch's errors, and the traffic of the kernel.
+
+The kernels run with poisoned outputs (conftest); ``backend`` runs a test on the eager path and
+on the kernels and checks which one ran. Rows are few and the forced blocks tiny, so the
+interpreter reaches the online regime (``ONLINE``: a block of 8 classes) in milliseconds.
+"""
+
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from support import DTYPES, ONE_PROGRAM, TOLERANCES, assert_close, random
+
+import fused_softmax
+from fused_softmax import _launch
+from fused_softmax.cross_entropy import cross_entropy_op
+from fused_softmax.testing import kernel_traffic, limit_block, planned_for, reference
+
+REGIMES = {"on_chip": None, "online": 8}
+REDUCTIONS = ["mean", "sum", "none"]
+
+
+def index_targets(n, classes, device, ignored=(), ignore_index=-100, seed=2):
+    """Random classes, ``ignore_index`` at the rows ``ignored``."""
+    target = torch.randint(classes, (n,), generator=torch.Generator().manual_seed(seed)).to(device)
+    target[list(ignored)] = ignore_index
+    return target
+
+
+def class_weights(classes, dtype, device):
+    return (torch.rand(classes, generator=torch.Generator().manual_seed(3), dtype=torch.float64) + 0.5).to(
+        device, dtype
+    )
+
+
+def upstream(reduction, shape, dtype, device):
+    """A random upstream gradient: per row for 'none', a scalar other than 1 otherwise."""
+    return random(shape if reduction == "none" else (), dtype, device, scale=1.0, seed=4)
+
+
+def loss_and_grad(function, x, target, reduction, dy, **options):
+    x = x.detach().requires_grad_()
+    loss = function(x, target, reduction=reduction, **options)
+    (dx,) = torch.autograd.grad(loss, x, dy)
+    return loss, dx
+
+
+def assert_matches_reference(x, target, reduction, dy, loss, dx, **options):
+    expected = reference.cross_entropy(x, target, reduction=reduction, **options)
+    assert loss.dtype == x.dtype and loss.shape == torch.Size(expected.shape)
+    assert_close(loss, expected)
+    rtol, atol = TOLERANCES[x.dtype]
+    expected_dx = torch.as_tensor(reference.cross_entropy_backward(x, target, dy, reduction=reduction, **options))
+    torch.testing.assert_close(dx.double().cpu(), expected_dx, rtol=rtol, atol=atol * 10, equal_nan=True)
+
+
+# (name, options): each reaches a different part of the kernel.
+OPTIONS = [
+    ("plain", {}),
+    ("weight-ignore", dict(weight=True, ignore_index=-100)),
+    ("smoothing", dict(label_smoothing=0.1)),
+    ("weight-smoothing", dict(weight=True, label_smoothing=0.25)),
+    ("ignore-a-class", dict(ignore_index=2)),
+    ("z_loss-softcap", dict(z_loss=1e-2, softcap=4.0)),
+    ("all", dict(weight=True, label_smoothing=0.1, z_loss=1e-3, softcap=5.0)),
+]
+
+
+def resolved(options, classes, dtype, device):
+    options = dict(options)
+    if options.pop("weight", False):
+        options["weight"] = class_weights(classes, dtype, device)
+    return options
+
+
+# The kernel sees a reduction only through its gradient's factor: every reduction on chip, and
+# 'none' (per-row upstream gradients) online.
+REGIME_REDUCTIONS = [("on_chip", r) for r in REDUCTIONS] + [("online", "none")]
+
+
+@pytest.mark.parametrize("regime, reduction", REGIME_REDUCTIONS, ids=["-".join(c) for c in REGIME_REDUCTIONS])
+@pytest.mark.parametrize("name, options", OPTIONS, ids=[name for name, _ in OPTIONS])
+def test_index_targets_match_reference(backend, device, name, options, regime, reduction):
+    n, classes = 6, 19
+    x = random((n, classes), torch.float64, device)
+    target = index_targets(n, classes, device, ignored=(1, 4), ignore_index=options.get("ignore_index", -100))
+    options = resolved(options, classes, torch.float64, device)
+    dy = upstream(reduction, (n,), torch.float64, device)
+    with limit_block(REGIMES[regime]):
+        loss, dx = loss_and_grad(fused_softmax.cross_entropy, x, target, reduction, dy, **options)
+    assert_matches_reference(x, target, reduction, dy, loss, dx, **options)
+    if "z_loss" not in options and "softcap" not in options:
+        torch_loss, torch_dx = loss_and_grad(F.cross_entropy, x, target, reduction, dy, **options)
+        torch.testing.assert_close(loss, torch_loss)
+        torch.testing.assert_close(dx, torch_dx)
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dtypes(kernels, device, dtype, regime):
+    """fp16/bf16 logits: math in fp32, the loss and gradient rounded once; fp32 and fp64 as is."""
+    n, classes = 5, 37
+    x = random((n, classes), dtype, device)
+    target = index_targets(n, classes, device, ignored=(3,))
+    options = dict(weight=class_weights(classes, dtype, device), label_smoothing=0.1)
+    for reduction in ("mean", "none"):
+        dy = upstream(reduction, (n,), dtype, device)
+        with limit_block(REGIMES[regime]):
+            loss, dx = loss_and_grad(fused_softmax.cross_entropy, x, target, reduction, dy, **options)
+        assert loss.dtype == dx.dtype == dtype
+        assert_close(loss, reference.cross_entropy(x, target, reduction=reduction, **options))
+        expected = reference.cross_entropy_backward(x, target, dy, reduction=reduction, **options)
+        assert_close(dx, expected)
+
+
+def test_multi_row_tiles_and_persistent_programs(kernels, device):
+    """Many short rows share a tile; a single program strides over every tile."""
+    n, classes = 70, 5
+    x = random((n, classes), torch.float32, device)
+    target = index_targets(n, classes, device, ignored=(0, 69))
+    dy = upstream("none", (n,), torch.float32, device)
+    with planned_for(ONE_PROGRAM):
+        loss, dx = loss_and_grad(fused_softmax.cross_entropy, x, target, "none", dy, label_smoothing=0.2)
+    assert_matches_reference(x, target, "none", dy, loss, dx, label_smoothing=0.2)
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+@pytest.mark.parametrize("layout", ["[C]", "[N, C, d1, d2]", "[N, C] transposed", "[N, C, d] channels last"])
+def test_layouts_read_through_strides(kernels, device, plans, layout, regime):
+    """The class dim is read where it lies: no copy of the logits reaches the kernel."""
+    if layout == "[C]":
+        x, target = random((11,), torch.float64, device), torch.tensor(4, device=device)
+    elif layout == "[N, C, d1, d2]":
+        x = random((2, 11, 3, 2), torch.float64, device)
+        target = index_targets(12, 11, device, ignored=(5,)).view(2, 3, 2)
+    elif layout == "[N, C] transposed":
+        x = random((11, 6), torch.float64, device).t()
+        target = index_targets(6, 11, device, ignored=(2,))
+    else:
+        x = random((3, 4, 11), torch.float64, device).transpose(1, 2)
+        target = index_targets(12, 11, device, ignored=(7,)).view(3, 4)
+    dy = upstream("none", target.shape, torch.float64, device)
+    options = dict(weight=class_weights(11, torch.float64, device), label_smoothing=0.1)
+    with limit_block(REGIMES[regime]):
+        loss, dx = loss_and_grad(fused_softmax.cross_entropy, x, target, "none", dy, **options)
+    assert_matches_reference(x, target, "none", dy, loss, dx, **options)
+    (p,) = plans()
+    assert p.tensors[0].data_ptr() == x.data_ptr() and p.config.online == (regime == "online")
+    assert dx.shape == x.shape
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("regime", REGIMES)
+@pytest.mark.parametrize("options", [{}, dict(weight=True, label_smoothing=0.2, z_loss=1e-2, softcap=3.0)])
+def test_probability_targets_match_reference(backend, device, options, regime, reduction):
+    x = random((2, 13, 3), torch.float64, device)
+    q = torch.rand(2, 13, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64).softmax(1).to(device)
+    options = resolved(options, 13, torch.float64, device)
+    dy = upstream(reduction, (2, 3), torch.float64, device)
+    with limit_block(REGIMES[regime]):
+        loss, dx = loss_and_grad(fused_softmax.cross_entropy, x, q, reduction, dy, **options)
+    assert_matches_reference(x, q, reduction, dy, loss, dx, **options)
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+def test_gradcheck_through_kernels(kernels, device, regime):
+    """fp64 first derivatives by the kernel (second ones by torch ops on the saved logits), index
+    and probability targets, the latter differentiable too. Fast mode: the Jacobians projected on
+    random vectors, which any wrong entry still changes."""
+    x = random((3, 7), torch.float64, device).requires_grad_()
+    target = torch.tensor([1, -100, 6], device=device)
+    q = torch.rand(3, 7, generator=torch.Generator().manual_seed(6), dtype=torch.float64).to(device)
+    q.requires_grad_()
+    weight = class_weights(7, torch.float64, device)
+    with limit_block(REGIMES[regime]):
+        for reduction in ("mean", "none"):  # a sum differs from the mean by its factor alone
+            options = dict(reduction=reduction, label_smoothing=0.1, z_loss=1e-2, softcap=3.0)
+
+            def index_loss(t, options=options):
+                return fused_softmax.cross_entropy(t, target, weight, **options)
+
+            def probability_loss(t, targets, options=options):
+                return fused_softmax.cross_entropy(t, targets, weight, **options)
+
+            assert torch.autograd.gradcheck(index_loss, (x,), fast_mode=True)
+            assert torch.autograd.gradcheck(probability_loss, (x, q), fast_mode=True)
+            if reduction == "none":  # random upstream gradients per row
+                assert torch.autograd.gradgradcheck(index_loss, (x,), fast_mode=True)
+                assert torch.autograd.gradgradcheck(probability_loss, (x, q), fast_mode=True)
+
+
+def test_byte_targets_and_a_single_row_of_probabilities(backend, device):
+    """uint8 class indices, which torch accepts too; a [C] input with [C] probabilities."""
+    x = random((5, 7), torch.float64, device)
+    target = index_targets(5, 7, device)
+    loss, dx = loss_and_grad(fused_softmax.cross_entropy, x, target.to(torch.uint8), "sum", torch.tensor(0.5))
+    assert_matches_reference(x, target, "sum", torch.tensor(0.5), loss, dx)
+    q = torch.rand(7, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(device)
+    loss, dx = loss_and_grad(fused_softmax.cross_entropy, x[0], q, "mean", torch.tensor(2.0), label_smoothing=0.1)
+    assert_matches_reference(x[0], q, "mean", torch.tensor(2.0), loss, dx, label_smoothing=0.1)
+
+
+def test_special_values(backend, device):
+    """Rows with some -inf logits are finite; a row of -inf is NaN; all targets ignored: a NaN
+    mean with zero gradients; an empty batch: NaN mean, 0 sum; as torch."""
+    inf = float("inf")
+    x = torch.tensor([[0.5, -inf, 2.0, -inf], [-inf, -inf, -inf, -inf], [1e4, 1e4 - 1, 0.0, -1e4]], device=device)
+    target = torch.tensor([0, 1, 1], device=device)
+    for reduction in REDUCTIONS:
+        torch.testing.assert_close(
+            fused_softmax.cross_entropy(x, target, reduction=reduction),
+            F.cross_entropy(x, target, reduction=reduction),
+            equal_nan=True,
+        )
+    ignored = torch.full((3,), -100, device=device)
+    loss, dx = loss_and_grad(fused_softmax.cross_entropy, x[[0, 2]], ignored[:2], "mean", torch.tensor(1.0))
+    assert loss.isnan() and torch.equal(dx, torch.zeros_like(dx))
+    empty = torch.empty(0, 4, device=device)
+    none = torch.empty(0, dtype=torch.long, device=device)
+    assert fused_softmax.cross_entropy(empty, none).isnan()
+    assert fused_softmax.cross_entropy(empty, none, reduction="sum") == 0
+
+
+def test_legacy_size_average_and_reduce(backend, device):
+    x = random((4, 6), torch.float32, device)
+    target = index_targets(4, 6, device)
+    for size_average, reduce in ((False, None), (None, False), (True, True)):
+        with pytest.warns(UserWarning, match="size_average and reduce args will be deprecated"):
+            loss = fused_softmax.cross_entropy(x, target, size_average=size_average, reduce=reduce)
+        with pytest.warns(UserWarning):
+            expected = F.cross_entropy(x, target, size_average=size_average, reduce=reduce)
+        torch.testing.assert_close(loss, expected)
+
+
+def torch_error(call):
+    try:
+        call()
+    except Exception as e:  # noqa: BLE001 - any of torch's errors is the expectation
+        return e
+    raise AssertionError("torch accepted the call")
+
+
+BAD_CALLS = {
+    "target out of range": lambda x: (x, torch.tensor([0, 1, 6, 2])),
+    "negative target": lambda x: (x, torch.tensor([0, -3, 1, 2])),
+    "target batch size": lambda x: (x, torch.tensor([0, 1, 2])),
+    "2-D target": lambda x: (x, torch.zeros(4, 2, dtype=torch.long)),
+    "int32 target": lambda x: (x, torch.zeros(4, dtype=torch.int32)),
+    "nd target size": lambda x: (torch.randn(2, 6, 3), torch.zeros(2, 4, dtype=torch.long)),
+    "weight size": lambda x: (x, torch.zeros(4, dtype=torch.long), dict(weight=torch.ones(5))),
+    "weight dtype": lambda x: (x, torch.zeros(4, dtype=torch.long), dict(weight=torch.ones(6, dtype=torch.float64))),
+    "probability shape": lambda x: (x, torch.rand(4, 5)),
+    "probability ignore_index": lambda x: (x, torch.rand(4, 6), dict(ignore_index=1)),
+    "integer logits": lambda x: (x.long(), torch.zeros(4, dtype=torch.long)),
+    "reduction": lambda x: (x, torch.zeros(4, dtype=torch.long), dict(reduction="avg")),
+    "label_smoothing": lambda x: (x, torch.zeros(4, dtype=torch.long), dict(label_smoothing=1.5)),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CALLS))
+@pytest.mark.parametrize("name", ["torch", "triton"])
+def test_bad_input_raises_torchs_error(launches, name, case):
+    """The same error type and message as torch, raised on the host: no kernel launches."""
+    x, target, *options = BAD_CALLS[case](torch.randn(4, 6))
+    options = options[0] if options else {}
+    expected = torch_error(lambda: F.cross_entropy(x, target, **options))
+    with fused_softmax.use_backend(name), pytest.raises(type(expected), match=re.escape(str(expected))):
+        fused_softmax.cross_entropy(x, target, **options)
+    assert not launches
+
+
+def test_softcap_must_be_positive():
+    with pytest.raises(ValueError, match="softcap"):
+        fused_softmax.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]), softcap=0.0)
+
+
+def test_unserved_forms_raise_on_triton_and_run_torch_on_auto(device):
+    """Probability targets of another dtype than the logits: torch promotes them, the kernels do not."""
+    x, q = random((3, 4), torch.float32, device), torch.rand(3, 4, dtype=torch.float64, device=device)
+    with fused_softmax.use_backend("triton"), pytest.raises(NotImplementedError, match="probability targets"):
+        fused_softmax.cross_entropy(x, q)
+    torch.testing.assert_close(fused_softmax.cross_entropy(x, q), F.cross_entropy(x, q))
+
+
+def test_the_callers_logits_are_not_written(kernels, device):
+    x = random((4, 9), torch.float32, device).requires_grad_()
+    before = x.detach().clone()
+    loss = fused_softmax.cross_entropy(x, index_targets(4, 9, device), label_smoothing=0.1)
+    loss.backward()
+    assert torch.equal(x.detach(), before)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_inplace_backward_writes_the_gradient_over_the_logits(kernels, device, reduction):
+    logits = random((5, 9), torch.float32, device)
+    target = index_targets(5, 9, device, ignored=(2,))
+    dy = upstream(reduction, (5,), torch.float32, device)
+    expected = reference.cross_entropy_backward(logits, target, dy, reduction=reduction, z_loss=1e-2)
+    x = logits.clone().requires_grad_()
+    buffer = x * 1.0  # a non-leaf holding the logits, as an LM head's output
+    loss = fused_softmax.cross_entropy(buffer, target, reduction=reduction, z_loss=1e-2, inplace_backward=True)
+    assert_close(loss, reference.cross_entropy(logits, target, reduction=reduction, z_loss=1e-2))
+    loss.backward(dy)
+    assert_close(x.grad, expected)
+    assert_close(buffer.detach(), expected)  # the logits' buffer holds the gradient
+    with pytest.raises(RuntimeError, match="no double backward"):
+        loss = fused_softmax.cross_entropy(x * 1.0, target, inplace_backward=True)
+        torch.autograd.grad(loss, x, create_graph=True)
+
+
+def test_out_of_range_target_never_reads_out_of_bounds(kernels, device):
+    """The kernel itself, without the host's check: a NaN loss and gradient for those rows alone,
+    and no lane loads the weight of a class that does not exist (the interpreter would read
+    such an address silently: the traffic counter sees every active lane)."""
+    x = random((3, 5), torch.float32, device)
+    grad = torch.empty_like(x)
+    weight = class_weights(5, torch.float32, device)
+    with kernel_traffic() as traffic:
+        losses = _launch.cross_entropy_forward(
+            x,
+            torch.tensor([7, 1, -3]),
+            weight,
+            ignore_index=-100,
+            smoothing=0.0,
+            z_loss=0.0,
+            softcap=None,
+            grad=grad,
+            grad_scale=torch.ones(1),
+        )
+    assert losses[[0, 2]].isnan().all() and grad[[0, 2]].isnan().all()
+    assert torch.isfinite(losses[1]) and torch.isfinite(grad[1]).all()
+    logits, targets, scale = x.numel() * 4, 3 * 8, 4
+    assert traffic.loaded == logits + targets + 1 * 4 + scale  # one target weight: row 1's
+
+
+def test_cross_entropy_loss_module(backend, device):
+    weight = class_weights(6, torch.float32, device)
+    ours = fused_softmax.CrossEntropyLoss(weight=weight, ignore_index=1, label_smoothing=0.1, reduction="sum")
+    theirs = torch.nn.CrossEntropyLoss(weight=weight, ignore_index=1, label_smoothing=0.1, reduction="sum")
+    assert isinstance(ours, torch.nn.CrossEntropyLoss) and repr(ours) == repr(theirs)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    x, target = random((5, 6), torch.float32, device), index_targets(5, 6, device)
+    torch.testing.assert_close(ours(x, target), theirs(x, target))
+    capped = fused_softmax.CrossEntropyLoss(z_loss=1e-2, softcap=2.0)
+    expected = reference.cross_entropy(x, target, z_loss=1e-2, softcap=2.0)
+    assert_close(capped(x, target), expected)
+
+
+def test_patch_routes_cross_entropy(backend, device):
+    x, target = random((4, 6), torch.float32, device), index_targets(4, 6, device)
+    expected = F.cross_entropy(x, target, label_smoothing=0.1)
+    with fused_softmax.patch():
+        assert F.cross_entropy is fused_softmax.cross_entropy
+        routed = F.cross_entropy(x, target, label_smoothing=0.1)
+        module = torch.nn.CrossEntropyLoss(label_smoothing=0.1)(x, target)
+    assert F.cross_entropy is not fused_softmax.cross_entropy
+    torch.testing.assert_close(routed, expected)
+    torch.testing.assert_close(module, expected)
+
+
+# ---- torch.compile
+
+
+def compiled_model(x, target, weight):
+    return fused_softmax.cross_entropy(x * 2, target, weight, label_smoothing=0.1, z_loss=1e-3) + x.mean()
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_fullgraph_forward_and_backward(kernels, device, launches, compiler):
+    torch._dynamo.reset()
+    x = random((5, 9), torch.float32, device).requires_grad_()
+    target, weight = index_targets(5, 9, device, ignored=(1,)), class_weights(9, torch.float32, device)
+    expected = compiled_model(x, target, weight)
+    (expected_dx,) = torch.autograd.grad(expected, x)
+    eager = len(launches)
+    loss = torch.compile(compiled_model, fullgraph=True, backend=compiler)(x, target, weight)
+    (dx,) = torch.autograd.grad(loss, x)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(dx, expected_dx)
+    assert len(launches) == 2 * eager, "the compiled graph runs the same kernel"
+
+
+@pytest.mark.parametrize("probabilities", [False, True], ids=["index", "probabilities"])
+def test_opcheck(kernels, device, probabilities):
+    x = random((4, 7), torch.float32, device).requires_grad_()
+    target = torch.rand(4, 7, device=device) if probabilities else torch.tensor([0, 6, -100, 3], device=device)
+    weight = class_weights(7, torch.float32, device)
+    for reduction in REDUCTIONS:
+        args = (x, target, weight, -100 if not probabilities else -1, reduction, 0.1, 1e-3, 3.0, True)
+        torch.library.opcheck(cross_entropy_op, args)
+
+
+# ---- traffic
+
+
+def traffic_case(probabilities, weighted_smoothing, store_grad, regime, dtype):
+    """(x, target, weight, launch kwargs) for a [rows, C] launch of the kernel."""
+    rows, classes = (3, 40) if regime == "online" else (5, 1000)
+    x = random((rows, classes), dtype)
+    weight = class_weights(classes, dtype, "cpu") if weighted_smoothing else None
+    if probabilities:
+        target = torch.rand(rows, classes, dtype=torch.float64).softmax(1).to(dtype)
+    else:
+        target = index_targets(rows, classes, "cpu", ignored=(1,))
+    return x, target, weight
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("regime", REGIMES)
+@pytest.mark.parametrize("store_grad", [True, False], ids=["grad", "loss_only"])
+@pytest.mark.parametrize("target_kind", ["index", "index-weighted-smoothing", "probabilities"])
+def test_bytes_moved(plans, target_kind, store_grad, regime, dtype):
+    """Logits (and probability targets) read once on chip, twice online when the gradient is
+    written; the gradient written once; per row the target index (8 bytes) or its weight and the
+    loss; per program the gradient's scale; the weight row once per tile and sweep."""
+    probabilities, weighted = target_kind == "probabilities", target_kind.endswith("smoothing")
+    x, target, weight = traffic_case(probabilities, weighted, store_grad, regime, dtype)
+    rows = x.shape[0]
+    stats_bytes = 4
+    grad = torch.empty_like(x) if store_grad else None
+    with limit_block(16 if regime == "online" else None), kernel_traffic() as traffic:
+        losses = _launch.cross_entropy_forward(
+            x,
+            target,
+            weight,
+            ignore_index=-100,
+            smoothing=0.1,
+            z_loss=0.0,
+            softcap=None,
+            grad=grad,
+            grad_scale=torch.ones(1) if store_grad else None,
+            probabilities=probabilities,
+        )
+    (p,) = plans()
+    assert p.config.online == (regime == "online")
+    sweeps = 2 if store_grad and p.config.online else 1
+    tiles = -(-rows // p.config.rows_per_program)
+    logits = x.numel() * x.element_size()
+    expected_loads = sweeps * logits
+    if probabilities:
+        expected_loads += sweeps * target.numel() * target.element_size()
+    else:
+        expected_loads += rows * 8  # every row's target
+        if weighted:
+            expected_loads += (rows - 1) * weight.element_size()  # w_t of the counted rows
+            expected_loads += sweeps * tiles * weight.numel() * weight.element_size()
+    expected_loads += p.grid[0] * stats_bytes if store_grad else 0
+    expected_stores = rows * stats_bytes + (logits if store_grad else 0)
+    assert (traffic.loaded, traffic.stored) == (expected_loads, expected_stores)
+    assert torch.isfinite(losses).all() and (grad is None or torch.isfinite(grad).all())
+    expected = reference.cross_entropy(x, target, weight, reduction="none", label_smoothing=0.1)
+    rtol, atol = TOLERANCES[dtype]
+    torch.testing.assert_close(losses.double(), torch.as_tensor(expected), rtol=rtol, atol=atol * 100)

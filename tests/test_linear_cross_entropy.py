@@ -1,0 +1,191 @@
+"""fused_softmax.linear_cross_entropy against float64 references and F.cross_entropy(F.linear(...)):
+values and input, weight and bias gradients over chunks (a partial one included), both backends,
+torch's errors, and its peak memory, measured, against the full logits'."""
+
+import re
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from support import TOLERANCES, assert_close, random
+
+import fused_softmax
+from fused_softmax import _launch
+from fused_softmax.linear_cross_entropy import MIN_CHUNK_ROWS, chunk_rows
+from fused_softmax.testing import allocation_peak, reference
+
+TOKENS, HIDDEN, VOCAB = 12, 8, 40
+
+
+def layer(dtype, device, batch=(TOKENS,), bias=True):
+    """(input [*batch, H], weight [V, H], bias [V] or None, target [*batch]), all that take
+    gradients requiring them; two targets ignored."""
+    x = random((*batch, HIDDEN), dtype, device, scale=1.0).requires_grad_()
+    w = random((VOCAB, HIDDEN), dtype, device, scale=0.5, seed=1).requires_grad_()
+    b = random((VOCAB,), dtype, device, scale=0.5, seed=2).requires_grad_() if bias else None
+    target = torch.randint(VOCAB, batch, generator=torch.Generator().manual_seed(3)).to(device)
+    target.view(-1)[[1, 7]] = -100
+    return x, w, b, target
+
+
+def expected(x, w, b, target, upstream, reduction, **options):
+    """Loss and (input, weight, bias) gradients in float64: the reference cross-entropy of the
+    float64 logits, its logits' gradient G, then G·W, Gᵀ·X and Σ G."""
+    x64, w64 = x.detach().double().reshape(-1, HIDDEN).numpy(), w.detach().double().numpy()
+    logits = x64 @ w64.T + (0 if b is None else b.detach().double().numpy())
+    flat = target.reshape(-1)
+    grad_up = upstream.reshape(-1) if reduction == "none" else upstream
+    loss = reference.cross_entropy(logits, flat, reduction=reduction, **options)
+    g = reference.cross_entropy_backward(logits, flat, grad_up, reduction=reduction, **options)
+    return (
+        np.reshape(loss, target.shape if reduction == "none" else ()),
+        (g @ w64).reshape(x.shape),
+        g.T @ x64,
+        g.sum(0),
+    )
+
+
+CASES = [
+    ("mean", {}),
+    ("sum", dict(label_smoothing=0.1)),
+    ("none", dict(z_loss=1e-2, softcap=2.0)),
+    ("mean", dict(label_smoothing=0.2, z_loss=1e-3, softcap=5.0)),
+]
+
+
+@pytest.mark.parametrize("reduction, options", CASES, ids=[f"{r}-{'-'.join(o) or 'plain'}" for r, o in CASES])
+def test_matches_reference(backend, device, reduction, options):
+    x, w, b, target = layer(torch.float64, device, batch=(3, 4))
+    loss = fused_softmax.linear_cross_entropy(x, w, target, b, reduction=reduction, chunk_size=5, **options)
+    upstream = random(loss.shape, torch.float64, device, scale=1.0, seed=4)
+    grads = torch.autograd.grad(loss, (x, w, b), upstream)
+    want_loss, *want_grads = expected(x, w, b, target, upstream, reduction, **options)
+    assert loss.shape == torch.Size(np.shape(want_loss))
+    assert_close(loss, want_loss)
+    for grad, want in zip(grads, want_grads, strict=True):
+        assert_close(grad, want)
+    if not options.get("z_loss"):
+        torch_loss = F.cross_entropy(
+            F.linear(x, w, b).flatten(0, 1), target.flatten(), reduction=reduction, **options
+        ).reshape(loss.shape)
+        torch.testing.assert_close(loss, torch_loss)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_low_precision_weights_accumulate_in_fp32(kernels, device, dtype):
+    """Many chunks of one token: the weight gradient is the sum of 12 rank-one terms, summed in fp32."""
+    x, w, b, target = layer(dtype, device)
+    loss = fused_softmax.linear_cross_entropy(x, w, target, b, chunk_size=1)
+    grads = torch.autograd.grad(loss, (x, w, b))
+    want_loss, *want_grads = expected(x, w, b, target, torch.tensor(1.0, dtype=torch.float64), "mean")
+    rtol, atol = TOLERANCES[dtype]
+    assert loss.dtype == dtype and all(g.dtype == dtype for g in grads)
+    # The logits themselves are rounded to the dtype first (as F.linear's): a few ulps of slack.
+    torch.testing.assert_close(loss.double(), torch.as_tensor(want_loss), rtol=4 * rtol, atol=atol)
+    for grad, want in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(grad.double(), torch.as_tensor(want), rtol=4 * rtol, atol=4 * rtol * 0.1)
+
+
+def test_gradcheck_through_kernels(kernels, device):
+    """fp64, 3 chunks (the last partial) of a layer small enough for the numerical Jacobian."""
+    x = random((5, 3), torch.float64, device, scale=1.0).requires_grad_()
+    w = random((6, 3), torch.float64, device, seed=1).requires_grad_()
+    b = random((6,), torch.float64, device, seed=2).requires_grad_()
+    target = torch.tensor([0, 5, -100, 2, 3], device=device)
+    for reduction in ("mean", "none"):
+
+        def loss(x, w, b, reduction=reduction):
+            options = dict(reduction=reduction, label_smoothing=0.1, z_loss=1e-2, softcap=3.0, chunk_size=2)
+            return fused_softmax.linear_cross_entropy(x, w, target, b, **options)
+
+        assert torch.autograd.gradcheck(loss, (x, w, b), fast_mode=True)
+
+
+def test_only_the_gradients_asked_for(kernels, device):
+    x, w, _, target = layer(torch.float32, device, bias=False)
+    w.requires_grad_(False)
+    (grad,) = torch.autograd.grad(fused_softmax.linear_cross_entropy(x, w, target, chunk_size=5), x)
+    _, want, _, _ = expected(x, w, None, target, torch.tensor(1.0, dtype=torch.float64), "mean")
+    assert_close(grad, want)
+    with torch.no_grad():
+        loss = fused_softmax.linear_cross_entropy(x, w, target)
+    assert not loss.requires_grad
+
+
+@pytest.mark.parametrize("name", ["torch", "triton"])
+def test_peak_memory_is_a_small_fraction_of_the_logits(device, name):
+    """Every storage allocated during forward and backward, alive at once, counted: one chunk of
+    8 tokens' logits plus the gradients, against the 256 tokens' logits torch holds several of.
+    Launches are counted by name only: the ``launches`` fixture would keep every chunk alive."""
+    tokens, hidden, vocab, chunk = 256, 8, 512, 8
+    x = random((tokens, hidden), torch.float32, device).requires_grad_()
+    w = random((vocab, hidden), torch.float32, device, scale=0.3, seed=1).requires_grad_()
+    target = torch.randint(vocab, (tokens,), generator=torch.Generator().manual_seed(2)).to(device)
+    logits_bytes, chunk_bytes = tokens * vocab * 4, chunk * vocab * 4
+    launched = []
+    with fused_softmax.use_backend(name), _launch.overridden(observe=lambda launch: launched.append(launch.name)):
+        with allocation_peak() as ours:
+            loss = fused_softmax.linear_cross_entropy(x, w, target, chunk_size=chunk)
+            grads = torch.autograd.grad(loss, (x, w))
+    assert launched == (["cross_entropy_kernel"] * (tokens // chunk) if name == "triton" else [])
+    with allocation_peak() as theirs:
+        torch_loss = F.cross_entropy(F.linear(x, w), target)
+        torch_grads = torch.autograd.grad(torch_loss, (x, w))
+    torch.testing.assert_close(loss, torch_loss)
+    torch.testing.assert_close(grads, torch_grads)
+    assert theirs.peak >= 2 * logits_bytes, theirs  # the tracker sees the full logits and their softmax
+    assert chunk_bytes <= ours.peak <= logits_bytes / 4, (ours, logits_bytes)
+
+
+def test_default_chunks():
+    cpu = torch.device("cpu")
+    assert chunk_rows(100, 4096, 128_256, 2, cpu) == 100
+    assert chunk_rows(16384, 4096, 128_256, 2, cpu) == MIN_CHUNK_ROWS == 1024
+    assert chunk_rows(32768, 4096, 4096, 2, cpu) == 32768  # logits no larger than the input
+    assert chunk_rows(32768, 4096, 128_256, 2, cpu, chunk_size=100) == 100
+    with pytest.raises(ValueError, match="chunk_size"):
+        chunk_rows(10, 4, 4, 4, cpu, chunk_size=0)
+
+
+def torch_error(call):
+    try:
+        call()
+    except Exception as e:  # noqa: BLE001 - any of torch's errors is the expectation
+        return e
+    raise AssertionError("torch accepted the call")
+
+
+BAD = {
+    "hidden size": lambda x, w, t: (x[:, :5], w, t),
+    "target batch size": lambda x, w, t: (x, w, t[:5]),
+    "int32 target": lambda x, w, t: (x, w, t.int()),
+    "target out of range": lambda x, w, t: (x, w, t.clone().fill_(VOCAB)),
+    "weight dtype": lambda x, w, t: (x, w.double(), t),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_raises_torchs_error(launches, case):
+    """The error type and message of torch's composition, raised on the host: nothing launches."""
+    x, w, _, target = layer(torch.float32, "cpu")
+    x, w, target = BAD[case](x.detach(), w.detach(), target)
+    error = torch_error(lambda: F.cross_entropy(F.linear(x, w), target))
+    with fused_softmax.use_backend("triton"), pytest.raises(type(error), match=re.escape(str(error))):
+        fused_softmax.linear_cross_entropy(x, w, target)
+    assert not launches
+
+
+def test_runs_eagerly_inside_compiled_code(kernels, device):
+    """A graph break around the chunks: the compiled function's result and gradients are eager's."""
+    torch._dynamo.reset()
+    x, w, b, target = layer(torch.float32, device)
+
+    def model(x, w, b):
+        return fused_softmax.linear_cross_entropy(x * 2, w, target, b, chunk_size=5) + x.mean()
+
+    loss = torch.compile(model, backend="aot_eager")(x, w, b)
+    grads = torch.autograd.grad(loss, (x, w, b))
+    expected = model(x, w, b)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(grads, torch.autograd.grad(expected, (x, w, b)))
