@@ -74,11 +74,7 @@ class Plan:
     align: int
     config: object
     device: object
-
-    @property
-    def grid(self):
-        n_outer, _, n_inner = self.sizes
-        return (self.config.grid(n_outer, n_inner, self.device),)
+    grid: tuple  # the launch grid, (programs,)
 
     @property
     def n_rows(self):
@@ -105,11 +101,44 @@ class Plan:
         return args | self.config.constexprs()
 
 
+_PLANS = {}
+_PLANS_MAX = 4096
+
+
 def plan(tensors, dim, *, backward, masking=None, cross_entropy=False, split=False):
     """The launch over ``tensors`` along ``dim``: views, alignment (shared with a mask in
     ``masking``) and the heuristic's configuration for the forward or ``backward`` kernel (or
     the ``cross_entropy`` one); with ``split``, for jobs that have a split-row regime, one that
-    may cut the rows into chunks."""
+    may cut the rows into chunks.
+
+    Plans are cached by what decides them (shapes, strides, dtypes, device, each start's offset
+    in a 16-byte vector, the overrides): a small call's host time is mostly planning. Plans that
+    copy an input into a layout the kernels read, and plans with a mask, are made afresh."""
+    if masking is not None and masking.mask is not None:
+        return _plan(tensors, dim, backward, masking, cross_entropy, split)
+    key = (
+        dim,
+        backward,
+        masking is not None,
+        cross_entropy,
+        split,
+        _overrides.device,
+        _overrides.max_block,
+        _overrides.min_split_bytes,
+        *[(t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16) for t in tensors],
+    )
+    cached = _PLANS.get(key)
+    if cached is not None:
+        return dataclasses.replace(cached, tensors=tuple(tensors))
+    p = _plan(tensors, dim, backward, masking, cross_entropy, split)
+    if all(view is t for view, t in zip(p.tensors, tensors, strict=True)):
+        if len(_PLANS) >= _PLANS_MAX:
+            _PLANS.clear()
+        _PLANS[key] = dataclasses.replace(p, tensors=())  # the plan, not the caller's tensors
+    return p
+
+
+def _plan(tensors, dim, backward, masking, cross_entropy, split):
     device = _overrides.device or device_properties(tensors[0].device)
     tensors, sizes, strides = row_views(tensors, dim % max(tensors[0].dim(), 1))
     aligned = list(tensors), [(col, outer, inner) for outer, col, inner in strides]
@@ -137,7 +166,8 @@ def plan(tensors, dim, *, backward, masking=None, cross_entropy=False, split=Fal
         max_block=_overrides.max_block,
         **splitting,
     )
-    return Plan(tuple(tensors), tuple(strides), sizes, align, config, device)
+    grid = (config.grid(sizes[0], sizes[2], device),)
+    return Plan(tuple(tensors), tuple(strides), sizes, align, config, device, grid)
 
 
 @dataclasses.dataclass(frozen=True)

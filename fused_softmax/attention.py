@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from . import _launch, ops
 from ._backend import KERNEL_DTYPES, use_kernels
-from ._vmap import vmapped_masked_softmax
+from ._transforms import bound_quickly, needs_autograd, vmapped_masked_softmax
 from .functional import JacobianProductFunction, _fusable
 
 CAUSAL = ("top_left", "bottom_right")
@@ -50,6 +50,7 @@ def _check_mask(mask, scores):
     return mask
 
 
+@bound_quickly
 class MaskedSoftmaxFunction(torch.autograd.Function):
     """softmax(scale * scores + mask) over the last dim on the Triton kernels, one read and one
     write each way. Saves only y. The gradient of an additive mask that requires one is the
@@ -58,8 +59,7 @@ class MaskedSoftmaxFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(scores, mask, scale, causal_offset, dtype):
-        masking = _launch.masking(scores, mask, scale, causal_offset)
-        return _launch.masked_softmax_forward(scores, dtype or scores.dtype, masking)
+        return _masked_softmax_kernels(scores, mask, scale, causal_offset, dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -88,6 +88,11 @@ class MaskedSoftmaxFunction(torch.autograd.Function):
         return vmapped_masked_softmax(
             MaskedSoftmaxFunction.apply, info, in_dims, scores, mask, scale, causal_offset, dtype
         )
+
+
+def _masked_softmax_kernels(scores, mask, scale, causal_offset, dtype):
+    masking = _launch.masking(scores, mask, scale, causal_offset)
+    return _launch.masked_softmax_forward(scores, dtype or scores.dtype, masking)
 
 
 def _softmax_backward(y, dy, dtype, scale):
@@ -141,6 +146,8 @@ def masked_softmax(scores, mask=None, *, scale=1.0, causal=False, dtype=None):
         scores, scale = scores * scale, 1.0
     if torch.compiler.is_compiling():
         return ops.masked_softmax(scores, mask, scale, causal_offset, dtype)
+    if not needs_autograd(scores, mask):
+        return _masked_softmax_kernels(scores, mask, scale, causal_offset, dtype)
     return MaskedSoftmaxFunction.apply(scores, mask, scale, causal_offset, dtype)
 
 

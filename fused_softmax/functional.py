@@ -10,7 +10,7 @@ from torch.overrides import handle_torch_function, has_torch_function_unary
 from . import _jacobian, _launch, ops
 from ._backend import KERNEL_DTYPES, use_kernels
 from ._jacobian import backward_product, forward_product
-from ._vmap import legacy_batched, vmapped
+from ._transforms import bound_quickly, legacy_batched, needs_autograd, vmapped
 
 
 def _implicit_dim(name, ndim, stacklevel):
@@ -52,6 +52,7 @@ def _jvp(ctx, tangent, log):
     return JacobianProductFunction.apply(y, tangent, ctx.dim, y.dtype, forward_product(log))
 
 
+@bound_quickly
 class SoftmaxFunction(torch.autograd.Function):
     """Softmax along ``dim`` on the Triton kernels, output in ``dtype`` (default: x's), read and
     written in one pass. Saves only y; the backward is one kernel and returns x's dtype, the
@@ -77,6 +78,7 @@ class SoftmaxFunction(torch.autograd.Function):
         return vmapped(SoftmaxFunction.apply, info, in_dims, (x,), dim, dtype)
 
 
+@bound_quickly
 class LogSoftmaxFunction(torch.autograd.Function):
     """Log-softmax along ``dim`` on the same kernels as ``SoftmaxFunction``."""
 
@@ -99,6 +101,7 @@ class LogSoftmaxFunction(torch.autograd.Function):
         return vmapped(LogSoftmaxFunction.apply, info, in_dims, (x,), dim, dtype)
 
 
+@bound_quickly
 class JacobianProductFunction(torch.autograd.Function):
     """``scale`` times the product ``kind`` (see ``_jacobian``) of v with softmax's Jacobian at y,
     in ``dtype``, on the backward kernel: the backward of softmax, log-softmax and
@@ -161,6 +164,8 @@ def _dispatch(name, input, dim, stacklevel, dtype):
         raise NotImplementedError(f'"{name}" not implemented for {input.dtype}')
     if torch.compiler.is_compiling():
         return getattr(ops, name)(input, dim, dtype)
+    if not needs_autograd(input):
+        return _launch.softmax_forward(input, dim, dtype or input.dtype, name == "log_softmax")
     return _FUNCTIONS[name].apply(input, dim, dtype)
 
 

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from . import _jacobian, _launch
-from ._vmap import vmapped, vmapped_masked_softmax
+from ._transforms import vmapped, vmapped_masked_softmax
 
 
 def _empty_like(x, dtype):
@@ -87,7 +87,7 @@ def jacobian_product(
     y: torch.Tensor, v: torch.Tensor, dim: int, dtype: torch.dtype, kind: str, scale: float
 ) -> torch.Tensor:
     """The backward kernel's product ``kind`` (see ``_jacobian``) as an op, for
-    ``JacobianProductFunction`` under ``is_grads_batched`` (see ``_vmap``); no autograd of its own."""
+    ``JacobianProductFunction`` under ``is_grads_batched`` (see ``_transforms``); no autograd of its own."""
     return _launch.jacobian_product(y, v, dim, dtype, kind, scale)
 
 

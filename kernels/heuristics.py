@@ -98,7 +98,7 @@ class LaunchConfig:
     def grid(self, n_outer: int, n_inner: int, device: DeviceProperties) -> int:
         """Persistent grid: enough programs to fill every SM, never more than there are work
         items (tiles, times the chunks of a split row)."""
-        items = n_outer * triton.cdiv(n_inner, self.rows_per_program) * self.chunks
+        items = n_outer * -(-n_inner // self.rows_per_program) * self.chunks
         return max(1, min(items, self.resident_programs(device)))
 
 
@@ -137,7 +137,9 @@ def _split(config, n_rows, n_cols, elem_bytes, device, backward, align, vector, 
     chunk_cols = max(block, per_chunk // block * block)
     if triton.cdiv(n_cols, chunk_cols) < 2:
         return config
-    tiled = replace(tiled, block_n=block, num_warps=_warps(config.rows_per_program, block, vector, False))
+    # At least 4 warps: with 2, ptxas spilled a few bytes of the backward's second phase.
+    warps = max(4, _warps(config.rows_per_program, block, vector, False))
+    tiled = replace(tiled, block_n=block, num_warps=warps)
     return replace(tiled, chunks=triton.cdiv(n_cols, chunk_cols), chunk_cols=chunk_cols)
 
 

@@ -36,11 +36,12 @@ from .tiles import (
 
 @triton.jit
 def chunk_of(item, n_chunks, n_inner, n_cols, chunk_cols, ROWS: tl.constexpr):
-    """Work item ``item``'s tile (see ``tiles.tile_rows``), its chunk index and columns [start, stop)."""
+    """Work item ``item``'s tile (see ``tiles.tile_rows``), its chunk index and columns [start, stop),
+    in int32: a row's columns are fewer than 2^31."""
     tile = item // n_chunks
-    chunk = item % n_chunks
+    chunk = tl.cast(item % n_chunks, tl.int32)
     outer, inner, row_mask, row = tile_rows(tile, n_inner, ROWS)
-    start = tl.cast(chunk, tl.int64) * chunk_cols
+    start = chunk * chunk_cols
     return outer, inner, row_mask, row, chunk, start, tl.minimum(start + chunk_cols, n_cols)
 
 

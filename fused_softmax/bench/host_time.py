@@ -107,3 +107,38 @@ def _kernel_times(calls):
         return {"kernel_us": {name: kernel_us(calls[name]) for name in ("fused_softmax", "torch")}}
     except Exception as error:  # a capture that fails is reported beside the wall times, not fatal
         return {"kernel_error": f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"}
+
+
+def stubbed_host_times(shapes=TINY_SHAPES, blocks=21, block_s=5e-3):
+    """``host_times`` on CPU tensors with every kernel launch planned and recorded but not run:
+    the host path alone, against ``torch.empty_like`` in the same run. Needs the interpreter
+    (TRITON_INTERPRET=1 before triton is imported) so the CPU tensors reach the kernels' path."""
+    from ..testing import recorded_launches
+
+    with recorded_launches(run=False) as launches:
+        for record in host_times({"float32": torch.float32}, torch.device("cpu"), shapes, blocks, block_s):
+            launches.clear()
+            yield record
+
+
+def main():
+    """Prints the host path's µs per call and its multiple of ``torch.empty_like``'s."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        raise SystemExit("run with TRITON_INTERPRET=1 (no GPU: the launches are stubbed on CPU)")
+    records = host_times({"float32": torch.float32}, torch.device("cuda")) if torch.cuda.is_available() else None
+    records = records or stubbed_host_times()
+    print(f"| shape | mode | fused_softmax µs | torch µs | {YARDSTICK} µs | fused / {YARDSTICK} |")
+    print("|---|---|---|---|---|---|")
+    for r in records:
+        us = r["us"]
+        ratio = us["fused_softmax"] / us[YARDSTICK]
+        print(
+            f"| [{r['n_rows']}, {r['n_cols']}] | {r['mode']} | {us['fused_softmax']:.1f} | {us['torch']:.1f} "
+            f"| {us[YARDSTICK]:.2f} | {ratio:.0f}x |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,11 +1,14 @@
-"""vmap for the autograd Functions: the vmapped dim becomes one more outer dim of the same
-launch, so a vmapped call (per-sample gradients, jacrev, jacfwd) costs one kernel launch, not a
-loop.
+"""The autograd Functions under autograd and torch.func, cheaply.
+
+vmap: the vmapped dim becomes one more outer dim of the same launch, so a vmapped call
+(per-sample gradients, jacrev, jacfwd) costs one kernel launch, not a loop.
 
 ``torch.autograd.grad(..., is_grads_batched=True)`` batches with torch's older vmap instead,
 whose tensors reach a backward without storage and without the rules above; it runs a custom
 op once per batch entry, so there the backward goes through one (``legacy_batched``).
 """
+
+import inspect
 
 import torch
 
@@ -48,3 +51,24 @@ def vmapped_masked_softmax(apply, info, in_dims, scores, mask, scale, causal_off
 def legacy_batched(*tensors):
     """Whether any tensor is batched by the older vmap of ``is_grads_batched``."""
     return any(torch._C._functorch.is_legacy_batchedtensor(t) for t in tensors)
+
+
+def needs_autograd(*tensors):
+    """Whether a call on ``tensors`` must go through its autograd Function: a gradient will be
+    asked for, a forward-mode level is open, or torch.func is transforming them. Otherwise the
+    kernels run directly, without the Function's host time."""
+    if torch.autograd.forward_ad._current_level >= 0:
+        return True
+    grad = torch.is_grad_enabled()
+    return any(
+        t is not None and ((grad and t.requires_grad) or torch._C._functorch.is_functorch_wrapped_tensor(t))
+        for t in tensors
+    )
+
+
+def bound_quickly(function):
+    """``function`` (an autograd Function) with its forward's signature computed once: torch's
+    apply binds the arguments through ``inspect.signature`` at every call otherwise."""
+    forward = function.forward
+    forward.__signature__ = inspect.signature(forward)
+    return function
