@@ -13,9 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from transformers import AttentionInterface, AutoModelForCausalLM
+from transformers import AttentionInterface, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+import fused_softmax
 from fused_softmax.integrations.transformers import NAME, UNSUPPORTED, fused_attention_forward, register
 
 register()
@@ -122,6 +123,66 @@ def test_attention_dropout_only_in_training(backend):
     assert not torch.allclose(fused_logits, eval_logits)
     # The same RNG draws on probabilities of the same shape: the same units dropped as eager's.
     torch.testing.assert_close(fused_logits, eager_logits, **TOLERANCES[torch.float32])
+
+
+T5 = dict(
+    vocab_size=VOCAB,
+    d_model=32,
+    d_kv=8,
+    d_ff=64,
+    num_layers=2,
+    num_decoder_layers=2,
+    num_heads=4,
+    relative_attention_num_buckets=8,
+    relative_attention_max_distance=16,
+    decoder_start_token_id=0,
+    pad_token_id=0,
+    eos_token_id=1,
+)
+
+
+def twin_t5():
+    """A tiny T5 (encoder-decoder: relative position bias in the self-attention of both stacks, a
+    zero bias in the cross-attention) under eager attention and under ours, in eval mode."""
+    torch.manual_seed(0)
+    eager = AutoModelForSeq2SeqLM.from_config(transformers.T5Config(**T5), attn_implementation="eager")
+    fused = AutoModelForSeq2SeqLM.from_config(transformers.T5Config(**T5), attn_implementation=NAME)
+    fused.load_state_dict(eager.state_dict())
+    return eager.eval(), fused.eval()
+
+
+def counting_attention(monkeypatch):
+    """Calls of fused_softmax.attention from here on, one list entry each."""
+    calls = []
+    attention = fused_softmax.attention
+    monkeypatch.setattr(fused_softmax, "attention", lambda *args, **kw: calls.append(1) or attention(*args, **kw))
+    return calls
+
+
+# Every encoder row sees some key, whatever the padding: no row to leave out.
+@pytest.mark.parametrize("padding", [None, "left", "right"])
+def test_t5_matches_eager(padding, backend, monkeypatch):
+    ids, mask, _ = batch(padding)
+    decoder_ids = ids.flip(-1)[:, :6]
+    calls = counting_attention(monkeypatch)
+    results = []
+    for model in twin_t5():
+        model.zero_grad()
+        logits = model(ids, attention_mask=mask, decoder_input_ids=decoder_ids).logits
+        F.cross_entropy(logits.flatten(0, 1), decoder_ids.flatten()).backward()
+        results.append((logits, {name: p.grad for name, p in model.named_parameters()}))
+    assert len(calls) == 6, "two encoder layers, two decoder layers with self- and cross-attention"
+    torch.testing.assert_close(results[1], results[0], **TOLERANCES[torch.float32])
+    assert results[1][1]["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"].abs().sum() > 0
+
+
+def test_t5_greedy_generation_matches_eager(backend):
+    ids, mask, _ = batch("left")
+    eager, fused = twin_t5()
+    generated = [
+        model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False) for model in (eager, fused)
+    ]
+    assert torch.equal(generated[1], generated[0])
 
 
 @pytest.mark.parametrize("feature", UNSUPPORTED)
