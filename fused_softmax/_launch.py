@@ -189,7 +189,8 @@ class Masking:
     """What masked_softmax applies to [..., Lq, Lk] scores before the softmax: the scale, the
     causal diagonal's offset (None: no causal mask) and a mask (None: none) read through its
     broadcast (batch, head, query, key) strides, the leading dims folded into batch x head,
-    ``n_heads`` being the size of the head run."""
+    ``n_heads`` being the size of the head run; the logit softcap and the sinks (one logit per
+    head of the dim before Lq), None without them."""
 
     scale: float = 1.0
     causal_offset: int | None = None
@@ -197,6 +198,33 @@ class Masking:
     mask: torch.Tensor | None = None
     mask_strides: tuple = (None, None, None, None)
     n_heads: int | None = None
+    softcap: float | None = None
+    sinks: torch.Tensor | None = None
+
+    @property
+    def keeps_statistics(self):
+        """Softcapping and sinks need each row's log-sum-exp in the backward."""
+        return self.softcap is not None or self.sinks is not None
+
+    def extra_arguments(self):
+        """The kernels' keyword arguments for softcapping and sinks."""
+        return dict(
+            sinks_ptr=self.sinks,
+            n_sink_heads=None if self.sinks is None else self.sinks.numel(),
+            softcap=self.softcap,
+            SOFTCAP=self.softcap is not None,
+            SINKS=self.sinks is not None,
+        )
+
+    def backward_arguments(self, align, scale):
+        """masked_softmax_backward_kernel's own keyword arguments: the additive mask only where the
+        cap's derivative needs it, the extras, and ``scale`` (the scores' gradient's)."""
+        reads_mask = self.softcap is not None and self.mask_kind == "additive"
+        args = self.arguments(align) if reads_mask else Masking(n_queries=self.n_queries).arguments(align)
+        for name in ("causal_offset", "CAUSAL"):
+            del args[name]
+        high, low = fp32_pair(scale)
+        return args | self.extra_arguments() | dict(scale_high=high, scale_low=low)
 
     @property
     def mask_kind(self):
@@ -226,23 +254,47 @@ class Masking:
         )
 
 
-def masking(scores, mask, scale, causal_offset):
+def masking(scores, mask, scale, causal_offset, softcap=None, sinks=None):
     """The ``Masking`` of a masked_softmax over ``scores`` [..., Lq, Lk]."""
     n_queries = scores.shape[-2] if scores.dim() >= 2 else 1
     if mask is None:
-        return Masking(scale, causal_offset, n_queries)
+        return Masking(scale, causal_offset, n_queries, softcap=softcap, sinks=sinks)
     mask, strides, n_heads = mask_view(mask, scores)
-    return Masking(scale, causal_offset, n_queries, mask, strides, n_heads)
+    return Masking(scale, causal_offset, n_queries, mask, strides, n_heads, softcap, sinks)
 
 
 def masked_softmax_forward(x, out_dtype, masking):
     """softmax of scale * x + mask over the last dim of [..., Lq, Lk] scores, causal if asked."""
+    return masked_softmax_forward_with_lse(x, out_dtype, masking)[0]
+
+
+def masked_softmax_forward_with_lse(x, out_dtype, masking):
+    """(y, each row's log-sum-exp) of masked_softmax, the statistics kept where softcapping or
+    sinks need them in the backward (else None)."""
     y = empty(x.shape, out_dtype, x.device)
+    lse = empty(x.shape[:-1], stats_dtype(x.dtype), x.device) if masking.keeps_statistics else None
     if y.numel():
         p = plan((x, y), x.dim() - 1, backward=False, masking=masking)
-        args = p.arguments("x", "y") | masking.arguments(p.align) | dict(ONLINE=p.config.online)
-        _run(kernels().masked_softmax_forward_kernel, p, args)
-    return y
+        args = p.arguments("x", "y") | masking.arguments(p.align) | masking.extra_arguments()
+        _run(kernels().masked_softmax_forward_kernel, p, args | dict(lse_ptr=lse, ONLINE=p.config.online))
+    elif lse is not None:
+        lse.fill_(float("-inf"))
+    return y, lse
+
+
+def masked_softmax_backward(y, dy, lse, out_dtype, masking, scale):
+    """The scores' gradient, times ``scale``, of a masked_softmax with softcapping or sinks, and
+    each row's share of its sink's gradient (None without sinks)."""
+    dx = empty(y.shape, out_dtype, y.device)
+    sinks_grad = None if masking.sinks is None else empty(y.shape[:-1], stats_dtype(y.dtype), y.device)
+    if dx.numel():
+        p = plan((y, dy, dx), y.dim() - 1, backward=True, masking=masking)
+        args = p.arguments("y", "dy", "dx") | masking.backward_arguments(p.align, scale)
+        args |= dict(lse_ptr=lse, sinks_grad_ptr=sinks_grad, ONLINE=p.config.online)
+        _run(kernels().masked_softmax_backward_kernel, p, args)
+    elif sinks_grad is not None:
+        sinks_grad.zero_()
+    return dx, sinks_grad
 
 
 def row_statistics(x, dim):

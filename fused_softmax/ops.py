@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from . import _launch
+from . import _launch, _softcap_sinks
 
 
 def _empty_like(x, dtype):
@@ -125,3 +125,55 @@ def _backward_op(y, dy, dim, dtype, log, scale):
 
 
 masked_softmax.register_autograd(_masked_grad, setup_context=_setup_masked)
+
+
+# masked_softmax with softcapping or sinks: the forward also returns each row's log-sum-exp, the
+# backward op is the kernel alone (the reductions to the mask's and sinks' shapes stay in torch).
+@torch.library.custom_op("fused_softmax::masked_softmax_with_lse", mutates_args=())
+def masked_softmax_with_lse(
+    scores: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    scale: float,
+    causal_offset: Optional[int],
+    dtype: Optional[torch.dtype],
+    softcap: Optional[float],
+    sinks: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    masking = _launch.masking(scores, mask, scale, causal_offset, softcap, sinks)
+    return _launch.masked_softmax_forward_with_lse(scores, dtype or scores.dtype, masking)
+
+
+@masked_softmax_with_lse.register_fake
+def _(scores, mask, scale, causal_offset, dtype, softcap, sinks):
+    lse = torch.empty(scores.shape[:-1], dtype=_launch.stats_dtype(scores.dtype), device=scores.device)
+    return _empty_like(scores, dtype or scores.dtype), lse
+
+
+@torch.library.custom_op("fused_softmax::masked_softmax_with_lse_backward", mutates_args=())
+def masked_softmax_with_lse_backward(
+    y: torch.Tensor,
+    dy: torch.Tensor,
+    lse: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    sinks: Optional[torch.Tensor],
+    scale: float,
+    softcap: Optional[float],
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    dx, rows = _softcap_sinks.kernel_backward(y, dy, lse, mask, sinks, scale, softcap, dtype)
+    return dx, rows if rows is not None else lse.new_empty(0)
+
+
+@masked_softmax_with_lse_backward.register_fake
+def _(y, dy, lse, mask, sinks, scale, softcap, dtype):
+    return _empty_like(y, dtype), lse.new_empty(lse.shape if sinks is not None else (0,))
+
+
+def _softcap_sinks_grad(ctx, dy, _):
+    y, lse, mask, sinks = ctx.saved_tensors
+    grads = _softcap_sinks.score_mask_and_sink_grads(ctx, y, dy, lse, mask, sinks, masked_softmax_with_lse_backward)
+    scores_grad, mask_grad, sinks_grad = grads
+    return scores_grad, mask_grad, None, None, None, None, sinks_grad
+
+
+masked_softmax_with_lse.register_autograd(_softcap_sinks_grad, setup_context=_softcap_sinks.save_context)

@@ -34,6 +34,14 @@ CONFIGS = {
     "gpt2": lambda **kw: transformers.GPT2Config(
         vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=32, bos_token_id=0, eos_token_id=0, **kw
     ),
+    # Logit softcapping (50, as every Gemma 2 checkpoint), a sliding window on the first layer.
+    "gemma2-softcap": lambda **kw: transformers.Gemma2Config(
+        **LLAMA, num_key_value_heads=2, head_dim=8, attn_logit_softcapping=50.0, sliding_window=4, **kw
+    ),
+    # Attention sinks, a sliding window on the first layer, a mixture of experts.
+    "gpt-oss-sinks": lambda **kw: transformers.GptOssConfig(
+        **LLAMA, num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2, sliding_window=4, **kw
+    ),
 }
 # Measured through two layers: logits and gradients within 1e-7 of eager's in fp32, 1e-15 in fp64.
 TOLERANCES = {torch.float32: dict(rtol=1.3e-6, atol=1e-6), torch.float64: dict(rtol=1e-12, atol=1e-12)}
@@ -79,9 +87,11 @@ def assert_match(eager, fused, ids, mask, visible, dtype=torch.float32):
 # No padding: the causal flag, no mask tensor. Left padding: rows that see no key. Right padding: a
 # bool mask. Plain multi-head attention is GPT-2's; the sliding window always comes as a mask.
 @pytest.mark.parametrize("padding", [None, "left", "right"])
-@pytest.mark.parametrize("name", ["llama-gqa", "mistral-sliding-window", "gpt2"])
-def test_logits_and_gradients_match_eager(name, padding, backend):
+@pytest.mark.parametrize("name", ["llama-gqa", "mistral-sliding-window", "gpt2", "gemma2-softcap", "gpt-oss-sinks"])
+def test_logits_and_gradients_match_eager(name, padding, backend, monkeypatch):
+    calls = counting_attention(monkeypatch)
     assert_match(*twin_models(name), *batch(padding))
+    assert len(calls) == 2, "one call per layer"
 
 
 def test_float64_matches_eager(backend):

@@ -40,11 +40,7 @@ import fused_softmax
 NAME = "fused_softmax"
 
 # Keyword arguments some models pass that change the math: the fused path does not implement them.
-UNSUPPORTED = {
-    "softcap": "logit softcapping",
-    "s_aux": "attention sinks",
-    "cache": "paged KV caches (continuous batching)",
-}
+UNSUPPORTED = {"cache": "paged KV caches (continuous batching)"}
 
 
 def with_position_bias(position_bias, attention_mask, causal):
@@ -90,6 +86,8 @@ def fused_attention_forward(
         is_causal=causal,
         scale=scaling,
         enable_gqa=True,
+        softcap=kwargs.get("softcap"),
+        sinks=kwargs.get("s_aux"),
     )
     return output.transpose(1, 2).contiguous(), None
 
