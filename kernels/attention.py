@@ -70,23 +70,25 @@ def load_mask(
 
 
 @triton.jit
-def tanh(u):
-    """tanh, which Triton's interpreter lacks: from exp above 1/8 in magnitude, where 1 - exp(-2|u|)
-    loses no precision, and below by its Taylor series to u^15, to 1e-17 relative."""
+def tanh(u, COMPUTE_DTYPE: tl.constexpr):
+    """tanh, which Triton's interpreter lacks: (1 - e) / (1 + e) of e = exp(-2|u|) above 1/8 in
+    magnitude, where 1 - e loses no precision, and below it the Taylor series, to u^15 in fp64
+    (1e-17 relative) and u^7 in fp32 (1e-9), which also spares the registers of fp32's tiles."""
     magnitude = tl.abs(u)
     decay = tl.exp(-2.0 * magnitude)
     large = (1.0 - decay) / (1.0 + decay)
-    large = tl.where(u < 0, -large, large)
     u2 = u * u
-    series = -929569.0 / 638512875.0
-    series = 21844.0 / 6081075.0 + u2 * series
-    series = -1382.0 / 155925.0 + u2 * series
-    series = 62.0 / 2835.0 + u2 * series
-    series = -17.0 / 315.0 + u2 * series
+    if COMPUTE_DTYPE == tl.float64:
+        series = -929569.0 / 638512875.0
+        series = 21844.0 / 6081075.0 + u2 * series
+        series = -1382.0 / 155925.0 + u2 * series
+        series = 62.0 / 2835.0 + u2 * series
+        series = -17.0 / 315.0 + u2 * series
+    else:
+        series = tl.full(u.shape, -17.0 / 315.0, COMPUTE_DTYPE)
     series = 2.0 / 15.0 + u2 * series
     series = -1.0 / 3.0 + u2 * series
-    small = u + u * u2 * series
-    return tl.where(magnitude < 0.125, small, large)
+    return tl.where(magnitude < 0.125, u + u * u2 * series, tl.where(u < 0, -large, large))
 
 
 @triton.jit
@@ -137,7 +139,7 @@ def load_scores(
         keep = keep & (attend != 0)
     x = x * scale
     if SOFTCAP:
-        x = softcap * tanh(x / softcap)
+        x = softcap * tanh(x / softcap, COMPUTE_DTYPE)
     if MASK == "additive":
         bias = load_mask(
             mask_ptr,
@@ -171,11 +173,18 @@ def with_sinks(
 
 
 @triton.jit
-def store_log_sum_exp(lse_ptr, row, row_mask, row_max, row_sum, SOFTCAP: tl.constexpr, SINKS: tl.constexpr):
+def store_log_sum_exp(
+    lse_ptr, row, row_mask, row_max, row_sum, BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr, SINKS: tl.constexpr
+):
     """Each row's log-sum-exp, which the backward of SOFTCAP and SINKS needs; -inf for a row with
-    every key hidden. Returns the row max (a helper returning nothing fails to compile in Triton 3.6)."""
+    every key hidden. Stored from the lanes of column 0 of a full [ROWS, BLOCK_N] block, the
+    layout of the row's other stores: a [ROWS, 1] store needs each thread's row held from the
+    start (the compile report found it spilled). Returns the row max (a helper returning nothing
+    fails to compile in Triton 3.6)."""
     if SOFTCAP or SINKS:
-        tl.store(lse_ptr + row, row_max + tl.log(row_sum), mask=row_mask)
+        first = column_block(0, BLOCK_N) == 0
+        lse = tl.broadcast_to(row_max + tl.log(row_sum), (row_max.shape[0], BLOCK_N))
+        tl.store(lse_ptr + row + 0 * first, lse, mask=row_mask & first)
     return row_max
 
 
@@ -262,7 +271,7 @@ def masked_softmax_forward_kernel(
             row_max, row_sum = with_sinks(
                 row_max, row_sum, batch, row_mask, sinks_ptr, n_sink_heads, SINKS, COMPUTE_DTYPE
             )
-            store_log_sum_exp(lse_ptr, row, row_mask, row_max, row_sum, SOFTCAP, SINKS)
+            store_log_sum_exp(lse_ptr, row, row_mask, row_max, row_sum, BLOCK_N, SOFTCAP, SINKS)
             y_rows = row_starts(y_ptr, outer, inner, y_stride_outer, y_stride_inner, ALIGN)
             n_blocks = tl.cdiv(n_read, BLOCK_N)
             for back in tl.range(0, n_blocks):
@@ -326,7 +335,7 @@ def masked_softmax_forward_kernel(
             row_max, row_sum = with_sinks(
                 row_max, row_sum, batch, row_mask, sinks_ptr, n_sink_heads, SINKS, COMPUTE_DTYPE
             )
-            store_log_sum_exp(lse_ptr, row, row_mask, row_max, row_sum, SOFTCAP, SINKS)
+            store_log_sum_exp(lse_ptr, row, row_mask, row_max, row_sum, BLOCK_N, SOFTCAP, SINKS)
             y_rows = row_starts(y_ptr, outer, inner, y_stride_outer, y_stride_inner, ALIGN)
             store_block(y_rows, y_stride_col, col, in_bounds, attention_probabilities(x, row_max, row_sum))
 

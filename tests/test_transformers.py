@@ -118,6 +118,17 @@ def test_decoding_with_a_cache_matches_eager(cache, padding, backend):
     torch.testing.assert_close(logits[1], logits[0], **TOLERANCES[torch.float32])
 
 
+@pytest.mark.parametrize("name", ["gemma2-softcap", "gpt-oss-sinks"])
+def test_greedy_generation_matches_eager(name, backend):
+    """Left-padded prompts, then decoding with a cache: softcapped or sunk scores at every step."""
+    ids, mask, _ = batch("left")
+    eager, fused = twin_models(name)
+    generated = [
+        model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False) for model in (eager, fused)
+    ]
+    assert torch.equal(generated[1], generated[0])
+
+
 def test_attention_dropout_only_in_training(backend):
     eager, fused = twin_models("llama", attention_dropout=0.5)
     ids, _, _ = batch(None)

@@ -270,7 +270,8 @@ MODE_DTYPES = ("fp16", "bf16", "fp32", "fp64")
 
 def _mode_launches(n):
     """(job, tensors, description) of the masked-softmax and row-statistics launches for rows of
-    ``n``: masked_softmax with each mask kind, and each statistics kernel."""
+    ``n``: masked_softmax with each mask kind, with softcapping and sinks (forward and backward),
+    and each statistics kernel."""
     for d in MODE_DTYPES:
         x, dtype = _empty((ROWS, n), d), TORCH_DTYPES[d]
         stats = torch.empty(ROWS, dtype=_launch.stats_dtype(dtype))
@@ -281,6 +282,7 @@ def _mode_launches(n):
         ):
             masking = _launch.masking(x, mask, 0.125, causal)
             yield lambda x, masking=masking: _launch.masked_softmax_forward(x, x.dtype, masking), (x,), name
+        yield from _softcap_sinks_launches(n, d)
         yield lambda x: _launch.row_statistics(x, 1), (x,), "row stats out"
         yield lambda x, lse=stats: _launch.normalise_with_lse(x, 1, x.dtype, False, lse), (x,), "row lse in"
         yield lambda y, dy: _launch.backward_row_sums(y, dy, 1), (x, x), "row sums out"
@@ -288,6 +290,29 @@ def _mode_launches(n):
             lambda y, dy, sums=stats: _launch.backward_with_row_sums(y, dy, 1, y.dtype, False, sums),
             (x, x),
             "row sums in",
+        )
+
+
+def _softcap_sinks_launches(n, d):
+    """masked_softmax with softcapping or sinks, forward and backward, over [1, ROWS, 1, n] scores
+    (a sink per head of ROWS), in dtype ``d``."""
+    scores, dtype = _empty((1, ROWS, 1, n), d), TORCH_DTYPES[d]
+    lse = torch.empty(1, ROWS, 1, dtype=_launch.stats_dtype(dtype))
+    sinks = torch.empty(ROWS, dtype=dtype)
+    for mask, causal, softcap, name in (
+        (torch.ones(1, n, dtype=torch.bool), 0, 30.0, "masked softmax, softcap and sinks, bool mask, causal"),
+        (torch.empty(1, n, dtype=dtype), None, 30.0, "masked softmax, softcap, additive mask"),
+    ):
+        masking = _launch.masking(scores, mask, 0.125, causal, softcap, sinks if mask.dtype == torch.bool else None)
+        yield (
+            lambda x, masking=masking: _launch.masked_softmax_forward_with_lse(x, x.dtype, masking),
+            (scores,),
+            name,
+        )
+        yield (
+            lambda y, dy, masking=masking: _launch.masked_softmax_backward(y, dy, lse, y.dtype, masking, 0.125),
+            (scores, scores),
+            f"{name}, backward",
         )
 
 
