@@ -110,13 +110,15 @@ def earlier_logits_moved(model, ids):
 
 @pytest.mark.parametrize("model_type", sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES))
 def test_no_causal_model_sees_the_future(model_type, monkeypatch):
-    """Every causal LM of transformers, tiny, on the eager fallback: refused, or its earlier
-    logits untouched by the last token wherever eager's are, with the fused attention run."""
+    """Every causal LM of transformers, tiny, on the eager fallback, built under eager attention
+    and switched to ours: refused, or its earlier logits untouched by the last token wherever
+    eager's are, with the fused attention run."""
     ids = torch.randint(3, TINY["vocab_size"], (1, 6), generator=torch.Generator().manual_seed(0))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            eager_moved = earlier_logits_moved(tiny_model(model_type, "eager").eval(), ids)
+            model = tiny_model(model_type, "eager").eval()
+            eager_moved = earlier_logits_moved(model, ids)
         except pytest.skip.Exception:
             raise
         except Exception as error:
@@ -124,23 +126,21 @@ def test_no_causal_model_sees_the_future(model_type, monkeypatch):
         if eager_moved > MOVED:
             pytest.skip(f"the tiny {model_type} is not causal (moved by {eager_moved:.1e})")
         try:
-            fused = tiny_model(model_type, NAME).eval()
+            model.set_attn_implementation(NAME)
         except ValueError as error:
             assert REFUSAL in str(error)
             return
         calls = []
         attention = fused_softmax.attention
-        monkeypatch.setattr(
-            fused_softmax, "attention", lambda *args, **kwargs: calls.append(1) or attention(*args, **kwargs)
-        )
+        monkeypatch.setattr(fused_softmax, "attention", lambda *args, **kw: calls.append(1) or attention(*args, **kw))
         try:
-            moved = earlier_logits_moved(fused, ids)
+            moved = earlier_logits_moved(model, ids)
         except NotImplementedError as error:  # a feature the fused path lacks, refused when met
             assert NAME in str(error)
             return
     assert moved <= MOVED, f"changing the last token moved earlier logits by {moved:.1e}"
     if not calls:
-        assert not any("Attention" in type(module).__name__ for module in fused.modules()), "no attention ran"
+        assert not any("Attention" in type(module).__name__ for module in model.modules()), "no attention ran"
 
 
 def test_transformers_version_has_the_checks_register_wraps():
