@@ -108,7 +108,7 @@ def plan(tensors, dim, *, backward, masking=None):
         max(t.element_size() for t in tensors),
         device,
         backward=backward,
-        attention=masking is not None,
+        attention=0 if masking is None else 1 + masking.keeps_statistics,
         align=align,
         contiguous_rows=contiguous_rows,
         max_block=_overrides.max_block,

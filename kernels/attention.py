@@ -24,11 +24,13 @@ from .tiles import (
     fp32_pair,
     input_grad,
     load_block,
+    load_row_values,
     normalise,
     online_row_sums,
     online_step,
     row_starts,
     store_block,
+    store_row_values,
     summand,
     tile_count,
     tile_rows,
@@ -161,12 +163,20 @@ def load_scores(
 
 @triton.jit
 def with_sinks(
-    row_max, row_sum, batch, row_mask, sinks_ptr, n_sink_heads, SINKS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr
+    row_max,
+    row_sum,
+    batch,
+    row_mask,
+    sinks_ptr,
+    n_sink_heads,
+    BLOCK_N: tl.constexpr,
+    SINKS: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
 ):
     """The row statistics with the row's head's sink logit as one more element (none without SINKS).
     A row with every key hidden has a max of -inf and a NaN sum: a sum of 0, as far as the sink goes."""
     if SINKS:
-        sink = tl.load(sinks_ptr + batch % n_sink_heads, mask=row_mask, other=0.0).to(COMPUTE_DTYPE)
+        sink = load_row_values(sinks_ptr + batch % n_sink_heads, row_mask, BLOCK_N, COMPUTE_DTYPE)
         row_sum = tl.where(row_max == float("-inf"), 0.0, row_sum)
         row_max, row_sum = online_step(row_max, row_sum, sink)
     return row_max, row_sum
@@ -177,14 +187,9 @@ def store_log_sum_exp(
     lse_ptr, row, row_mask, row_max, row_sum, BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr, SINKS: tl.constexpr
 ):
     """Each row's log-sum-exp, which the backward of SOFTCAP and SINKS needs; -inf for a row with
-    every key hidden. Stored from the lanes of column 0 of a full [ROWS, BLOCK_N] block, the
-    layout of the row's other stores: a [ROWS, 1] store needs each thread's row held from the
-    start (the compile report found it spilled). Returns the row max (a helper returning nothing
-    fails to compile in Triton 3.6)."""
+    every key hidden. Returns the row max (a helper returning nothing fails to compile in Triton 3.6)."""
     if SOFTCAP or SINKS:
-        first = column_block(0, BLOCK_N) == 0
-        lse = tl.broadcast_to(row_max + tl.log(row_sum), (row_max.shape[0], BLOCK_N))
-        tl.store(lse_ptr + row + 0 * first, lse, mask=row_mask & first)
+        store_row_values(lse_ptr + row, row_max + tl.log(row_sum), row_mask, BLOCK_N)
     return row_max
 
 
@@ -269,7 +274,7 @@ def masked_softmax_forward_kernel(
                 lane_max, lane_sum = online_step(lane_max, lane_sum, x)
             row_max, row_sum = combine_lanes(lane_max, lane_sum)
             row_max, row_sum = with_sinks(
-                row_max, row_sum, batch, row_mask, sinks_ptr, n_sink_heads, SINKS, COMPUTE_DTYPE
+                row_max, row_sum, batch, row_mask, sinks_ptr, n_sink_heads, BLOCK_N, SINKS, COMPUTE_DTYPE
             )
             store_log_sum_exp(lse_ptr, row, row_mask, row_max, row_sum, BLOCK_N, SOFTCAP, SINKS)
             y_rows = row_starts(y_ptr, outer, inner, y_stride_outer, y_stride_inner, ALIGN)
@@ -333,7 +338,7 @@ def masked_softmax_forward_kernel(
             )
             row_max, row_sum = block_statistics(x)
             row_max, row_sum = with_sinks(
-                row_max, row_sum, batch, row_mask, sinks_ptr, n_sink_heads, SINKS, COMPUTE_DTYPE
+                row_max, row_sum, batch, row_mask, sinks_ptr, n_sink_heads, BLOCK_N, SINKS, COMPUTE_DTYPE
             )
             store_log_sum_exp(lse_ptr, row, row_mask, row_max, row_sum, BLOCK_N, SOFTCAP, SINKS)
             y_rows = row_starts(y_ptr, outer, inner, y_stride_outer, y_stride_inner, ALIGN)
@@ -438,7 +443,7 @@ def masked_softmax_backward_kernel(
         batch, query = row // n_queries, row % n_queries
         y_rows = row_starts(y_ptr, outer, inner, y_stride_outer, y_stride_inner, ALIGN)
         dy_rows = row_starts(dy_ptr, outer, inner, dy_stride_outer, dy_stride_inner, ALIGN)
-        lse = tl.load(lse_ptr + row, mask=row_mask, other=0.0).to(COMPUTE_DTYPE)
+        lse = load_row_values(lse_ptr + row, row_mask, BLOCK_N, COMPUTE_DTYPE)
         if ONLINE:
             row_sum = online_row_sums(
                 y_rows, y_stride_col, dy_rows, dy_stride_col, row_mask, n_cols, False, ROWS, BLOCK_N, COMPUTE_DTYPE
@@ -498,6 +503,9 @@ def masked_softmax_backward_kernel(
                 dx_rows, dx_stride_col, col, in_bounds, score_grad(y, dy, row_sum, lse, bias, softcap, scale, SOFTCAP)
             )
         if SINKS:
-            sink = tl.load(sinks_ptr + batch % n_sink_heads, mask=row_mask, other=0.0).to(COMPUTE_DTYPE)
+            # The head from the row here, not from the batch index above: held across the sweeps
+            # (and a 64-bit division's call) it spilled.
+            head = (row // n_queries) % n_sink_heads
+            sink = load_row_values(sinks_ptr + head, row_mask, BLOCK_N, COMPUTE_DTYPE)
             sink_grad = tl.where(lse == float("-inf"), 0.0, -tl.exp(sink - lse) * row_sum)
-            tl.store(sinks_grad_ptr + row, sink_grad, mask=row_mask)
+            store_row_values(sinks_grad_ptr + row, sink_grad, row_mask, BLOCK_N)

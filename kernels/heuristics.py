@@ -14,7 +14,8 @@ machine without a GPU (see ``fused_softmax.bench.machine_code``). The rules:
   takes at least a 32-byte sector's worth of neighbouring rows.
 - Longer rows stream through ``ONLINE_BLOCK``-element tiles (online softmax).
 - Warps are sized so each thread issues about four accesses per tile (two for attention
-  scores, whose masking needs registers; its online tile is half the size too).
+  scores, whose masking needs registers; its online tile is half the size too; with
+  softcapping or sinks a quarter, and one access in fp64).
 - The grid is persistent: at most as many programs as the SMs hold at once.
 """
 
@@ -89,7 +90,7 @@ def launch_config(
     device: DeviceProperties,
     *,
     backward: bool = False,
-    attention: bool = False,
+    attention: int = 0,
     align: int = 1,
     contiguous_rows: int = 1,
     max_block: int | None = None,
@@ -97,12 +98,15 @@ def launch_config(
     """Pick the regime, tile and warps for rows of ``n_cols`` elements.
 
     ``elem_bytes``: the widest element the kernel touches; math is fp64 for 8-byte elements,
-    else fp32. ``attention``: masked_softmax's forward, whose mask and causal comparisons take
-    about a tile's registers beside the scores: half the on-chip row, half the online tile and
-    twice the warps. ``align``: the proven alignment of rows, in elements (accesses are 128-bit
-    when it reaches 16 bytes). ``contiguous_rows``: how many neighbouring rows lie at unit stride
-    (1 when the columns are unit-stride). ``max_block`` caps the on-chip row, a power of two;
-    tests use it to reach the online regime with tiny rows.
+    else fp32. ``attention``: 1 for masked_softmax's forward, whose mask and causal comparisons
+    take about a tile's registers beside the scores: half the on-chip row, half the online tile
+    and twice the warps; 2 with softcapping or sinks (their tanh and statistics, forward and
+    backward): a tile's registers more and a quarter of the online tile (the compile report
+    found spills at 1, under Triton 3.6), and in fp64 four times the warps. ``align``: the
+    proven alignment of rows, in elements (accesses are 128-bit when it reaches 16 bytes).
+    ``contiguous_rows``: how many neighbouring rows lie at unit stride (1 when the columns are
+    unit-stride). ``max_block`` caps the on-chip row, a power of two; tests use it to reach the
+    online regime with tiny rows.
     """
     compute_bytes = 8 if elem_bytes == 8 else 4
     wide = align * elem_bytes >= VECTOR_BYTES
@@ -124,7 +128,9 @@ def launch_config(
         if contiguous_rows > 1:
             rows = min(rows, row_run)
     vector = align if contiguous_rows == 1 else min(row_run, VECTOR_BYTES // elem_bytes)
-    num_warps = min(MAX_WARPS, max(1, rows * block_n // (vector * 32 * (4 >> attention))))
+    # Softcapping's and sinks' math in fp64 (libdevice exp and log) needs warps of its own too.
+    accesses = 4 >> (attention if compute_bytes == 8 else min(attention, 1))
+    num_warps = min(MAX_WARPS, max(1, rows * block_n // (vector * 32 * accesses)))
     return LaunchConfig(
         block_n=block_n,
         rows_per_program=rows,
