@@ -97,9 +97,8 @@ def plan(tensors, dim, *, backward, masking=None):
     device = _overrides.device or device_properties(tensors[0].device)
     tensors, sizes, strides = row_views(tensors, dim % max(tensors[0].dim(), 1))
     aligned = list(tensors), [(col, outer, inner) for outer, col, inner in strides]
-    if masking is not None and masking.mask is not None:
-        batch, head, query, key = masking.mask_strides
-        aligned[0].append(masking.mask)
+    for mask, (batch, head, query, key) in masking.read_masks() if masking is not None else ():
+        aligned[0].append(mask)
         aligned[1].append((key, batch, head, query))
     align = alignment(*aligned, sizes[1])
     contiguous_rows = sizes[2] if strides[0][2] == 1 and strides[0][1] != 1 else 1
@@ -189,8 +188,9 @@ class Masking:
     """What masked_softmax applies to [..., Lq, Lk] scores before the softmax: the scale, the
     causal diagonal's offset (None: no causal mask) and a mask (None: none) read through its
     broadcast (batch, head, query, key) strides, the leading dims folded into batch x head,
-    ``n_heads`` being the size of the head run; the logit softcap and the sinks (one logit per
-    head of the dim before Lq), None without them."""
+    ``n_heads`` being the size of the head run; the logit softcap, the sinks (one logit per
+    head of the dim before Lq) and an additive bias beside a bool mask, read as the mask is,
+    None without them."""
 
     scale: float = 1.0
     causal_offset: int | None = None
@@ -200,31 +200,52 @@ class Masking:
     n_heads: int | None = None
     softcap: float | None = None
     sinks: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    bias_strides: tuple = (None, None, None, None)
+    bias_n_heads: int | None = None
 
     @property
     def keeps_statistics(self):
         """Softcapping and sinks need each row's log-sum-exp in the backward."""
         return self.softcap is not None or self.sinks is not None
 
-    def extra_arguments(self):
-        """The kernels' keyword arguments for softcapping and sinks."""
+    def read_masks(self):
+        """(tensor, (batch, head, query, key) strides) of each mask the forward reads."""
+        pairs = ((self.mask, self.mask_strides), (self.bias, self.bias_strides))
+        return [(mask, strides) for mask, strides in pairs if mask is not None]
+
+    def extra_arguments(self, align):
+        """The forward kernel's keyword arguments for softcapping, sinks and a bias (its row
+        strides divided by ``align``)."""
+        batch, head, query, key = self.bias_strides
+        if self.bias is not None:
+            batch, head, query = batch // align, head // align, query // align
         return dict(
             sinks_ptr=self.sinks,
             n_sink_heads=None if self.sinks is None else self.sinks.numel(),
             softcap=self.softcap,
+            bias_ptr=self.bias,
+            bias_stride_batch=batch,
+            bias_stride_head=head,
+            bias_stride_query=query,
+            bias_stride_key=key,
+            bias_n_heads=self.bias_n_heads,
             SOFTCAP=self.softcap is not None,
             SINKS=self.sinks is not None,
+            BIAS=self.bias is not None,
         )
 
     def backward_arguments(self, align, scale):
         """masked_softmax_backward_kernel's own keyword arguments: the additive mask only where the
-        cap's derivative needs it, the extras, and ``scale`` (the scores' gradient's)."""
+        cap's derivative needs it (masked_softmax never pairs a bias with the cap), softcapping
+        and sinks, and ``scale`` (the scores' gradient's)."""
         reads_mask = self.softcap is not None and self.mask_kind == "additive"
         args = self.arguments(align) if reads_mask else Masking(n_queries=self.n_queries).arguments(align)
-        for name in ("causal_offset", "CAUSAL"):
-            del args[name]
+        extras = self.extra_arguments(align)
+        for name in ("causal_offset", "CAUSAL", "bias_ptr", "BIAS", "bias_n_heads", *_BIAS_STRIDES):
+            (args if name in args else extras).pop(name)
         high, low = fp32_pair(scale)
-        return args | self.extra_arguments() | dict(scale_high=high, scale_low=low)
+        return args | extras | dict(scale_high=high, scale_low=low)
 
     @property
     def mask_kind(self):
@@ -254,13 +275,18 @@ class Masking:
         )
 
 
-def masking(scores, mask, scale, causal_offset, softcap=None, sinks=None):
+_BIAS_STRIDES = ("bias_stride_batch", "bias_stride_head", "bias_stride_query", "bias_stride_key")
+
+
+def masking(scores, mask, scale, causal_offset, softcap=None, sinks=None, bias=None):
     """The ``Masking`` of a masked_softmax over ``scores`` [..., Lq, Lk]."""
     n_queries = scores.shape[-2] if scores.dim() >= 2 else 1
-    if mask is None:
-        return Masking(scale, causal_offset, n_queries, softcap=softcap, sinks=sinks)
-    mask, strides, n_heads = mask_view(mask, scores)
-    return Masking(scale, causal_offset, n_queries, mask, strides, n_heads, softcap, sinks)
+    views = {}
+    if mask is not None:
+        views["mask"], views["mask_strides"], views["n_heads"] = mask_view(mask, scores)
+    if bias is not None:
+        views["bias"], views["bias_strides"], views["bias_n_heads"] = mask_view(bias, scores)
+    return Masking(scale, causal_offset, n_queries, softcap=softcap, sinks=sinks, **views)
 
 
 def masked_softmax_forward(x, out_dtype, masking):
@@ -270,16 +296,16 @@ def masked_softmax_forward(x, out_dtype, masking):
 
 def masked_softmax_forward_with_lse(x, out_dtype, masking):
     """(y, each row's log-sum-exp) of masked_softmax, the statistics kept where softcapping or
-    sinks need them in the backward (else None)."""
+    sinks need them in the backward (else an empty tensor)."""
     y = empty(x.shape, out_dtype, x.device)
     lse = empty(x.shape[:-1], stats_dtype(x.dtype), x.device) if masking.keeps_statistics else None
     if y.numel():
         p = plan((x, y), x.dim() - 1, backward=False, masking=masking)
-        args = p.arguments("x", "y") | masking.arguments(p.align) | masking.extra_arguments()
+        args = p.arguments("x", "y") | masking.arguments(p.align) | masking.extra_arguments(p.align)
         _run(kernels().masked_softmax_forward_kernel, p, args | dict(lse_ptr=lse, ONLINE=p.config.online))
     elif lse is not None:
         lse.fill_(float("-inf"))
-    return y, lse
+    return y, lse if lse is not None else torch.empty(0, dtype=stats_dtype(x.dtype), device=x.device)
 
 
 def masked_softmax_backward(y, dy, lse, out_dtype, masking, scale):

@@ -1,9 +1,13 @@
-"""masked_softmax with logit softcapping or attention sinks on the kernels, as an autograd Function.
+"""masked_softmax with logit softcapping, attention sinks or a bias beside a bool mask on the
+kernels, as an autograd Function.
 
-Both change the backward: the cap's derivative needs the capped scores, a sink's gradient its
-probability. The forward therefore keeps each row's log-sum-exp besides y, and the backward, one
-kernel, recovers the capped scores as log(y) + lse - mask and a sink's probability as
-exp(sink - lse): it reads y and dy (and an additive mask under softcapping), not the scores.
+Softcapping and sinks change the backward: the cap's derivative needs the capped scores, a sink's
+gradient its probability. The forward therefore keeps each row's log-sum-exp besides y, and the
+backward, one kernel, recovers the capped scores as log(y) + lse - mask and a sink's probability
+as exp(sink - lse): it reads y and dy (and an additive mask under softcapping), not the scores.
+A bias (T5's position bias, kept apart from the padding mask so that neither is expanded) only
+adds a gradient, the scores' before the scale summed to its shape: alone, it keeps no statistics
+(an empty tensor stands for them) and its backward is softmax's kernel.
 """
 
 import torch
@@ -13,43 +17,50 @@ from . import _launch
 
 
 def kernel_backward(y, dy, lse, mask, sinks, scale, softcap, out_dtype):
-    """(the scores' gradient times ``scale``, each row's share of its sink's gradient or None)."""
+    """(the scores' gradient times ``scale``, each row's share of its sink's gradient or None):
+    without softcapping and sinks (a bias alone), softmax's backward kernel."""
+    if softcap is None and sinks is None:
+        return _launch.softmax_backward(y, dy, y.dim() - 1, out_dtype, scale=scale), None
     masking = _launch.masking(y, mask, scale, None, softcap, sinks)
     return _launch.masked_softmax_backward(y, dy, lse, out_dtype, masking, scale)
 
 
-def score_mask_and_sink_grads(ctx, y, dy, lse, mask, sinks, backward):
-    """The gradients of the scores, of an additive mask where it needs one, and of the sinks,
-    through ``backward``, ``kernel_backward`` or its custom op."""
-    if ctx.needs_input_grad[1]:  # the mask's gradient is the scaled scores': taken before the scale, once
-        dtype = torch.promote_types(ctx.scores_dtype, mask.dtype)
+def score_mask_and_sink_grads(ctx, y, dy, lse, mask, sinks, bias, backward):
+    """The gradients of the scores, of an additive mask and a bias where they need one, and of the
+    sinks, through ``backward``, ``kernel_backward`` or its custom op."""
+    added = [(t, needs) for t, needs in ((mask, ctx.needs_input_grad[1]), (bias, ctx.needs_input_grad[7])) if needs]
+    if added:  # their gradient is the scaled scores': taken before the scale, once
+        dtype = torch.promote_types(ctx.scores_dtype, added[0][0].dtype)
         dz, rows = backward(y, dy, lse, mask, sinks, 1.0, ctx.softcap, dtype)
-        scores_grad, mask_grad = (dz * ctx.scale).to(ctx.scores_dtype), dz.sum_to_size(mask.shape).to(mask.dtype)
+        scores_grad = (dz * ctx.scale).to(ctx.scores_dtype)
     else:
         scores_grad, rows = backward(y, dy, lse, mask, sinks, ctx.scale, ctx.softcap, ctx.scores_dtype)
-        mask_grad = None
+    mask_grad, bias_grad = (
+        dz.sum_to_size(t.shape).to(t.dtype) if t is not None and needs else None
+        for t, needs in ((mask, ctx.needs_input_grad[1]), (bias, ctx.needs_input_grad[7]))
+    )
     sinks_grad = None if sinks is None else rows.sum(-1).reshape(-1, sinks.numel()).sum(0).to(sinks.dtype)
-    return scores_grad, mask_grad, sinks_grad
+    return scores_grad, mask_grad, sinks_grad, bias_grad
 
 
 def save_context(ctx, inputs, output):
     """What ``score_mask_and_sink_grads`` needs, from masked_softmax's inputs and (y, lse)."""
-    scores, mask, scale, _, _, softcap, sinks = inputs
+    scores, mask, scale, _, _, softcap, sinks, bias = inputs
     y, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.scale, ctx.softcap, ctx.scores_dtype = scale, softcap, scores.dtype
-    ctx.save_for_backward(y, lse, mask, sinks)
+    ctx.save_for_backward(y, lse, mask, sinks, bias)
 
 
 class SoftcapSinksFunction(torch.autograd.Function):
-    """softmax(softcap(scale * scores) + mask, with sinks) over the last dim: one kernel each way,
-    returning (y, each row's log-sum-exp). Saves both. An additive mask gets its gradient (with
-    sinks alone: under softcapping the caller refuses one that requires it), summed over its
-    broadcast dims."""
+    """softmax(softcap(scale * scores) + mask + bias, with sinks) over the last dim: one kernel each
+    way, returning (y, each row's log-sum-exp). Saves both. An additive mask and a bias get their
+    gradients (not under softcapping, where the caller refuses them), summed over their broadcast
+    dims."""
 
     @staticmethod
-    def forward(scores, mask, scale, causal_offset, dtype, softcap, sinks):
-        masking = _launch.masking(scores, mask, scale, causal_offset, softcap, sinks)
+    def forward(scores, mask, scale, causal_offset, dtype, softcap, sinks, bias):
+        masking = _launch.masking(scores, mask, scale, causal_offset, softcap, sinks, bias)
         return _launch.masked_softmax_forward_with_lse(scores, dtype or scores.dtype, masking)
 
     setup_context = staticmethod(save_context)
@@ -57,6 +68,7 @@ class SoftcapSinksFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy, _):
-        y, lse, mask, sinks = ctx.saved_tensors
-        scores_grad, mask_grad, sinks_grad = score_mask_and_sink_grads(ctx, y, dy, lse, mask, sinks, kernel_backward)
-        return scores_grad, mask_grad, None, None, None, None, sinks_grad
+        y, lse, mask, sinks, bias = ctx.saved_tensors
+        grads = score_mask_and_sink_grads(ctx, y, dy, lse, mask, sinks, bias, kernel_backward)
+        scores_grad, mask_grad, sinks_grad, bias_grad = grads
+        return scores_grad, mask_grad, None, None, None, None, sinks_grad, bias_grad

@@ -127,7 +127,7 @@ def _backward_op(y, dy, dim, dtype, log, scale):
 masked_softmax.register_autograd(_masked_grad, setup_context=_setup_masked)
 
 
-# masked_softmax with softcapping or sinks: the forward also returns each row's log-sum-exp, the
+# masked_softmax with softcapping, sinks or a bias: the forward also returns each row's log-sum-exp, the
 # backward op is the kernel alone (the reductions to the mask's and sinks' shapes stay in torch).
 @torch.library.custom_op("fused_softmax::masked_softmax_with_lse", mutates_args=())
 def masked_softmax_with_lse(
@@ -138,14 +138,16 @@ def masked_softmax_with_lse(
     dtype: Optional[torch.dtype],
     softcap: Optional[float],
     sinks: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    masking = _launch.masking(scores, mask, scale, causal_offset, softcap, sinks)
+    masking = _launch.masking(scores, mask, scale, causal_offset, softcap, sinks, bias)
     return _launch.masked_softmax_forward_with_lse(scores, dtype or scores.dtype, masking)
 
 
 @masked_softmax_with_lse.register_fake
-def _(scores, mask, scale, causal_offset, dtype, softcap, sinks):
-    lse = torch.empty(scores.shape[:-1], dtype=_launch.stats_dtype(scores.dtype), device=scores.device)
+def _(scores, mask, scale, causal_offset, dtype, softcap, sinks, bias):
+    rows = scores.shape[:-1] if softcap is not None or sinks is not None else (0,)
+    lse = torch.empty(rows, dtype=_launch.stats_dtype(scores.dtype), device=scores.device)
     return _empty_like(scores, dtype or scores.dtype), lse
 
 
@@ -170,10 +172,11 @@ def _(y, dy, lse, mask, sinks, scale, softcap, dtype):
 
 
 def _softcap_sinks_grad(ctx, dy, _):
-    y, lse, mask, sinks = ctx.saved_tensors
-    grads = _softcap_sinks.score_mask_and_sink_grads(ctx, y, dy, lse, mask, sinks, masked_softmax_with_lse_backward)
-    scores_grad, mask_grad, sinks_grad = grads
-    return scores_grad, mask_grad, None, None, None, None, sinks_grad
+    y, lse, mask, sinks, bias = ctx.saved_tensors
+    backward = masked_softmax_with_lse_backward
+    grads = _softcap_sinks.score_mask_and_sink_grads(ctx, y, dy, lse, mask, sinks, bias, backward)
+    scores_grad, mask_grad, sinks_grad, bias_grad = grads
+    return scores_grad, mask_grad, None, None, None, None, sinks_grad, bias_grad
 
 
 masked_softmax_with_lse.register_autograd(_softcap_sinks_grad, setup_context=_softcap_sinks.save_context)

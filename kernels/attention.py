@@ -94,6 +94,20 @@ def tanh(u, COMPUTE_DTYPE: tl.constexpr):
 
 
 @triton.jit
+def bias_row_starts(
+    bias_ptr, batch, query, n_heads, stride_batch, stride_head, stride_query, ALIGN: tl.constexpr, BIAS: tl.constexpr
+):
+    """Pointers to the bias row under each score row (BIAS), formed once a tile: the sweeps then
+    add only the column (a 64-bit division per sweep and tensor, under Triton 3.6, spilled)."""
+    if BIAS:
+        offset = (batch // n_heads) * stride_batch + (batch % n_heads) * stride_head + query * stride_query
+        rows = bias_ptr + offset * ALIGN
+    else:
+        rows = bias_ptr
+    return rows
+
+
+@triton.jit
 def load_scores(
     x_rows,
     x_stride_col,
@@ -110,13 +124,16 @@ def load_scores(
     mask_stride_key,
     n_heads,
     softcap,
+    bias_rows,
+    bias_stride_key,
     ALIGN: tl.constexpr,
     MASK: tl.constexpr,
     CAUSAL: tl.constexpr,
     SOFTCAP: tl.constexpr,
+    BIAS: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
 ):
-    """scale * x (softcapped) + mask at columns ``col``, hidden keys at -inf. Loads are predicated
+    """scale * x (softcapped) + mask (+ bias) at columns ``col``, hidden keys at -inf. Loads are predicated
     on the bounds alone: a data-dependent predicate would split every 128-bit access into single
     elements."""
     x = load_block(x_rows, x_stride_col, col, in_bounds, float("-inf"), COMPUTE_DTYPE)
@@ -158,6 +175,8 @@ def load_scores(
             ALIGN,
         )
         x += bias.to(COMPUTE_DTYPE)
+    if BIAS:
+        x += load_block(bias_rows, bias_stride_key, col, in_bounds, 0.0, COMPUTE_DTYPE)
     return tl.where(keep, x, float("-inf"))
 
 
@@ -205,6 +224,7 @@ def masked_softmax_forward_kernel(
     y_ptr,  # output: their softmax
     mask_ptr,  # bool (read as bytes) or additive mask; None without one
     sinks_ptr,  # one logit per head; None without SINKS
+    bias_ptr,  # an additive bias beside a bool mask, read as the mask is; None without BIAS
     lse_ptr,  # output: each row's log-sum-exp, with SOFTCAP or SINKS (None otherwise)
     n_outer,
     n_cols,  # Lk, divided by ALIGN, as are the outer and inner strides and the mask's row strides
@@ -224,6 +244,11 @@ def masked_softmax_forward_kernel(
     causal_offset,  # query i sees keys <= i + causal_offset; None without a causal mask
     n_sink_heads,  # the head of a row is its run of Lq rows' index modulo this; None without SINKS
     softcap,  # None without SOFTCAP
+    bias_stride_batch,  # the bias's strides and head run, as the mask's; None without BIAS
+    bias_stride_head,
+    bias_stride_query,
+    bias_stride_key,
+    bias_n_heads,
     scale_high,  # scale = scale_high + scale_low
     scale_low,
     BLOCK_N: tl.constexpr,
@@ -235,6 +260,7 @@ def masked_softmax_forward_kernel(
     CAUSAL: tl.constexpr,
     SOFTCAP: tl.constexpr,
     SINKS: tl.constexpr,
+    BIAS: tl.constexpr,
 ):
     tl.static_assert(MASK == "" or MASK == "bool" or MASK == "additive", "MASK is '', 'bool' or 'additive'")
     n_cols = n_cols * ALIGN
@@ -244,6 +270,9 @@ def masked_softmax_forward_kernel(
         x_rows = row_starts(x_ptr, outer, inner, x_stride_outer, x_stride_inner, ALIGN)
         batch, query = row // n_queries, row % n_queries
         last_key, n_read = visible_keys(query, causal_offset, n_cols, CAUSAL)
+        bias_rows = bias_row_starts(
+            bias_ptr, batch, query, bias_n_heads, bias_stride_batch, bias_stride_head, bias_stride_query, ALIGN, BIAS
+        )
         if ONLINE:
             lane_max = tl.full([ROWS, BLOCK_N], float("-inf"), COMPUTE_DTYPE)
             lane_sum = tl.zeros([ROWS, BLOCK_N], COMPUTE_DTYPE)
@@ -265,10 +294,13 @@ def masked_softmax_forward_kernel(
                     mask_stride_key,
                     n_heads,
                     softcap,
+                    bias_rows,
+                    bias_stride_key,
                     ALIGN,
                     MASK,
                     CAUSAL,
                     SOFTCAP,
+                    BIAS,
                     COMPUTE_DTYPE,
                 )
                 lane_max, lane_sum = online_step(lane_max, lane_sum, x)
@@ -298,10 +330,13 @@ def masked_softmax_forward_kernel(
                     mask_stride_key,
                     n_heads,
                     softcap,
+                    bias_rows,
+                    bias_stride_key,
                     ALIGN,
                     MASK,
                     CAUSAL,
                     SOFTCAP,
+                    BIAS,
                     COMPUTE_DTYPE,
                 )
                 store_block(y_rows, y_stride_col, col, in_bounds, attention_probabilities(x, row_max, row_sum))
@@ -330,10 +365,13 @@ def masked_softmax_forward_kernel(
                 mask_stride_key,
                 n_heads,
                 softcap,
+                bias_rows,
+                bias_stride_key,
                 ALIGN,
                 MASK,
                 CAUSAL,
                 SOFTCAP,
+                BIAS,
                 COMPUTE_DTYPE,
             )
             row_max, row_sum = block_statistics(x)

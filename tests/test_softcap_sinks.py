@@ -161,15 +161,17 @@ def test_attention_with_softcap_and_sinks_matches_torch(backend):
     torch.testing.assert_close(grads, torch.autograd.grad(expected, (q, k, v, sinks), dout))
 
 
-@pytest.mark.parametrize("option", list(OPTIONS))
+@pytest.mark.parametrize("option", [*OPTIONS, "bias"])
 def test_compiles_fullgraph(kernels, launches, option):
-    scores, dy, options = inputs(torch.float32, option)
+    scores, dy, options = inputs(torch.float32, "sinks" if option == "bias" else option)
+    if option == "bias":
+        options = dict(bias=torch.randn(1, 2, 3, 5, requires_grad=True))
     mask = masks(torch.float32)["bool padding [B,1,1,Lk]"]
 
     def fn(s, **o):
         return fused_softmax.masked_softmax(s, mask, scale=SCALE, causal=True, **o)
 
-    wrt = (scores, options["sinks"]) if "sinks" in options else (scores,)
+    wrt = (scores, *(options[k] for k in ("sinks", "bias") if k in options))
     expected = fn(scores, **options)
     expected_grads = torch.autograd.grad(expected, wrt, dy)
     eager_launches = len(launches)
@@ -185,10 +187,49 @@ def test_ops_pass_opcheck(kernels):
     scores = torch.randn(SHAPE, dtype=torch.float64, requires_grad=True)
     sinks = torch.randn(2, dtype=torch.float64, requires_grad=True)
     additive = torch.randn(3, 5, dtype=torch.float64)
-    torch.library.opcheck(ops.masked_softmax_with_lse, (scores, additive, 0.5, 0, None, 2.0, sinks))
-    torch.library.opcheck(ops.masked_softmax_with_lse, (scores, None, 2.0, None, None, None, sinks))
-    y, lse = ops.masked_softmax_with_lse(scores.detach(), additive, 0.5, 0, None, 2.0, sinks.detach())
+    bias = torch.randn(2, 1, 5, dtype=torch.float64, requires_grad=True)
+    padding = torch.rand(2, 1, 1, 5) > 0.3
+    torch.library.opcheck(ops.masked_softmax_with_lse, (scores, additive, 0.5, 0, None, 2.0, sinks, None))
+    torch.library.opcheck(ops.masked_softmax_with_lse, (scores, None, 2.0, None, None, None, sinks, None))
+    torch.library.opcheck(ops.masked_softmax_with_lse, (scores, padding, 0.5, 0, None, None, None, bias))
+    y, lse = ops.masked_softmax_with_lse(scores.detach(), additive, 0.5, 0, None, 2.0, sinks.detach(), None)
     dy = torch.randn_like(y)
     torch.library.opcheck(
         ops.masked_softmax_with_lse_backward, (y, dy, lse, additive, sinks.detach(), 0.5, 2.0, y.dtype)
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("max_block", [None, ONLINE], ids=["on_chip", "online"])
+def test_bias_beside_a_bool_mask(dtype, max_block, backend, launches):
+    """T5's case: a learned bias [1, H, Lq, Lk] beside a padding mask [B, 1, 1, Lk] and the causal
+    diagonal, both read where they lie; the bias's gradient summed over the batch."""
+    scores, dy, _ = inputs(dtype, "softcap")
+    bias = torch.randn(1, 2, 3, 5, dtype=dtype, generator=torch.Generator().manual_seed(4)).requires_grad_()
+    padding = masks(dtype)["bool padding [B,1,1,Lk]"]
+    with limit_block(max_block):
+        y = fused_softmax.masked_softmax(scores, padding, scale=SCALE, causal=True, bias=bias)
+        d_scores, d_bias = torch.autograd.grad(y, (scores, bias), dy)
+    expected = reference.masked_softmax(scores, padding, SCALE, 0, bias=bias)
+    dz = torch.as_tensor(reference.softmax_backward(expected, dy))
+    assert_close(y, expected)
+    assert_close(d_scores, SCALE * dz)
+    assert d_bias.shape == bias.shape
+    assert_close(d_bias, dz.sum_to_size(bias.shape))
+    if backend == "triton":
+        forward = launches[0].args
+        assert forward["bias_ptr"].data_ptr() == bias.data_ptr() and forward["bias_stride_batch"] == 0
+        assert forward["mask_ptr"].data_ptr() == padding.data_ptr()
+
+
+def test_bias_with_an_additive_mask_or_softcapping_is_added_to_it(backend):
+    """Where the kernels read no bias beside the mask, the two are added first (as torch
+    broadcasts them); the result is the same."""
+    scores, dy, _ = inputs(torch.float64, "softcap")
+    bias = torch.randn(1, 2, 3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    additive = masks(torch.float64)["additive [B,1,Lq,Lk]"]
+    y = fused_softmax.masked_softmax(scores, additive, scale=SCALE, bias=bias)
+    assert_close(y, reference.masked_softmax(scores, additive, SCALE, bias=bias))
+    padding = masks(torch.float64)["bool padding [B,1,1,Lk]"]
+    y = fused_softmax.masked_softmax(scores, padding, scale=SCALE, softcap=2.0, bias=bias)
+    assert_close(y, reference.masked_softmax(scores, padding, SCALE, softcap=2.0, bias=bias))

@@ -54,7 +54,7 @@ from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
-from .. import _launch, kernels
+from .. import _launch, _softcap_sinks, kernels
 from ..kernels import LaunchConfig
 from ..testing import recorded_launches
 
@@ -294,23 +294,30 @@ def _mode_launches(n):
 
 
 def _softcap_sinks_launches(n, d):
-    """masked_softmax with softcapping or sinks, forward and backward, over [1, ROWS, 1, n] scores
-    (a sink per head of ROWS), in dtype ``d``."""
+    """masked_softmax with softcapping, sinks or a bias beside a bool mask, forward and backward,
+    over [1, ROWS, 1, n] scores (a sink per head of ROWS), in dtype ``d``."""
     scores, dtype = _empty((1, ROWS, 1, n), d), TORCH_DTYPES[d]
     lse = torch.empty(1, ROWS, 1, dtype=_launch.stats_dtype(dtype))
     sinks = torch.empty(ROWS, dtype=dtype)
-    for mask, causal, softcap, name in (
-        (torch.ones(1, n, dtype=torch.bool), 0, 30.0, "masked softmax, softcap and sinks, bool mask, causal"),
-        (torch.empty(1, n, dtype=dtype), None, 30.0, "masked softmax, softcap, additive mask"),
+    padding, additive, bias = (
+        torch.ones(1, n, dtype=torch.bool),
+        torch.empty(1, n, dtype=dtype),
+        torch.empty(n, dtype=dtype),
+    )
+    for mask, causal, softcap, options, name in (
+        (padding, 0, 30.0, dict(sinks=sinks), "masked softmax, softcap and sinks, bool mask, causal"),
+        (additive, None, 30.0, {}, "masked softmax, softcap, additive mask"),
+        (padding, 0, None, dict(bias=bias), "masked softmax, bool mask and bias, causal"),
     ):
-        masking = _launch.masking(scores, mask, 0.125, causal, softcap, sinks if mask.dtype == torch.bool else None)
+        masking = _launch.masking(scores, mask, 0.125, causal, softcap, **options)
         yield (
             lambda x, masking=masking: _launch.masked_softmax_forward_with_lse(x, x.dtype, masking),
             (scores,),
             name,
         )
+        backward_options = dict(lse=lse, mask=mask, sinks=options.get("sinks"), scale=0.125, softcap=softcap)
         yield (
-            lambda y, dy, masking=masking: _launch.masked_softmax_backward(y, dy, lse, y.dtype, masking, 0.125),
+            lambda y, dy, o=backward_options: _softcap_sinks.kernel_backward(y, dy, out_dtype=y.dtype, **o),
             (scores, scores),
             f"{name}, backward",
         )

@@ -31,7 +31,6 @@ import inspect
 import re
 import sys
 
-import torch
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -41,21 +40,6 @@ NAME = "fused_softmax"
 
 # Keyword arguments some models pass that change the math: the fused path does not implement them.
 UNSUPPORTED = {"cache": "paged KV caches (continuous batching)"}
-
-
-def with_position_bias(position_bias, attention_mask, causal):
-    """The additive mask of a learned position bias (T5's relative attention bias, [1, H, Lq, Lk]):
-    the bias alone where no key is hidden, read broadcast over the batch and given its gradient
-    summed over it. Keys hidden by a bool mask or the causal diagonal are set to -inf in a copy
-    of the bias, broadcast with the mask (as SDPA's integration does)."""
-    if causal:
-        n_queries, n_keys = position_bias.shape[-2:]
-        attention_mask = torch.ones(n_queries, n_keys, dtype=torch.bool, device=position_bias.device).tril()
-    if attention_mask is None:
-        return position_bias
-    if attention_mask.dtype != torch.bool:
-        return position_bias + attention_mask
-    return torch.where(attention_mask, position_bias, float("-inf"))
 
 
 def fused_attention_forward(
@@ -75,8 +59,7 @@ def fused_attention_forward(
     # with a cache), which sees every key. The diagonal is top-left, which also hides the unfilled
     # slots of a static cache at prefill.
     causal = is_causal and attention_mask is None and query.shape[2] > 1
-    if kwargs.get("position_bias") is not None:
-        attention_mask, causal = with_position_bias(kwargs["position_bias"], attention_mask, causal), False
+    # T5's learned relative position bias [1, H, Lq, Lk] is read beside the mask, never expanded.
     output = fused_softmax.attention(
         query,
         key,
@@ -88,6 +71,7 @@ def fused_attention_forward(
         enable_gqa=True,
         softcap=kwargs.get("softcap"),
         sinks=kwargs.get("s_aux"),
+        bias=kwargs.get("position_bias"),
     )
     return output.transpose(1, 2).contiguous(), None
 

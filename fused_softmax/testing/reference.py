@@ -41,11 +41,12 @@ def log_softmax_backward(y, dy, axis=-1):
     return dy - np.exp(y) * np.sum(dy, axis=axis, keepdims=True)
 
 
-def masked_softmax(scores, mask=None, scale=1.0, causal_offset=None, softcap=None, sinks=None):
+def masked_softmax(scores, mask=None, scale=1.0, causal_offset=None, softcap=None, sinks=None, bias=None):
     """softmax(scale * scores + mask) over the last axis, in float64. A bool mask (True = attend) and
     the causal diagonal (key j is seen by query i when j <= i + causal_offset) hide keys; rows
     with every key hidden are zeros. ``softcap`` caps the scaled scores, softcap * tanh(z / softcap),
-    before the mask; ``sinks`` [H] (for scores [..., H, Lq, Lk]) join each row's normalisation."""
+    before the mask; ``sinks`` [H] (for scores [..., H, Lq, Lk]) join each row's normalisation;
+    ``bias`` is added as an additive mask is."""
     z = _f64(scores) * scale
     if softcap is not None:
         z = softcap * np.tanh(z / softcap)
@@ -59,6 +60,8 @@ def masked_softmax(scores, mask=None, scale=1.0, causal_offset=None, softcap=Non
             keep &= mask.cpu().numpy() if hasattr(mask, "cpu") else np.asarray(mask)
         else:
             z = z + _f64(mask)
+    if bias is not None:
+        z = z + _f64(bias)
     z = np.where(keep, z, -np.inf)
     if sinks is not None:
         sink_column = np.broadcast_to(_f64(sinks)[:, None, None], (*z.shape[:-1], 1))
