@@ -27,18 +27,17 @@ def kernel_backward(y, dy, lse, mask, sinks, scale, softcap, out_dtype):
 
 def score_mask_and_sink_grads(ctx, y, dy, lse, mask, sinks, bias, backward):
     """The gradients of the scores, of an additive mask and a bias where they need one, and of the
-    sinks, through ``backward``, ``kernel_backward`` or its custom op."""
-    added = [(t, needs) for t, needs in ((mask, ctx.needs_input_grad[1]), (bias, ctx.needs_input_grad[7])) if needs]
-    if added:  # their gradient is the scaled scores': taken before the scale, once
-        dtype = torch.promote_types(ctx.scores_dtype, added[0][0].dtype)
+    sinks, through ``backward``, ``kernel_backward`` or its custom op. The mask's and the bias's
+    are the scaled scores' gradient summed to their shapes: taken before the scale, once."""
+    added = [t if needs else None for t, needs in ((mask, ctx.needs_input_grad[1]), (bias, ctx.needs_input_grad[7]))]
+    if any(t is not None for t in added):
+        dtype = torch.promote_types(ctx.scores_dtype, next(t for t in added if t is not None).dtype)
         dz, rows = backward(y, dy, lse, mask, sinks, 1.0, ctx.softcap, dtype)
         scores_grad = (dz * ctx.scale).to(ctx.scores_dtype)
+        mask_grad, bias_grad = (None if t is None else dz.sum_to_size(t.shape).to(t.dtype) for t in added)
     else:
         scores_grad, rows = backward(y, dy, lse, mask, sinks, ctx.scale, ctx.softcap, ctx.scores_dtype)
-    mask_grad, bias_grad = (
-        dz.sum_to_size(t.shape).to(t.dtype) if t is not None and needs else None
-        for t, needs in ((mask, ctx.needs_input_grad[1]), (bias, ctx.needs_input_grad[7]))
-    )
+        mask_grad = bias_grad = None
     sinks_grad = None if sinks is None else rows.sum(-1).reshape(-1, sinks.numel()).sum(0).to(sinks.dtype)
     return scores_grad, mask_grad, sinks_grad, bias_grad
 
