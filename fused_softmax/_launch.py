@@ -113,13 +113,14 @@ def plan(tensors, dim, *, backward, masking=None, cross_entropy=False, split=Fal
 
     Plans are cached by what decides them (shapes, strides, dtypes, device, each start's offset
     in a 16-byte vector, the overrides): a small call's host time is mostly planning. Plans that
-    copy an input into a layout the kernels read, and plans with a mask, are made afresh."""
-    if masking is not None and masking.mask is not None:
+    copy an input into a layout the kernels read, and plans reading a mask or a bias, are made
+    afresh."""
+    if masking is not None and masking.read_masks():
         return _plan(tensors, dim, backward, masking, cross_entropy, split)
     key = (
         dim,
         backward,
-        masking is not None,
+        None if masking is None else masking.keeps_statistics,
         cross_entropy,
         split,
         _overrides.device,
@@ -142,9 +143,8 @@ def _plan(tensors, dim, backward, masking, cross_entropy, split):
     device = _overrides.device or device_properties(tensors[0].device)
     tensors, sizes, strides = row_views(tensors, dim % max(tensors[0].dim(), 1))
     aligned = list(tensors), [(col, outer, inner) for outer, col, inner in strides]
-    if masking is not None and masking.mask is not None:
-        batch, head, query, key = masking.mask_strides
-        aligned[0].append(masking.mask)
+    for mask, (batch, head, query, key) in masking.read_masks() if masking is not None else ():
+        aligned[0].append(mask)
         aligned[1].append((key, batch, head, query))
     align = alignment(*aligned, sizes[1])
     contiguous_rows = sizes[2] if strides[0][2] == 1 and strides[0][1] != 1 else 1
@@ -159,7 +159,7 @@ def _plan(tensors, dim, backward, masking, cross_entropy, split):
         max(t.element_size() for t in tensors),
         device,
         backward=backward,
-        attention=masking is not None,
+        attention=0 if masking is None else 1 + masking.keeps_statistics,
         cross_entropy=cross_entropy,
         align=align,
         contiguous_rows=contiguous_rows,
@@ -282,7 +282,9 @@ class Masking:
     """What masked_softmax applies to [..., Lq, Lk] scores before the softmax: the scale, the
     causal diagonal's offset (None: no causal mask) and a mask (None: none) read through its
     broadcast (batch, head, query, key) strides, the leading dims folded into batch x head,
-    ``n_heads`` being the size of the head run."""
+    ``n_heads`` being the size of the head run; the logit softcap, the sinks (one logit per
+    head of the dim before Lq) and an additive bias beside a bool mask, read as the mask is,
+    None without them."""
 
     scale: float = 1.0
     causal_offset: int | None = None
@@ -290,6 +292,54 @@ class Masking:
     mask: torch.Tensor | None = None
     mask_strides: tuple = (None, None, None, None)
     n_heads: int | None = None
+    softcap: float | None = None
+    sinks: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    bias_strides: tuple = (None, None, None, None)
+    bias_n_heads: int | None = None
+
+    @property
+    def keeps_statistics(self):
+        """Softcapping and sinks need each row's log-sum-exp in the backward."""
+        return self.softcap is not None or self.sinks is not None
+
+    def read_masks(self):
+        """(tensor, (batch, head, query, key) strides) of each mask the forward reads."""
+        pairs = ((self.mask, self.mask_strides), (self.bias, self.bias_strides))
+        return [(mask, strides) for mask, strides in pairs if mask is not None]
+
+    def extra_arguments(self, align):
+        """The forward kernel's keyword arguments for softcapping, sinks and a bias (its row
+        strides divided by ``align``)."""
+        batch, head, query, key = self.bias_strides
+        if self.bias is not None:
+            batch, head, query = batch // align, head // align, query // align
+        return dict(
+            sinks_ptr=self.sinks,
+            n_sink_heads=None if self.sinks is None else self.sinks.numel(),
+            softcap=self.softcap,
+            bias_ptr=self.bias,
+            bias_stride_batch=batch,
+            bias_stride_head=head,
+            bias_stride_query=query,
+            bias_stride_key=key,
+            bias_n_heads=self.bias_n_heads,
+            SOFTCAP=self.softcap is not None,
+            SINKS=self.sinks is not None,
+            BIAS=self.bias is not None,
+        )
+
+    def backward_arguments(self, align, scale):
+        """masked_softmax_backward_kernel's own keyword arguments: the additive mask only where the
+        cap's derivative needs it (masked_softmax never pairs a bias with the cap), softcapping
+        and sinks, and ``scale`` (the scores' gradient's)."""
+        reads_mask = self.softcap is not None and self.mask_kind == "additive"
+        args = self.arguments(align) if reads_mask else Masking(n_queries=self.n_queries).arguments(align)
+        extras = self.extra_arguments(align)
+        for name in ("causal_offset", "CAUSAL", "bias_ptr", "BIAS", "bias_n_heads", *_BIAS_STRIDES):
+            (args if name in args else extras).pop(name)
+        high, low = fp32_pair(scale)
+        return args | extras | dict(scale_high=high, scale_low=low)
 
     @property
     def mask_kind(self):
@@ -319,23 +369,52 @@ class Masking:
         )
 
 
-def masking(scores, mask, scale, causal_offset):
+_BIAS_STRIDES = ("bias_stride_batch", "bias_stride_head", "bias_stride_query", "bias_stride_key")
+
+
+def masking(scores, mask, scale, causal_offset, softcap=None, sinks=None, bias=None):
     """The ``Masking`` of a masked_softmax over ``scores`` [..., Lq, Lk]."""
     n_queries = scores.shape[-2] if scores.dim() >= 2 else 1
-    if mask is None:
-        return Masking(scale, causal_offset, n_queries)
-    mask, strides, n_heads = mask_view(mask, scores)
-    return Masking(scale, causal_offset, n_queries, mask, strides, n_heads)
+    views = {}
+    if mask is not None:
+        views["mask"], views["mask_strides"], views["n_heads"] = mask_view(mask, scores)
+    if bias is not None:
+        views["bias"], views["bias_strides"], views["bias_n_heads"] = mask_view(bias, scores)
+    return Masking(scale, causal_offset, n_queries, softcap=softcap, sinks=sinks, **views)
 
 
 def masked_softmax_forward(x, out_dtype, masking):
     """softmax of scale * x + mask over the last dim of [..., Lq, Lk] scores, causal if asked."""
+    return masked_softmax_forward_with_lse(x, out_dtype, masking)[0]
+
+
+def masked_softmax_forward_with_lse(x, out_dtype, masking):
+    """(y, each row's log-sum-exp) of masked_softmax, the statistics kept where softcapping or
+    sinks need them in the backward (else an empty tensor)."""
     y = empty(x.shape, out_dtype, x.device)
+    lse = empty(x.shape[:-1], stats_dtype(x.dtype), x.device) if masking.keeps_statistics else None
     if y.numel():
         p = plan((x, y), x.dim() - 1, backward=False, masking=masking)
-        args = p.arguments("x", "y") | masking.arguments(p.align) | dict(ONLINE=p.config.online)
-        _run(kernels().masked_softmax_forward_kernel, p, args)
-    return y
+        args = p.arguments("x", "y") | masking.arguments(p.align) | masking.extra_arguments(p.align)
+        _run(kernels().masked_softmax_forward_kernel, p, args | dict(lse_ptr=lse, ONLINE=p.config.online))
+    elif lse is not None:
+        lse.fill_(float("-inf"))
+    return y, lse if lse is not None else torch.empty(0, dtype=stats_dtype(x.dtype), device=x.device)
+
+
+def masked_softmax_backward(y, dy, lse, out_dtype, masking, scale):
+    """The scores' gradient, times ``scale``, of a masked_softmax with softcapping or sinks, and
+    each row's share of its sink's gradient (None without sinks)."""
+    dx = empty(y.shape, out_dtype, y.device)
+    sinks_grad = None if masking.sinks is None else empty(y.shape[:-1], stats_dtype(y.dtype), y.device)
+    if dx.numel():
+        p = plan((y, dy, dx), y.dim() - 1, backward=True, masking=masking)
+        args = p.arguments("y", "dy", "dx") | masking.backward_arguments(p.align, scale)
+        args |= dict(lse_ptr=lse, sinks_grad_ptr=sinks_grad, ONLINE=p.config.online)
+        _run(kernels().masked_softmax_backward_kernel, p, args)
+    elif sinks_grad is not None:
+        sinks_grad.zero_()
+    return dx, sinks_grad
 
 
 def row_statistics(x, dim):

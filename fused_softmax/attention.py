@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from . import _launch, ops
 from ._backend import KERNEL_DTYPES, use_kernels
+from ._softcap_sinks import SoftcapSinksFunction
 from ._transforms import bound_quickly, needs_autograd, vmapped_masked_softmax
 from .functional import JacobianProductFunction, _fusable
 
@@ -48,6 +49,49 @@ def _check_mask(mask, scores):
             f"mask of shape {tuple(mask.shape)} does not broadcast to scores of shape {tuple(scores.shape)}"
         )
     return mask
+
+
+def _check_softcap(softcap):
+    if softcap is None:
+        return None
+    softcap = float(softcap)
+    if not softcap > 0 or not math.isfinite(softcap):
+        raise ValueError(f"softcap must be a positive finite number or None, not {softcap}")
+    return softcap
+
+
+def _check_sinks(sinks, scores):
+    """Sinks are one logit per head, the dim before [Lq, Lk]."""
+    if sinks is None:
+        return None
+    if not isinstance(sinks, torch.Tensor) or not sinks.dtype.is_floating_point:
+        raise TypeError(f"sinks must be a floating point tensor or None, not {getattr(sinks, 'dtype', type(sinks))}")
+    if sinks.device != scores.device:
+        raise RuntimeError(f"sinks are on {sinks.device} but scores are on {scores.device}")
+    if scores.dim() < 3 or sinks.shape != (scores.shape[-3],):
+        raise RuntimeError(
+            f"sinks must hold one logit per head, shape [H] for scores [..., H, Lq, Lk]; got sinks of shape "
+            f"{tuple(sinks.shape)} for scores of shape {tuple(scores.shape)}"
+        )
+    return sinks
+
+
+def _check_bias(bias, scores):
+    if bias is None:
+        return None
+    if isinstance(bias, torch.Tensor) and not bias.dtype.is_floating_point:
+        raise TypeError(f"bias must be floating point (added after scaling), not {bias.dtype}")
+    return _check_mask(bias, scores)
+
+
+def _merge_bias(mask, bias):
+    """One additive mask of ``mask`` and ``bias``, as torch broadcasts them: for the cases the
+    kernels do not read a bias beside (an additive mask, or softcapping)."""
+    if mask is None:
+        return bias
+    if mask.dtype == torch.bool:
+        return torch.where(mask, bias, float("-inf"))
+    return mask + bias
 
 
 @bound_quickly
@@ -99,11 +143,14 @@ def _softmax_backward(y, dy, dtype, scale):
     return JacobianProductFunction.apply(y, dy, -1, dtype, "softmax", scale)
 
 
-def _masked_softmax_torch(scores, mask, scale, causal_offset, dtype):
+def _masked_softmax_torch(scores, mask, scale, causal_offset, dtype, softcap=None, sinks=None, bias=None):
     """The eager fallback, in torch ops; rows with every key hidden give zeros, as in the kernels.
-    Like the kernels it computes in fp32 at least: half-precision scale * x + mask would round twice."""
+    Like the kernels it computes in fp32 at least: half-precision scale * x + mask would round twice.
+    Sinks join each row as one more column, dropped from the output."""
     out_dtype = dtype or scores.dtype
     z = scores.to(out_dtype).to(torch.promote_types(out_dtype, torch.float32)) * scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
     keep = None
     if causal_offset is not None:
         n_queries, n_keys = z.shape[-2:]
@@ -112,13 +159,18 @@ def _masked_softmax_torch(scores, mask, scale, causal_offset, dtype):
         keep = mask if keep is None else keep & mask
     elif mask is not None:
         z = z + mask
+    if bias is not None:
+        z = z + bias
     if keep is not None:
         z = z.masked_fill(~keep, float("-inf"))
+    if sinks is not None:
+        sink_column = sinks.to(z.dtype)[:, None, None].expand(*z.shape[:-1], 1)
+        return torch.softmax(torch.cat([z, sink_column], -1), -1)[..., :-1].to(out_dtype)
     hidden = (z == float("-inf")).all(-1, keepdim=True)
     return torch.softmax(z.masked_fill(hidden, 0.0), -1).masked_fill(hidden, 0.0).to(out_dtype)
 
 
-def masked_softmax(scores, mask=None, *, scale=1.0, causal=False, dtype=None):
+def masked_softmax(scores, mask=None, *, scale=1.0, causal=False, softcap=None, sinks=None, bias=None, dtype=None):
     """softmax(scale * scores + mask) over the last dim of ``scores`` [..., Lq, Lk], in one kernel.
 
     ``mask``: bool (True = attend, as in SDPA) or floating point (added after scaling), of any
@@ -126,6 +178,13 @@ def masked_softmax(scores, mask=None, *, scale=1.0, causal=False, dtype=None):
     ``causal``: False; True or 'top_left' (query i sees keys <= i, SDPA's ``is_causal``); or
     'bottom_right' (query i sees keys <= i + Lk - Lq: the queries are the last Lq positions,
     as when decoding with a KV cache). Rows with every key hidden give zeros, not NaN.
+    ``softcap``: logit softcapping, the scaled scores become softcap * tanh(scale * scores /
+    softcap) before the mask (Gemma 2). ``sinks``: one logit per head [H], for scores
+    [..., H, Lq, Lk], that takes part in each row's normalisation with no output column
+    (gpt-oss); a row with every key hidden then gives zeros too. Both have their gradients.
+    ``bias``: floating point, added after scaling, beside a bool ``mask``: a learned position
+    bias (T5's, ALiBi) kept apart from the padding so that neither is expanded; read through its
+    strides, its gradient summed over its broadcast dims.
     ``dtype``: the output dtype; a widening cast is fused into the kernel.
     """
     if not isinstance(scores, torch.Tensor):
@@ -135,8 +194,11 @@ def masked_softmax(scores, mask=None, *, scale=1.0, causal=False, dtype=None):
     mask = _check_mask(mask, scores)
     causal_offset = _causal_offset(causal, scores)
     scale = float(scale)
+    softcap, sinks, bias = _check_softcap(softcap), _check_sinks(sinks, scores), _check_bias(bias, scores)
     if not use_kernels(scores, scores.dtype if dtype is None else dtype):
-        return _masked_softmax_torch(scores, mask, scale, causal_offset, dtype)
+        return _masked_softmax_torch(scores, mask, scale, causal_offset, dtype, softcap, sinks, bias)
+    if bias is not None and (softcap is not None or (mask is not None and mask.dtype != torch.bool)):
+        mask, bias = _merge_bias(mask, bias), None
     if dtype is not None and not _fusable(scores.dtype, dtype):
         scores, dtype = scores.to(dtype), None
     if scores.dtype not in KERNEL_DTYPES:
@@ -144,6 +206,8 @@ def masked_softmax(scores, mask=None, *, scale=1.0, causal=False, dtype=None):
     if not _launch.fits_fp32(scale):
         # The kernel receives the scale as fp32 parts: one past their range is applied first.
         scores, scale = scores * scale, 1.0
+    if softcap is not None or sinks is not None or bias is not None:
+        return _softcap_sinks(scores, mask, scale, causal_offset, dtype, softcap, sinks, bias)
     if torch.compiler.is_compiling():
         return ops.masked_softmax(scores, mask, scale, causal_offset, dtype)
     if not needs_autograd(scores, mask):
@@ -151,11 +215,38 @@ def masked_softmax(scores, mask=None, *, scale=1.0, causal=False, dtype=None):
     return MaskedSoftmaxFunction.apply(scores, mask, scale, causal_offset, dtype)
 
 
-def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+def _softcap_sinks(scores, mask, scale, causal_offset, dtype, softcap, sinks, bias):
+    """masked_softmax with softcapping, sinks or a bias beside a bool mask, on the kernels."""
+    if softcap is not None and mask is not None and mask.requires_grad and torch.is_grad_enabled():
+        raise NotImplementedError(
+            "masked_softmax on the kernels does not give the gradient of an additive mask under softcapping: "
+            "detach the mask, or use the 'torch' backend"
+        )
+    if torch.compiler.is_compiling():
+        return ops.masked_softmax_with_lse(scores, mask, scale, causal_offset, dtype, softcap, sinks, bias)[0]
+    return SoftcapSinksFunction.apply(scores, mask, scale, causal_offset, dtype, softcap, sinks, bias)[0]
+
+
+def attention(
+    query,
+    key,
+    value,
+    attn_mask=None,
+    dropout_p=0.0,
+    is_causal=False,
+    scale=None,
+    enable_gqa=False,
+    *,
+    softcap=None,
+    sinks=None,
+    bias=None,
+):
     """``torch.nn.functional.scaled_dot_product_attention``'s math path with the softmax fused:
     softmax(q kᵀ · scale + mask) v, torch matmuls around ``masked_softmax``, dropout from torch's
     RNG. Grouped-query attention (``enable_gqa``) shares each key/value head among
-    Hq / Hkv query heads without repeating keys and values in memory."""
+    Hq / Hkv query heads without repeating keys and values in memory. ``softcap``, ``sinks``
+    (one logit per query head) and ``bias`` (beside ``attn_mask``, also under ``is_causal``) are
+    ``masked_softmax``'s."""
     if is_causal and attn_mask is not None:
         raise RuntimeError("_scaled_dot_product_attention: Explicit attn_mask should not be set when is_causal=True")
     if not query.dtype == key.dtype == value.dtype:
@@ -190,7 +281,7 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
     scores = q @ key.transpose(-2, -1)
     if groups > 1:
         scores = scores.unflatten(-2, (groups, -1)).flatten(-4, -3)
-    p = masked_softmax(scores, attn_mask, scale=scale, causal=is_causal)
+    p = masked_softmax(scores, attn_mask, scale=scale, causal=is_causal, softcap=softcap, sinks=sinks, bias=bias)
     if dropout_p > 0.0:
         p = F.dropout(p, dropout_p)
     if groups == 1:

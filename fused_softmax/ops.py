@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from . import _jacobian, _launch
+from . import _jacobian, _launch, _softcap_sinks
 from ._transforms import vmapped, vmapped_masked_softmax
 
 
@@ -144,3 +144,58 @@ def _masked_vmap(info, in_dims, scores, mask, scale, causal_offset, dtype=None):
 
 masked_softmax.register_autograd(_masked_grad, setup_context=_setup_masked)
 masked_softmax.register_vmap(_masked_vmap)
+
+
+# masked_softmax with softcapping, sinks or a bias: the forward also returns each row's log-sum-exp, the
+# backward op is the kernel alone (the reductions to the mask's and sinks' shapes stay in torch).
+@torch.library.custom_op("fused_softmax::masked_softmax_with_lse", mutates_args=())
+def masked_softmax_with_lse(
+    scores: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    scale: float,
+    causal_offset: Optional[int],
+    dtype: Optional[torch.dtype],
+    softcap: Optional[float],
+    sinks: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    masking = _launch.masking(scores, mask, scale, causal_offset, softcap, sinks, bias)
+    return _launch.masked_softmax_forward_with_lse(scores, dtype or scores.dtype, masking)
+
+
+@masked_softmax_with_lse.register_fake
+def _(scores, mask, scale, causal_offset, dtype, softcap, sinks, bias):
+    rows = scores.shape[:-1] if softcap is not None or sinks is not None else (0,)
+    lse = torch.empty(rows, dtype=_launch.stats_dtype(scores.dtype), device=scores.device)
+    return _empty_like(scores, dtype or scores.dtype), lse
+
+
+@torch.library.custom_op("fused_softmax::masked_softmax_with_lse_backward", mutates_args=())
+def masked_softmax_with_lse_backward(
+    y: torch.Tensor,
+    dy: torch.Tensor,
+    lse: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    sinks: Optional[torch.Tensor],
+    scale: float,
+    softcap: Optional[float],
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    dx, rows = _softcap_sinks.kernel_backward(y, dy, lse, mask, sinks, scale, softcap, dtype)
+    return dx, rows if rows is not None else lse.new_empty(0)
+
+
+@masked_softmax_with_lse_backward.register_fake
+def _(y, dy, lse, mask, sinks, scale, softcap, dtype):
+    return _empty_like(y, dtype), lse.new_empty(lse.shape if sinks is not None else (0,))
+
+
+def _softcap_sinks_grad(ctx, dy, _):
+    y, lse, mask, sinks, bias = ctx.saved_tensors
+    backward = masked_softmax_with_lse_backward
+    grads = _softcap_sinks.score_mask_and_sink_grads(ctx, y, dy, lse, mask, sinks, bias, backward)
+    scores_grad, mask_grad, sinks_grad, bias_grad = grads
+    return scores_grad, mask_grad, None, None, None, None, sinks_grad, bias_grad
+
+
+masked_softmax_with_lse.register_autograd(_softcap_sinks_grad, setup_context=_softcap_sinks.save_context)

@@ -2,7 +2,8 @@
 ``tiles``, one kernel per job, and their launch heuristic.
 
 - softmax / log-softmax forward and backward (masked_softmax's backward too): ``softmax``;
-- masked_softmax forward (scale, mask, causal diagonal): ``attention``;
+- masked_softmax forward (scale, mask, causal diagonal, softcapping, sinks), and its backward
+  under softcapping or sinks: ``attention``;
 - cross-entropy, with class-index or class-probability targets, its gradient in the same pass:
   ``cross_entropy``;
 - the sharded softmax's row statistics, y from the log-sum-exp, the backward's row sums and dx
@@ -10,7 +11,7 @@
 - the split-row regime, rows too few to fill the GPU cut into chunks: ``split_row``.
 """
 
-from .attention import masked_softmax_forward_kernel
+from .attention import masked_softmax_backward_kernel, masked_softmax_forward_kernel
 from .cross_entropy import cross_entropy_kernel, cross_entropy_probabilities_kernel
 from .heuristics import H100, H200, DeviceProperties, LaunchConfig, launch_config
 from .row_stats import (
@@ -36,6 +37,7 @@ __all__ = [
     "cross_entropy_kernel",
     "cross_entropy_probabilities_kernel",
     "launch_config",
+    "masked_softmax_backward_kernel",
     "masked_softmax_forward_kernel",
     "normalise_with_lse_kernel",
     "row_statistics_kernel",

@@ -14,7 +14,8 @@ machine without a GPU (see ``fused_softmax.bench.machine_code``). The rules:
   takes at least a 32-byte sector's worth of neighbouring rows.
 - Longer rows stream through ``ONLINE_BLOCK``-element tiles (online softmax).
 - Warps are sized so each thread issues about four accesses per tile (two for attention
-  scores, whose masking needs registers; its online tile is half the size too).
+  scores, whose masking needs registers; its online tile is half the size too; with
+  softcapping or sinks a quarter, and one access in fp64).
 - The grid is persistent: at most as many programs as the SMs hold at once.
 - Rows too few to fill the GPU are split (``kernels.split_row``). By Little's law, memory runs
   at its bandwidth only with bandwidth x latency bytes in flight, and only when every SM is
@@ -138,7 +139,7 @@ def _split(config, n_rows, n_cols, elem_bytes, device, backward, align, vector, 
     if triton.cdiv(n_cols, chunk_cols) < 2:
         return config
     # At least 4 warps: with 2, ptxas spilled a few bytes of the backward's second phase.
-    warps = max(4, _warps(config.rows_per_program, block, vector, False))
+    warps = max(4, _warps(config.rows_per_program, block, vector))
     tiled = replace(tiled, block_n=block, num_warps=warps)
     return replace(tiled, chunks=triton.cdiv(n_cols, chunk_cols), chunk_cols=chunk_cols)
 
@@ -150,7 +151,7 @@ def launch_config(
     device: DeviceProperties,
     *,
     backward: bool = False,
-    attention: bool = False,
+    attention: int = 0,
     cross_entropy: bool = False,
     align: int = 1,
     contiguous_rows: int = 1,
@@ -161,18 +162,21 @@ def launch_config(
     """Pick the regime, tile and warps for rows of ``n_cols`` elements.
 
     ``elem_bytes``: the widest element the kernel touches; math is fp64 for 8-byte elements,
-    else fp32. ``attention``: masked_softmax's forward, whose mask and causal comparisons take
-    about a tile's registers beside the scores: half the on-chip row, half the online tile and
-    twice the warps. ``cross_entropy``: its forward, which keeps the target's and the smoothing's
-    sums beside the softmax's and writes the gradient from the block it reduced (with the
-    smoothing's weights beside it): two tiles' registers more, half the online tile and the
-    multi-row tile, and a quarter of fp64's on-chip row. ``align``: the proven alignment of rows,
-    in elements (accesses are 128-bit when it reaches 16 bytes). ``contiguous_rows``: how many
-    neighbouring rows lie at unit stride (1 when the columns are unit-stride). ``max_block`` caps
-    the on-chip row, a power of two; tests use it to reach the online regime with tiny rows.
-    ``n_rows``: how many rows the launch has, given by the jobs that have a split-row regime
-    (softmax and its products; not attention scores nor cross-entropy): it decides that regime,
-    unless the tensor is under ``min_split_bytes``.
+    else fp32. ``attention``: 1 for masked_softmax's forward, whose mask and causal comparisons
+    take about a tile's registers beside the scores: half the on-chip row, half the online tile
+    and twice the warps; 2 with softcapping or sinks (their tanh and statistics, forward and
+    backward): a tile's registers more and a quarter of the online tile (the compile report
+    found spills at 1, under Triton 3.6), and in fp64 four times the warps. ``cross_entropy``:
+    its forward, which keeps the target's and the smoothing's sums beside the softmax's and
+    writes the gradient from the block it reduced (with the smoothing's weights beside it): two
+    tiles' registers more, half the online tile and the multi-row tile, and a quarter of fp64's
+    on-chip row. ``align``: the proven alignment of rows, in elements (accesses are 128-bit when
+    it reaches 16 bytes). ``contiguous_rows``: how many neighbouring rows lie at unit stride (1
+    when the columns are unit-stride). ``max_block`` caps the on-chip row, a power of two; tests
+    use it to reach the online regime with tiny rows. ``n_rows``: how many rows the launch has,
+    given by the jobs that have a split-row regime (softmax and its products; not attention
+    scores nor cross-entropy): it decides that regime, unless the tensor is under
+    ``min_split_bytes``.
     """
     compute_bytes = 8 if elem_bytes == 8 else 4
     wide = align * elem_bytes >= VECTOR_BYTES
@@ -197,7 +201,7 @@ def launch_config(
     config = LaunchConfig(
         block_n=block_n,
         rows_per_program=rows,
-        num_warps=_warps(rows, block_n, vector, attention),
+        num_warps=_warps(rows, block_n, vector, attention, compute_bytes),
         online=online,
         compute_dtype=tl.float64 if compute_bytes == 8 else tl.float32,
     )
@@ -206,5 +210,8 @@ def launch_config(
     return _split(config, n_rows, n_cols, elem_bytes, device, backward, align, vector, min_split_bytes)
 
 
-def _warps(rows, block_n, vector, attention):
-    return min(MAX_WARPS, max(1, rows * block_n // (vector * 32 * (4 >> attention))))
+def _warps(rows, block_n, vector, attention=0, compute_bytes=4):
+    """About four accesses a thread a tile; fewer under attention's masking, whose registers it
+    needs, and in fp64 under softcapping or sinks, whose libdevice exp and log need warps too."""
+    accesses = 4 >> (attention if compute_bytes == 8 else min(attention, 1))
+    return min(MAX_WARPS, max(1, rows * block_n // (vector * 32 * accesses)))

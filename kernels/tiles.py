@@ -67,6 +67,28 @@ def store_block(rows, stride_col, col, in_bounds, value):
 
 
 @triton.jit
+def load_row_values(ptrs, row_mask, BLOCK_N: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+    """One value per row from [ROWS, 1] pointers, loaded by the lanes of column 0 of a full
+    [ROWS, BLOCK_N] block and summed across it. That block has the layout of the rows' other
+    accesses; a [ROWS, 1] access has its own, and each thread then holds its row from the start
+    of the program (the compile report found it spilled)."""
+    first = column_block(0, BLOCK_N) == 0
+    values = tl.load(ptrs + 0 * first, mask=row_mask & first, other=0.0).to(COMPUTE_DTYPE)
+    return tl.sum(values, axis=1, keep_dims=True)
+
+
+@triton.jit
+def store_row_values(ptrs, values, row_mask, BLOCK_N: tl.constexpr):
+    """One value per row ([ROWS, 1]) stored at [ROWS, 1] pointers from the lanes of column 0 of a
+    full block (see ``load_row_values``). Returns ``values`` (a helper returning nothing fails to
+    compile in Triton 3.6)."""
+    first = column_block(0, BLOCK_N) == 0
+    block = tl.broadcast_to(values, (values.shape[0], BLOCK_N))
+    tl.store(ptrs + 0 * first, block.to(ptrs.dtype.element_ty), mask=row_mask & first)
+    return values
+
+
+@triton.jit
 def block_statistics(x):
     """Each row's max and sum of exp(x - max), of a block holding whole rows."""
     row_max = tl.max(x, axis=1, keep_dims=True)

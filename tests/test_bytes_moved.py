@@ -328,3 +328,78 @@ def test_row_statistics_modes_move_one_sweep(plans, n, online):
     assert (backward_traffic.loaded, backward_traffic.stored) == (minimum_bytes(y, dy, sums), minimum_bytes(dx))
     assert_did_the_work("forward", "softmax", out, x, y, dy, 1)
     assert_did_the_work("backward", "softmax", dx, x, y, dy, 1)
+
+
+SOFTCAP_SINKS_CASES = {
+    "softcap": (dict(softcap=2.0), False),
+    "sinks": (dict(sinks=True), False),
+    "softcap and sinks, additive [Lq,Lk]": (dict(softcap=2.0, sinks=True), True),
+}
+
+
+@pytest.mark.parametrize("case", list(SOFTCAP_SINKS_CASES))
+@pytest.mark.parametrize("n", [1000, 20000], ids=["on_chip", "online"])
+def test_softcap_and_sinks_add_a_value_per_row(plans, case, n):
+    """Forward: the scores (and the mask) read once per sweep, y written once, and per row one
+    log-sum-exp written and one sink read (a logit per head, not per element). Backward: y and
+    dy read once per sweep, dx written once, and per row the log-sum-exp and a sink read and the
+    sink's share of its gradient written; under softcapping an additive mask is read again at its
+    broadcast size, once, by the sweep that writes dx (the capped scores are log(y) + lse - mask)."""
+    options, additive = SOFTCAP_SINKS_CASES[case]
+    b, h, q = 2, 2, 3
+    rows = b * h * q
+    scores = random((b, h, q, n), torch.float32).requires_grad_()
+    dy = random((b, h, q, n), torch.float32, seed=1)
+    mask = random((q, n), torch.float32, seed=2) if additive else None
+    options = dict(options)
+    if options.pop("sinks", False):
+        options["sinks"] = random((h,), torch.float32, seed=3).requires_grad_()
+    wrt = (scores, options["sinks"]) if "sinks" in options else (scores,)
+    with fused_softmax.use_backend("triton"):
+        with kernel_traffic() as forward:
+            y = fused_softmax.masked_softmax(scores, mask, scale=0.5, **options)
+        with kernel_traffic() as backward:
+            (dx, *_) = torch.autograd.grad(y, wrt, dy)
+    forward_plan, backward_plan = plans()
+    assert forward_plan.config.online == (n > 1000) and backward_plan.config.online == (n > 1000)
+    sweeps = 2 if n > 1000 else 1
+    per_row = 4 * rows  # one fp32 value a row: a log-sum-exp, a sink, a share of a sink's gradient
+    sinks = "sinks" in options
+    mask_bytes = 4 * rows * n if additive else 0
+    assert forward.stored == minimum_bytes(y) + per_row
+    assert forward.loaded == sweeps * (minimum_bytes(scores) + mask_bytes) + sinks * per_row
+    assert backward.stored == minimum_bytes(dx) + sinks * per_row
+    assert backward.loaded == sweeps * minimum_bytes(y, dy) + mask_bytes + per_row + sinks * per_row
+    expected = reference.masked_softmax(scores, mask, 0.5, None, **options)
+    assert_close(y, expected)
+    assert_close(dx, reference.masked_softmax_backward(scores, expected, dy, 0.5, **options)[0])
+
+
+@pytest.mark.parametrize("n", [1000, 20000], ids=["on_chip", "online"])
+def test_bias_beside_a_bool_mask_is_read_at_its_broadcast_size(plans, n):
+    """T5's case: a bias [1, H, Lq, Lk] beside a padding mask [B, 1, 1, Lk]. Forward: the scores,
+    the mask and the bias read once per sweep each, at their broadcast sizes (a row reads its
+    own Lk of each), y written once. Backward: softmax's, y and dy read once per sweep, dx
+    written once; the bias's gradient is the scores' before the scale, summed over the batch in
+    torch."""
+    b, h, q = 2, 2, 3
+    rows = b * h * q
+    scores = random((b, h, q, n), torch.float32).requires_grad_()
+    dy = random((b, h, q, n), torch.float32, seed=1)
+    padding = torch.rand(b, 1, 1, n, generator=torch.Generator().manual_seed(2)) > 0.2
+    bias = random((1, h, q, n), torch.float32, seed=3).requires_grad_()
+    with fused_softmax.use_backend("triton"):
+        with kernel_traffic() as forward:
+            y = fused_softmax.masked_softmax(scores, padding, scale=0.5, bias=bias)
+        with kernel_traffic() as backward:
+            dx, d_bias = torch.autograd.grad(y, (scores, bias), dy)
+    forward_plan, backward_plan = plans()
+    sweeps = 2 if forward_plan.config.online else 1
+    assert forward_plan.config.online == backward_plan.config.online == (n > 1000)
+    assert forward.stored == minimum_bytes(y)
+    assert forward.loaded == sweeps * rows * n * (4 + 1 + 4)
+    assert backward.stored == minimum_bytes(dx)
+    assert backward.loaded == sweeps * minimum_bytes(y, dy)
+    expected = reference.masked_softmax(scores, padding, 0.5, None, bias=bias)
+    assert_close(y, expected)
+    assert_close(d_bias, torch.as_tensor(reference.softmax_backward(expected, dy)).sum_to_size(bias.shape))

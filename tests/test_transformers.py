@@ -13,9 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from transformers import AttentionInterface, AutoModelForCausalLM
+from transformers import AttentionInterface, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+import fused_softmax
 from fused_softmax.integrations.transformers import NAME, UNSUPPORTED, fused_attention_forward, register
 
 register()
@@ -32,6 +33,14 @@ CONFIGS = {
     ),
     "gpt2": lambda **kw: transformers.GPT2Config(
         vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=32, bos_token_id=0, eos_token_id=0, **kw
+    ),
+    # Logit softcapping (50, as every Gemma 2 checkpoint), a sliding window on the first layer.
+    "gemma2-softcap": lambda **kw: transformers.Gemma2Config(
+        **LLAMA, num_key_value_heads=2, head_dim=8, attn_logit_softcapping=50.0, sliding_window=4, **kw
+    ),
+    # Attention sinks, a sliding window on the first layer, a mixture of experts.
+    "gpt-oss-sinks": lambda **kw: transformers.GptOssConfig(
+        **LLAMA, num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2, sliding_window=4, **kw
     ),
 }
 # Measured through two layers: logits and gradients within 1e-7 of eager's in fp32, 1e-15 in fp64.
@@ -78,9 +87,11 @@ def assert_match(eager, fused, ids, mask, visible, dtype=torch.float32):
 # No padding: the causal flag, no mask tensor. Left padding: rows that see no key. Right padding: a
 # bool mask. Plain multi-head attention is GPT-2's; the sliding window always comes as a mask.
 @pytest.mark.parametrize("padding", [None, "left", "right"])
-@pytest.mark.parametrize("name", ["llama-gqa", "mistral-sliding-window", "gpt2"])
-def test_logits_and_gradients_match_eager(name, padding, backend):
+@pytest.mark.parametrize("name", ["llama-gqa", "mistral-sliding-window", "gpt2", "gemma2-softcap", "gpt-oss-sinks"])
+def test_logits_and_gradients_match_eager(name, padding, backend, monkeypatch):
+    calls = counting_attention(monkeypatch)
     assert_match(*twin_models(name), *batch(padding))
+    assert len(calls) == 2, "one call per layer"
 
 
 def test_float64_matches_eager(backend):
@@ -107,6 +118,17 @@ def test_decoding_with_a_cache_matches_eager(cache, padding, backend):
     torch.testing.assert_close(logits[1], logits[0], **TOLERANCES[torch.float32])
 
 
+@pytest.mark.parametrize("name", ["gemma2-softcap", "gpt-oss-sinks"])
+def test_greedy_generation_matches_eager(name, backend):
+    """Left-padded prompts, then decoding with a cache: softcapped or sunk scores at every step."""
+    ids, mask, _ = batch("left")
+    eager, fused = twin_models(name)
+    generated = [
+        model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False) for model in (eager, fused)
+    ]
+    assert torch.equal(generated[1], generated[0])
+
+
 def test_attention_dropout_only_in_training(backend):
     eager, fused = twin_models("llama", attention_dropout=0.5)
     ids, _, _ = batch(None)
@@ -122,6 +144,66 @@ def test_attention_dropout_only_in_training(backend):
     assert not torch.allclose(fused_logits, eval_logits)
     # The same RNG draws on probabilities of the same shape: the same units dropped as eager's.
     torch.testing.assert_close(fused_logits, eager_logits, **TOLERANCES[torch.float32])
+
+
+T5 = dict(
+    vocab_size=VOCAB,
+    d_model=32,
+    d_kv=8,
+    d_ff=64,
+    num_layers=2,
+    num_decoder_layers=2,
+    num_heads=4,
+    relative_attention_num_buckets=8,
+    relative_attention_max_distance=16,
+    decoder_start_token_id=0,
+    pad_token_id=0,
+    eos_token_id=1,
+)
+
+
+def twin_t5():
+    """A tiny T5 (encoder-decoder: relative position bias in the self-attention of both stacks, a
+    zero bias in the cross-attention) under eager attention and under ours, in eval mode."""
+    torch.manual_seed(0)
+    eager = AutoModelForSeq2SeqLM.from_config(transformers.T5Config(**T5), attn_implementation="eager")
+    fused = AutoModelForSeq2SeqLM.from_config(transformers.T5Config(**T5), attn_implementation=NAME)
+    fused.load_state_dict(eager.state_dict())
+    return eager.eval(), fused.eval()
+
+
+def counting_attention(monkeypatch):
+    """Calls of fused_softmax.attention from here on, one list entry each."""
+    calls = []
+    attention = fused_softmax.attention
+    monkeypatch.setattr(fused_softmax, "attention", lambda *args, **kw: calls.append(1) or attention(*args, **kw))
+    return calls
+
+
+# Every encoder row sees some key, whatever the padding: no row to leave out.
+@pytest.mark.parametrize("padding", [None, "left", "right"])
+def test_t5_matches_eager(padding, backend, monkeypatch):
+    ids, mask, _ = batch(padding)
+    decoder_ids = ids.flip(-1)[:, :6]
+    calls = counting_attention(monkeypatch)
+    results = []
+    for model in twin_t5():
+        model.zero_grad()
+        logits = model(ids, attention_mask=mask, decoder_input_ids=decoder_ids).logits
+        F.cross_entropy(logits.flatten(0, 1), decoder_ids.flatten()).backward()
+        results.append((logits, {name: p.grad for name, p in model.named_parameters()}))
+    assert len(calls) == 6, "two encoder layers, two decoder layers with self- and cross-attention"
+    torch.testing.assert_close(results[1], results[0], **TOLERANCES[torch.float32])
+    assert results[1][1]["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"].abs().sum() > 0
+
+
+def test_t5_greedy_generation_matches_eager(backend):
+    ids, mask, _ = batch("left")
+    eager, fused = twin_t5()
+    generated = [
+        model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False) for model in (eager, fused)
+    ]
+    assert torch.equal(generated[1], generated[0])
 
 
 @pytest.mark.parametrize("feature", UNSUPPORTED)

@@ -55,7 +55,7 @@ from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
-from .. import _launch, kernels
+from .. import _launch, _softcap_sinks, kernels
 from ..kernels import LaunchConfig
 from ..testing import recorded_launches, split_threshold
 
@@ -279,8 +279,9 @@ MODE_DTYPES = ("fp16", "bf16", "fp32", "fp64")
 
 def _mode_launches(n):
     """(job, tensors, description) of the masked-softmax, forward-mode and row-statistics
-    launches for rows of ``n``: masked_softmax with each mask kind, log-softmax's tangent (the
-    backward kernel's third PRODUCT) and each statistics kernel."""
+    launches for rows of ``n``: masked_softmax with each mask kind, with softcapping and sinks
+    (forward and backward), log-softmax's tangent (the backward kernel's third PRODUCT) and each
+    statistics kernel."""
     for d in MODE_DTYPES:
         x, dtype = _empty((ROWS, n), d), TORCH_DTYPES[d]
         stats = torch.empty(ROWS, dtype=_launch.stats_dtype(dtype))
@@ -292,6 +293,7 @@ def _mode_launches(n):
             masking = _launch.masking(x, mask, 0.125, causal)
             yield lambda x, masking=masking: _launch.masked_softmax_forward(x, x.dtype, masking), (x,), name
         yield lambda y, v: _launch.jacobian_product(y, v, 1, y.dtype, "log_softmax_jvp"), (x, x), "log-softmax jvp"
+        yield from _softcap_sinks_launches(n, d)
         yield lambda x: _launch.row_statistics(x, 1), (x,), "row stats out"
         yield lambda x, lse=stats: _launch.normalise_with_lse(x, 1, x.dtype, False, lse), (x,), "row lse in"
         yield lambda y, dy: _launch.backward_row_sums(y, dy, 1), (x, x), "row sums out"
@@ -333,6 +335,36 @@ def _cross_entropy_launches(n):
             _launch.cross_entropy_forward(x, target, None, ignore_index=-100, smoothing=0.1, z_loss=0.0, softcap=None)
 
         yield loss_only, (x,), "cross entropy, loss out"
+
+
+def _softcap_sinks_launches(n, d):
+    """masked_softmax with softcapping, sinks or a bias beside a bool mask, forward and backward,
+    over [1, ROWS, 1, n] scores (a sink per head of ROWS), in dtype ``d``."""
+    scores, dtype = _empty((1, ROWS, 1, n), d), TORCH_DTYPES[d]
+    lse = torch.empty(1, ROWS, 1, dtype=_launch.stats_dtype(dtype))
+    sinks = torch.empty(ROWS, dtype=dtype)
+    padding, additive, bias = (
+        torch.ones(1, n, dtype=torch.bool),
+        torch.empty(1, n, dtype=dtype),
+        torch.empty(n, dtype=dtype),
+    )
+    for mask, causal, softcap, options, name in (
+        (padding, 0, 30.0, dict(sinks=sinks), "masked softmax, softcap and sinks, bool mask, causal"),
+        (additive, None, 30.0, {}, "masked softmax, softcap, additive mask"),
+        (padding, 0, None, dict(bias=bias), "masked softmax, bool mask and bias, causal"),
+    ):
+        masking = _launch.masking(scores, mask, 0.125, causal, softcap, **options)
+        yield (
+            lambda x, masking=masking: _launch.masked_softmax_forward_with_lse(x, x.dtype, masking),
+            (scores,),
+            name,
+        )
+        backward_options = dict(lse=lse, mask=mask, sinks=options.get("sinks"), scale=0.125, softcap=softcap)
+        yield (
+            lambda y, dy, o=backward_options: _softcap_sinks.kernel_backward(y, dy, out_dtype=y.dtype, **o),
+            (scores, scores),
+            f"{name}, backward",
+        )
 
 
 def mode_kernels():

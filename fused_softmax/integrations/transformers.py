@@ -27,13 +27,22 @@ model, ``register(causal_lm_loss=True)``, the switch, which installs it as trans
 ``ForCausalLM`` loss (off by default: the registration leaves the loss alone). And
 ``use_linear_cross_entropy(model)`` goes further in training: the loss comes from the LM head's
 input through ``fused_softmax.linear_cross_entropy``, and the logits are never built.
+
+Models whose attention layers compute attention themselves never call the interface: given the
+name, they would run their own attention under it, on masks built by our mask function that
+they misread (None for "causal", bool masks added as 0/1). ``register`` therefore makes
+transformers refuse them where it checks an attention implementation (a model's construction,
+``from_pretrained``, ``set_attn_implementation``), with a ValueError like the one for SDPA.
 """
 
 import functools
+import inspect
+import re
+import sys
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface
+from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import fused_softmax
@@ -41,12 +50,7 @@ import fused_softmax
 NAME = "fused_softmax"
 
 # Keyword arguments some models pass that change the math: the fused path does not implement them.
-UNSUPPORTED = {
-    "softcap": "logit softcapping",
-    "s_aux": "attention sinks",
-    "position_bias": "position biases",
-    "cache": "paged KV caches (continuous batching)",
-}
+UNSUPPORTED = {"cache": "paged KV caches (continuous batching)"}
 
 
 def fused_attention_forward(
@@ -66,6 +70,7 @@ def fused_attention_forward(
     # with a cache), which sees every key. The diagonal is top-left, which also hides the unfilled
     # slots of a static cache at prefill.
     causal = is_causal and attention_mask is None and query.shape[2] > 1
+    # T5's learned relative position bias [1, H, Lq, Lk] is read beside the mask, never expanded.
     output = fused_softmax.attention(
         query,
         key,
@@ -75,16 +80,88 @@ def fused_attention_forward(
         is_causal=causal,
         scale=scaling,
         enable_gqa=True,
+        softcap=kwargs.get("softcap"),
+        sinks=kwargs.get("s_aux"),
+        bias=kwargs.get("position_bias"),
     )
     return output.transpose(1, 2).contiguous(), None
 
 
+# transformers' own test of whether a model file's attention can be switched: it defines an
+# attention layer and looks its implementation up in ALL_ATTENTION_FUNCTIONS (``[name]`` before 5.0).
+_ATTENTION_LAYER = re.compile(r"^class \w*Attention\w*\(nn\.Module\):", re.MULTILINE)
+_INTERFACE_LOOKUP = re.compile(r"ALL_ATTENTION_FUNCTIONS(\.get_interface\(|\[)")
+
+
+@functools.cache
+def unserved_reason(model_class):
+    """Why ``model_class`` cannot run ``NAME``, or None. A model file without an attention layer
+    of its own (a composite model) is served: its parts are models of their own, checked when
+    they are built. One whose layers compute attention themselves is not; nor is one that
+    supports neither SDPA nor flash attention: their convention, which ours follows, is that no
+    mask means "causal" when the layer's ``is_causal`` says so, and a model vetted for neither
+    may say otherwise (BigBirdPegasus's decoder does, and would see the future)."""
+    try:
+        source = inspect.getsource(sys.modules[model_class.__module__])
+    except (KeyError, OSError, TypeError):
+        return "its source cannot be read to check how its attention layers dispatch"
+    if not _ATTENTION_LAYER.search(source):
+        return None
+    if not _INTERFACE_LOOKUP.search(source):
+        return "its attention layers do not dispatch through transformers' AttentionInterface, so they would ignore it"
+    if not (model_class._supports_sdpa or model_class._supports_flash_attn):
+        return "it supports neither SDPA nor flash attention, whose mask conventions it relies on"
+    return None
+
+
+def check_model_class(model_class):
+    """Raise the ValueError transformers gives for SDPA when ``model_class`` cannot be served."""
+    reason = unserved_reason(model_class)
+    if reason is not None:
+        raise ValueError(
+            f"{model_class.__name__} does not support an attention implementation through {NAME} yet: {reason}. "
+            'Load the model with attn_implementation="eager" (or "sdpa" where the model supports it).'
+        )
+
+
+def _install_refusals():
+    """Wrap the two places transformers checks a requested implementation so that ``NAME`` is
+    refused for a model that would not run it: ``get_correct_attn_implementation``, which every
+    check ends in (a model's construction, ``from_pretrained``, the parts of a switched model),
+    and ``set_attn_implementation``, which only warns and keeps the old implementation of a
+    model it cannot switch, and could switch some parts of a composite model but not others."""
+    get_correct_attn_implementation = PreTrainedModel.get_correct_attn_implementation
+    set_attn_implementation = PreTrainedModel.set_attn_implementation
+
+    @functools.wraps(get_correct_attn_implementation)
+    def checked_get_correct_attn_implementation(self, requested_attention, *args, **kwargs):
+        implementation = get_correct_attn_implementation(self, requested_attention, *args, **kwargs)
+        if implementation == NAME:
+            check_model_class(type(self))
+        return implementation
+
+    @functools.wraps(set_attn_implementation)
+    def checked_set_attn_implementation(self, attn_implementation, *args, **kwargs):
+        if attn_implementation == NAME:
+            for module in self.modules():
+                if isinstance(module, PreTrainedModel):
+                    check_model_class(type(module))
+        return set_attn_implementation(self, attn_implementation, *args, **kwargs)
+
+    checked_set_attn_implementation.refuses_unserved_models = True
+    PreTrainedModel.get_correct_attn_implementation = checked_get_correct_attn_implementation
+    PreTrainedModel.set_attn_implementation = checked_set_attn_implementation
+
+
 def register(causal_lm_loss=False):
     """Makes ``attn_implementation="fused_softmax"`` available to every transformers model that
-    routes attention through ``AttentionInterface``; with ``causal_lm_loss``, also makes
-    ``fused_causal_lm_loss`` the loss of every causal LM. Calling it again changes nothing."""
+    routes attention through ``AttentionInterface``, and refused by the others; with
+    ``causal_lm_loss``, also makes ``fused_causal_lm_loss`` the loss of every causal LM. Calling
+    it again changes nothing."""
     AttentionInterface.register(NAME, fused_attention_forward)
     AttentionMaskInterface.register(NAME, sdpa_mask)
+    if not getattr(PreTrainedModel.set_attn_implementation, "refuses_unserved_models", False):
+        _install_refusals()
     if causal_lm_loss:
         from transformers.loss.loss_utils import LOSS_MAPPING
 

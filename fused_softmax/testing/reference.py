@@ -41,11 +41,15 @@ def log_softmax_backward(y, dy, axis=-1):
     return dy - np.exp(y) * np.sum(dy, axis=axis, keepdims=True)
 
 
-def masked_softmax(scores, mask=None, scale=1.0, causal_offset=None):
+def masked_softmax(scores, mask=None, scale=1.0, causal_offset=None, softcap=None, sinks=None, bias=None):
     """softmax(scale * scores + mask) over the last axis, in float64. A bool mask (True = attend) and
     the causal diagonal (key j is seen by query i when j <= i + causal_offset) hide keys; rows
-    with every key hidden are zeros."""
+    with every key hidden are zeros. ``softcap`` caps the scaled scores, softcap * tanh(z / softcap),
+    before the mask; ``sinks`` [H] (for scores [..., H, Lq, Lk]) join each row's normalisation;
+    ``bias`` is added as an additive mask is."""
     z = _f64(scores) * scale
+    if softcap is not None:
+        z = softcap * np.tanh(z / softcap)
     keep = np.ones(z.shape, dtype=bool)
     if causal_offset is not None:
         n_queries, n_keys = z.shape[-2:]
@@ -56,7 +60,12 @@ def masked_softmax(scores, mask=None, scale=1.0, causal_offset=None):
             keep &= mask.cpu().numpy() if hasattr(mask, "cpu") else np.asarray(mask)
         else:
             z = z + _f64(mask)
+    if bias is not None:
+        z = z + _f64(bias)
     z = np.where(keep, z, -np.inf)
+    if sinks is not None:
+        sink_column = np.broadcast_to(_f64(sinks)[:, None, None], (*z.shape[:-1], 1))
+        return softmax(np.concatenate([z, sink_column], axis=-1))[..., :-1]
     hidden = np.all(z == -np.inf, axis=-1, keepdims=True)
     return np.where(hidden, 0.0, softmax(np.where(hidden, 0.0, z)))
 
@@ -149,3 +158,18 @@ def cross_entropy_backward(
         if softcap is not None:
             g = g * (1 - (x / softcap) ** 2)
         return np.where(counted, g * upstream, 0.0)
+
+
+def masked_softmax_backward(scores, y, dy, scale=1.0, softcap=None, sinks=None):
+    """(d scores, d sinks or None) of ``masked_softmax`` from its y and dy, in float64: the softmax's
+    gradient through the cap (1 - tanh²) and the scale; a sink's is -Σ p_sink · Σ dy·y over its rows."""
+    y, dy = _f64(y), _f64(dy)
+    row_sums = np.sum(dy * y, axis=-1, keepdims=True)
+    dz = y * (dy - row_sums)
+    if softcap is not None:
+        dz = dz * (1 - np.tanh(_f64(scores) * scale / softcap) ** 2)
+    if sinks is None:
+        return scale * dz, None
+    sink_probability = 1 - np.sum(y, axis=-1, keepdims=True)
+    per_row = -(sink_probability * row_sums)[..., 0]
+    return scale * dz, per_row.sum(-1).reshape(-1, len(sinks)).sum(0)
