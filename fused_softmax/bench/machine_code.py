@@ -359,6 +359,8 @@ def _softcap_sinks_launches(n, d):
             (scores,),
             name,
         )
+        if softcap is None:  # a bias alone: softmax's backward kernel, listed with the plain kernels
+            continue
         backward_options = dict(lse=lse, mask=mask, sinks=options.get("sinks"), scale=0.125, softcap=softcap)
         yield (
             lambda y, dy, o=backward_options: _softcap_sinks.kernel_backward(y, dy, out_dtype=y.dtype, **o),
