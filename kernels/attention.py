@@ -424,7 +424,7 @@ def score_bias(
 def score_grad(y, dy, row_sum, lse, bias, softcap, scale, SOFTCAP: tl.constexpr):
     """The scores' gradient: the softmax's, through the cap, times the scale. The capped score is
     log(y) + lse - bias; where y is 0 the softmax's gradient is 0 and the cap's is not needed."""
-    dz = input_grad(y, dy, row_sum, False)
+    dz = input_grad(y, dy, row_sum, "softmax")
     if SOFTCAP:
         capped = (tl.log(tl.where(y > 0, y, 1.0)) + lse - bias) / softcap
         dz = tl.where(y > 0, dz * (1.0 - capped * capped), 0.0)
@@ -484,7 +484,17 @@ def masked_softmax_backward_kernel(
         lse = load_row_values(lse_ptr + row, row_mask, BLOCK_N, COMPUTE_DTYPE)
         if ONLINE:
             row_sum = online_row_sums(
-                y_rows, y_stride_col, dy_rows, dy_stride_col, row_mask, n_cols, False, ROWS, BLOCK_N, COMPUTE_DTYPE
+                y_rows,
+                y_stride_col,
+                dy_rows,
+                dy_stride_col,
+                row_mask,
+                0,
+                n_cols,
+                "softmax",
+                ROWS,
+                BLOCK_N,
+                COMPUTE_DTYPE,
             )
             dx_rows = row_starts(dx_ptr, outer, inner, dx_stride_outer, dx_stride_inner, ALIGN)
             n_blocks = tl.cdiv(n_cols, BLOCK_N)
@@ -520,7 +530,7 @@ def masked_softmax_backward_kernel(
             in_bounds = row_mask & (col < n_cols)
             y = load_block(y_rows, y_stride_col, col, in_bounds, 0.0, COMPUTE_DTYPE)
             dy = load_block(dy_rows, dy_stride_col, col, in_bounds, 0.0, COMPUTE_DTYPE)
-            row_sum = tl.sum(summand(y, dy, False), axis=1, keep_dims=True)
+            row_sum = tl.sum(summand(y, dy, "softmax"), axis=1, keep_dims=True)
             bias = score_bias(
                 mask_ptr,
                 batch,

@@ -175,6 +175,7 @@ def check_product(PRODUCT: tl.constexpr):
 def summand(y, v, PRODUCT: tl.constexpr):
     """The product's row sum is of v * y (softmax), of v (log-softmax's vjp) or of v * exp(y)
     (log-softmax's jvp: y holds log-probabilities)."""
+    check_product(PRODUCT)
     if PRODUCT == "softmax":
         return v * y
     elif PRODUCT == "log_softmax_vjp":
@@ -187,6 +188,7 @@ def summand(y, v, PRODUCT: tl.constexpr):
 def input_grad(y, v, row_sum, PRODUCT: tl.constexpr):
     """softmax: y * (v - sum(v * y)); log-softmax's vjp: v - exp(y) * sum(v); its jvp:
     v - sum(exp(y) * v)."""
+    check_product(PRODUCT)
     if PRODUCT == "softmax":
         return y * (v - row_sum)
     elif PRODUCT == "log_softmax_vjp":
