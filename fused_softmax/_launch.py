@@ -196,11 +196,6 @@ def _run(kernel, p, args):
         kernel[p.grid](**args, num_warps=p.config.num_warps, enable_fp_fusion=True)
 
 
-def triton_next_power_of_2(n):
-    """The power of two at or above ``n`` (triton.next_power_of_2, without importing Triton here)."""
-    return 1 << (n - 1).bit_length()
-
-
 @functools.lru_cache(maxsize=64)
 def fp32_pair(value):
     """``value`` as two fp32 numbers whose sum is it to ~2^-48: Triton passes floats as fp32."""
@@ -249,7 +244,7 @@ def _split_forward(p, log):
         first.arguments("x") | p.chunk_arguments() | dict(maxes_ptr=maxes, sums_ptr=sums),
     )
     args = p.arguments("x", "y") | p.chunk_arguments() | dict(maxes_ptr=maxes, sums_ptr=sums, LOG=log)
-    _run(kernels().chunk_normalise_kernel, p, args | dict(CHUNKS=triton_next_power_of_2(p.config.chunks)))
+    _run(kernels().chunk_normalise_kernel, p, args | dict(CHUNKS=p.config.chunk_slots))
 
 
 def jacobian_product(y, v, dim, out_dtype, kind, scale=1.0):
@@ -265,7 +260,7 @@ def jacobian_product(y, v, dim, out_dtype, kind, scale=1.0):
             first = p.of_inputs(2)
             first_args = first.arguments("y", "dy") | p.chunk_arguments() | dict(sums_ptr=sums, PRODUCT=kind)
             _run(kernels().chunk_row_sums_kernel, first, first_args)
-            chunks = dict(sums_ptr=sums, CHUNKS=triton_next_power_of_2(p.config.chunks))
+            chunks = dict(sums_ptr=sums, CHUNKS=p.config.chunk_slots)
             _run(kernels().chunk_product_kernel, p, args | p.chunk_arguments() | chunks)
         else:
             _run(kernels().softmax_backward_kernel, p, args | dict(ONLINE=p.config.online))

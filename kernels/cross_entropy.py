@@ -154,6 +154,29 @@ def index_grad_block(
 
 
 @triton.jit
+def loss_options(
+    smoothing_high,
+    smoothing_low,
+    z_loss_high,
+    z_loss_low,
+    softcap_high,
+    softcap_low,
+    grad_scale_ptr,
+    STORE_GRAD: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+):
+    """Both kernels' options from the host's fp32 pairs: (ε, z, the cap, the gradient's scale)."""
+    eps = fp32_pair(smoothing_high, smoothing_low, COMPUTE_DTYPE)
+    z_loss = fp32_pair(z_loss_high, z_loss_low, COMPUTE_DTYPE)
+    softcap = fp32_pair(softcap_high, softcap_low, COMPUTE_DTYPE)
+    if STORE_GRAD:
+        scale = tl.load(grad_scale_ptr)
+    else:
+        scale = 1.0
+    return eps, z_loss, softcap, scale
+
+
+@triton.jit
 def cross_entropy_kernel(
     x_ptr,  # logits
     target_ptr,  # [rows] class indices, int64
@@ -188,13 +211,17 @@ def cross_entropy_kernel(
     STORE_GRAD: tl.constexpr,
 ):
     n_cols = n_cols * ALIGN
-    eps = fp32_pair(smoothing_high, smoothing_low, COMPUTE_DTYPE)
-    z_loss = fp32_pair(z_loss_high, z_loss_low, COMPUTE_DTYPE)
-    softcap = fp32_pair(softcap_high, softcap_low, COMPUTE_DTYPE)
-    if STORE_GRAD:
-        scale = tl.load(grad_scale_ptr)
-    else:
-        scale = 1.0
+    eps, z_loss, softcap, scale = loss_options(
+        smoothing_high,
+        smoothing_low,
+        z_loss_high,
+        z_loss_low,
+        softcap_high,
+        softcap_low,
+        grad_scale_ptr,
+        STORE_GRAD,
+        COMPUTE_DTYPE,
+    )
     for tile in tl.range(tl.program_id(0), tile_count(n_outer, n_inner, ROWS), tl.num_programs(0)):
         outer, inner, row_mask, row = tile_rows(tile, n_inner, ROWS)
         target = tl.load(target_ptr + row, mask=row_mask, other=ignore_index)
@@ -374,13 +401,17 @@ def cross_entropy_probabilities_kernel(
     STORE_GRAD: tl.constexpr,
 ):
     n_cols = n_cols * ALIGN
-    eps = fp32_pair(smoothing_high, smoothing_low, COMPUTE_DTYPE)
-    z_loss = fp32_pair(z_loss_high, z_loss_low, COMPUTE_DTYPE)
-    softcap = fp32_pair(softcap_high, softcap_low, COMPUTE_DTYPE)
-    if STORE_GRAD:
-        scale = tl.load(grad_scale_ptr)
-    else:
-        scale = 1.0
+    eps, z_loss, softcap, scale = loss_options(
+        smoothing_high,
+        smoothing_low,
+        z_loss_high,
+        z_loss_low,
+        softcap_high,
+        softcap_low,
+        grad_scale_ptr,
+        STORE_GRAD,
+        COMPUTE_DTYPE,
+    )
     for tile in tl.range(tl.program_id(0), tile_count(n_outer, n_inner, ROWS), tl.num_programs(0)):
         outer, inner, row_mask, row = tile_rows(tile, n_inner, ROWS)
         x_rows = row_starts(x_ptr, outer, inner, x_stride_outer, x_stride_inner, ALIGN)

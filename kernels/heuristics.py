@@ -77,6 +77,12 @@ class LaunchConfig:
     chunk_cols: int = 0  # the split-row regime's chunk length, a multiple of block_n
 
     @property
+    def chunk_slots(self) -> int:
+        """A split row's chunks, rounded up to a power of two: the block the second phase loads
+        its row's per-chunk values into (the CHUNKS constexpr)."""
+        return triton.next_power_of_2(self.chunks)
+
+    @property
     def regime(self) -> str:
         """How a program covers its rows: 'multi_row' (several whole rows per tile), 'single_pass'
         (one whole row on chip), 'online' (a row streamed through blocks, two sweeps) or 'split'
