@@ -58,6 +58,13 @@ def empty(shape, dtype, device):
     return out.fill_(float("nan")) if _overrides.poison else out
 
 
+def empty_like(x, dtype):
+    """An output shaped like ``x``, contiguous, in ``dtype`` (NaN-filled under ``poison``):
+    ``torch.empty_like`` parses its arguments faster than ``torch.empty`` with a shape."""
+    out = torch.empty_like(x, dtype=dtype, memory_format=torch.contiguous_format)
+    return out.fill_(float("nan")) if _overrides.poison else out
+
+
 def stats_dtype(*dtypes):
     """Row statistics are kept in the kernels' compute dtype: float64 for float64, else float32."""
     return torch.float64 if torch.float64 in dtypes else torch.float32
@@ -82,19 +89,40 @@ class Plan:
 
     def of_inputs(self, count):
         """The plan of a launch that takes only the first ``count`` tensors (a split row's first phase)."""
-        return dataclasses.replace(self, tensors=self.tensors[:count], strides=self.strides[:count])
+        return Plan(
+            self.tensors[:count], self.strides[:count], self.sizes, self.align, self.config, self.device, self.grid
+        )
 
     def chunk_arguments(self):
         """A split row's chunking, for the split-row kernels (chunk_cols divided by ALIGN)."""
         return dict(chunk_cols=self.config.chunk_cols // self.align, n_chunks=self.config.chunks)
 
+    def with_tensors(self, tensors):
+        """This plan over other tensors of the same layout: a cached plan's copy for one call,
+        sharing the arguments it has built (cheaper than dataclasses.replace)."""
+        self.__dict__.setdefault("_arguments", {})
+        copy = object.__new__(Plan)
+        copy.__dict__.update(self.__dict__)
+        copy.__dict__["tensors"] = tensors
+        return copy
+
     def arguments(self, *names):
         """The kernel's keyword arguments for the tensors, called ``names`` there: pointers, sizes
-        and strides (n_cols and the row strides divided by ALIGN), ALIGN and the tile's constexprs."""
+        and strides (n_cols and the row strides divided by ALIGN), ALIGN and the tile's constexprs.
+        All but the pointers are built once per plan and names."""
+        built = self.__dict__.setdefault("_arguments", {})
+        layout = built.get(names)
+        if layout is None:
+            layout = built[names] = self._layout_arguments(names)
+        args = layout.copy()
+        for name, tensor in zip(names, self.tensors, strict=True):
+            args[name + "_ptr"] = tensor
+        return args
+
+    def _layout_arguments(self, names):
         n_outer, n_cols, n_inner = self.sizes
         args = dict(n_outer=n_outer, n_cols=n_cols // self.align, n_inner=n_inner, ALIGN=self.align)
-        for name, tensor, (outer, col, inner) in zip(names, self.tensors, self.strides, strict=True):
-            args[f"{name}_ptr"] = tensor
+        for name, (outer, col, inner) in zip(names, self.strides, strict=True):
             args[f"{name}_stride_outer"] = outer // self.align
             args[f"{name}_stride_col"] = col
             args[f"{name}_stride_inner"] = inner // self.align
@@ -130,12 +158,12 @@ def plan(tensors, dim, *, backward, masking=None, cross_entropy=False, split=Fal
     )
     cached = _PLANS.get(key)
     if cached is not None:
-        return dataclasses.replace(cached, tensors=tuple(tensors))
+        return cached.with_tensors(tuple(tensors))
     p = _plan(tensors, dim, backward, masking, cross_entropy, split)
     if all(view is t for view, t in zip(p.tensors, tensors, strict=True)):
         if len(_PLANS) >= _PLANS_MAX:
             _PLANS.clear()
-        _PLANS[key] = dataclasses.replace(p, tensors=())  # the plan, not the caller's tensors
+        _PLANS[key] = p.with_tensors(())  # the plan, not the caller's tensors
     return p
 
 
@@ -186,13 +214,15 @@ class Launch:
 def _run(kernel, p, args):
     """Launch ``kernel`` on ``p``'s grid with the keyword arguments ``args``. FP fusion is passed
     explicitly: Triton 3.9 warns on every first launch that leaves it to a default."""
-    launch = Launch(kernel, args, p)
-    for observe in _overrides.observers:
-        observe(launch)
+    if _overrides.observers:
+        launch = Launch(kernel, args, p)
+        for observe in _overrides.observers:
+            observe(launch)
     if not _overrides.run:
         return
     device = p.tensors[0].device
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+    elsewhere = device.type == "cuda" and device.index != torch.cuda.current_device()
+    with torch.cuda.device(device) if elsewhere else contextlib.nullcontext():  # Triton launches on the current device
         kernel[p.grid](**args, num_warps=p.config.num_warps, enable_fp_fusion=True)
 
 
@@ -219,7 +249,7 @@ def _rows_shape(x, dim):
 
 def softmax_forward(x, dim, out_dtype, log=False):
     """softmax (or log_softmax) of ``x`` along ``dim``, contiguous, in ``out_dtype``."""
-    y = empty(x.shape, out_dtype, x.device)
+    y = empty_like(x, out_dtype)
     if y.numel():
         p = plan((x, y), dim, backward=False, split=True)
         if p.config.chunks > 1:
@@ -250,7 +280,7 @@ def _split_forward(p, log):
 def jacobian_product(y, v, dim, out_dtype, kind, scale=1.0):
     """``scale`` times the product ``kind`` (see ``_jacobian``) of v with softmax's Jacobian at y,
     along ``dim``, contiguous, in ``out_dtype``: the backward kernel, or the split-row pair."""
-    out = empty(y.shape, out_dtype, y.device)
+    out = empty_like(y, out_dtype)
     if out.numel():
         p = plan((y, v, out), dim, backward=True, split=True)
         high, low = fp32_pair(scale)
@@ -386,7 +416,7 @@ def masked_softmax_forward(x, out_dtype, masking):
 def masked_softmax_forward_with_lse(x, out_dtype, masking):
     """(y, each row's log-sum-exp) of masked_softmax, the statistics kept where softcapping or
     sinks need them in the backward (else an empty tensor)."""
-    y = empty(x.shape, out_dtype, x.device)
+    y = empty_like(x, out_dtype)
     lse = empty(x.shape[:-1], stats_dtype(x.dtype), x.device) if masking.keeps_statistics else None
     if y.numel():
         p = plan((x, y), x.dim() - 1, backward=False, masking=masking)
@@ -400,7 +430,7 @@ def masked_softmax_forward_with_lse(x, out_dtype, masking):
 def masked_softmax_backward(y, dy, lse, out_dtype, masking, scale):
     """The scores' gradient, times ``scale``, of a masked_softmax with softcapping or sinks, and
     each row's share of its sink's gradient (None without sinks)."""
-    dx = empty(y.shape, out_dtype, y.device)
+    dx = empty_like(y, out_dtype)
     sinks_grad = None if masking.sinks is None else empty(y.shape[:-1], stats_dtype(y.dtype), y.device)
     if dx.numel():
         p = plan((y, dy, dx), y.dim() - 1, backward=True, masking=masking)
@@ -427,7 +457,7 @@ def row_statistics(x, dim):
 def normalise_with_lse(x, dim, out_dtype, log, lse):
     """exp(x - lse) (or x - lse) along ``dim``, given each row's log-sum-exp (over other shards
     too), contiguous, in ``out_dtype``: one read, one write, whatever the row length."""
-    y = empty(x.shape, out_dtype, x.device)
+    y = empty_like(x, out_dtype)
     if y.numel():
         p = plan((x, y), dim, backward=False)
         args = p.arguments("x", "y") | dict(lse_ptr=lse.contiguous(), LOG=log)
@@ -449,7 +479,7 @@ def backward_row_sums(y, dy, dim, log=False):
 
 def backward_with_row_sums(y, dy, dim, out_dtype, log, row_sums):
     """Input gradient from y and dy along ``dim``, given each row's sum (over other shards too)."""
-    dx = empty(y.shape, out_dtype, y.device)
+    dx = empty_like(y, out_dtype)
     if dx.numel():
         p = plan((y, dy, dx), dim, backward=True)
         args = p.arguments("y", "dy", "dx") | dict(row_sums_ptr=row_sums.contiguous(), PRODUCT=backward_product(log))

@@ -35,6 +35,7 @@ def kernels():
 
 
 @constant_under_compile
+@functools.cache
 def kernels_interpreted():
     """True when the kernels, and Triton's own library of jitted functions (tl.max, tl.cdiv), were
     decorated under TRITON_INTERPRET=1, so they run on CPU tensors."""

@@ -16,7 +16,7 @@ from . import _launch, ops
 from ._backend import KERNEL_DTYPES, use_kernels
 from ._softcap_sinks import SoftcapSinksFunction
 from ._transforms import bound_quickly, needs_autograd, vmapped_masked_softmax
-from .functional import JacobianProductFunction, _fusable
+from .functional import JacobianProductFunction, _fusable, jacobian_product
 
 CAUSAL = ("top_left", "bottom_right")
 
@@ -140,7 +140,7 @@ def _masked_softmax_kernels(scores, mask, scale, causal_offset, dtype):
 
 
 def _softmax_backward(y, dy, dtype, scale):
-    return JacobianProductFunction.apply(y, dy, -1, dtype, "softmax", scale)
+    return jacobian_product(y, dy, -1, dtype, "softmax", scale)
 
 
 def _masked_softmax_torch(scores, mask, scale, causal_offset, dtype, softcap=None, sinks=None, bias=None):

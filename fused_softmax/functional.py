@@ -42,9 +42,18 @@ def _setup_context(ctx, inputs, y):
     ctx.save_for_forward(y)
 
 
+def jacobian_product(y, v, dim, dtype, kind, scale=1.0):
+    """``JacobianProductFunction``'s product, through the Function only when it will be
+    differentiated (a double backward, forward-mode AD, torch.func): a plain backward launches
+    the kernel directly, without a second Function's host time."""
+    if needs_autograd(y, v) or legacy_batched(y, v):
+        return JacobianProductFunction.apply(y, v, dim, dtype, kind, scale)
+    return _launch.jacobian_product(y, v, dim, dtype, kind, scale)
+
+
 def _backward(ctx, dy, log):
     (y,) = ctx.saved_tensors
-    return JacobianProductFunction.apply(y, dy, ctx.dim, ctx.input_dtype, backward_product(log)), None, None
+    return jacobian_product(y, dy, ctx.dim, ctx.input_dtype, backward_product(log)), None, None
 
 
 def _jvp(ctx, tangent, log):
