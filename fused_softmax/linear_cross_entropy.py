@@ -15,7 +15,6 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from . import _launch
 from ._backend import use_kernels
@@ -24,6 +23,7 @@ from .cross_entropy import _capped, _check_targets, _index_denominator, _is_one,
 # The chunk's logits are at most the size of the input's activations [tokens, H], and a chunk
 # holds no fewer rows than this, so that its matmuls stay efficient.
 MIN_CHUNK_ROWS = 1024
+NO_DOUBLE_BACKWARD = "linear_cross_entropy has first derivatives only: its gradients cannot be differentiated"
 # A chunk of the vocabulary, when one is taken, holds no fewer classes than this (or the whole).
 MIN_CHUNK_CLASSES = 4096
 
@@ -287,7 +287,8 @@ def per_token_grads(input, weight, bias, target, grad_loss, options, rows, cols,
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """The chunked cross-entropy of a linear layer, returning ``forward_and_grads``' (loss, input,
     weight and bias gradients). Those gradients are outputs, not differentiable: first
-    derivatives only (a double backward raises), so that the forward needs no ``ctx``."""
+    derivatives only, so that the forward needs no ``ctx``: a double backward raises (see
+    ``FirstDerivativesOnly``); torch.func's vmap and jvp raise torch's errors."""
 
     @staticmethod
     def forward(input, weight, bias, target, options, reduction, rows, cols, wanted):
@@ -298,23 +299,38 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         input, weight, bias, target, options, reduction, rows, cols, wanted = inputs
         ctx.mark_non_differentiable(*(g for g in output[1:] if g is not None))
         ctx.options, ctx.reduction, ctx.chunks, ctx.wanted = options, reduction, (rows, cols), wanted
-        if reduction == "none":
-            ctx.save_for_backward(input, weight, bias, target)
-        else:
-            ctx.save_for_backward(*output[1:])
+        ctx.save_for_backward(input, weight, bias, target, *(output[1:] if reduction != "none" else ()))
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_loss, *_):
-        if ctx.reduction == "none":
-            input, weight, bias, target = ctx.saved_tensors
-            grads = per_token_grads(input, weight, bias, target, grad_loss, ctx.options, *ctx.chunks, ctx.wanted)
-        else:
-            grads = list(ctx.saved_tensors)
-            if not _is_one(grad_loss):
+        input, weight, bias, target, *grads = ctx.saved_tensors
+        with torch.no_grad():
+            if ctx.reduction == "none":
+                grads = per_token_grads(input, weight, bias, target, grad_loss, ctx.options, *ctx.chunks, ctx.wanted)
+            elif not _is_one(grad_loss):
                 grads = [None if g is None else g * grad_loss for g in grads]
+        if torch.is_grad_enabled():  # create_graph=True: gradients that raise if differentiated
+            anchor = next(t for t in (input, weight, bias) if t is not None and t.requires_grad)
+            grads = FirstDerivativesOnly.apply(anchor, *grads)
         grad_input, grad_weight, grad_bias = grads
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+class FirstDerivativesOnly(torch.autograd.Function):
+    """``grads`` as they are, tied to ``anchor`` (a tensor of the graph) so that differentiating
+    them raises a clear error instead of finding them constant."""
+
+    @staticmethod
+    def forward(anchor, *grads):
+        return tuple(None if g is None else g.view_as(g) for g in grads)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(NO_DOUBLE_BACKWARD)
 
 
 _GRADIENT_NAMES = ("input", "weight", "bias")
