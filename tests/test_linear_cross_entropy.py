@@ -202,7 +202,7 @@ def test_default_chunks():
     assert chunk_shape(16384, 4096, 128_256, 2, cpu) == (MIN_CHUNK_ROWS, 128_256)
     assert chunk_shape(32768, 4096, 4096, 2, cpu) == (32768, 4096)  # logits no larger than the input
     assert chunk_shape(32768, 4096, 128_256, 2, cpu, chunk_size=100) == (100, 128_256)
-    assert chunk_shape(32768, 4096, 128_256, 2, cpu, vocab_chunk_size=10_000) == (1024, 10_000)
+    assert chunk_shape(16384, 4096, 128_256, 2, cpu, vocab_chunk_size=10_000) == (MIN_CHUNK_ROWS, 10_000)
     for name in ("chunk_size", "vocab_chunk_size"):
         with pytest.raises(ValueError, match=name):
             chunk_shape(10, 4, 4, 4, cpu, **{name: 0})
