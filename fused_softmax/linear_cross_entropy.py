@@ -9,6 +9,13 @@ chunk of logits plus the gradients themselves. For a mean or a sum the forward c
 gradients and the backward only scales them by the upstream gradient (nothing, for the usual
 1); for reduction='none' the upstream gradient is per token, so the backward runs the chunks
 again. Eager PyTorch takes the kernel's place where the backend says so, chunked the same way.
+
+When even one chunk of tokens' logits over the whole vocabulary is too large (``chunk_shape``),
+the vocabulary is cut into parts too: each part's logits are merged into the rows' statistics
+(``kernels.vocab_chunks``), then, the log-sum-exp known, each part's logits are formed again and
+its gradient written over them; one part of logits is held at a time, for one more matmul.
+Under torch.compile the same code runs as the custom ops ``fused_softmax::linear_cross_entropy``
+and ``::linear_cross_entropy_backward`` (reduction='none''s backward).
 """
 
 from typing import Optional
