@@ -517,3 +517,29 @@ def cross_entropy_forward(
         args |= dict(target_ptr=target, ignore_index=ignore_index, SMOOTHING=smoothing > 0)
         _run(kernels().cross_entropy_kernel, p, args)
     return losses
+
+
+def vocab_chunk_statistics(x, target, stats, *, vocab_start, smoothing, softcap):
+    """Merge the chunk of logits ``x`` [rows, n] (classes ``vocab_start`` on) into each row's
+    running ``stats`` [rows, 4] (max, Σ exp(x' - max), x'_t, Σ x'), in place."""
+    if x.numel():
+        p = plan((x,), 1, backward=False, cross_entropy=True)
+        args = p.arguments("x") | dict(target_ptr=target, stats_ptr=stats, vocab_start=vocab_start)
+        args["softcap_high"], args["softcap_low"] = fp32_pair(float(softcap or 0.0))
+        args |= dict(SMOOTHING=smoothing > 0, SOFTCAP=softcap is not None)
+        _run(kernels().vocab_chunk_statistics_kernel, p, args)
+    return stats
+
+
+def vocab_chunk_grad(x, target, stats, scale, *, vocab_start, n_classes, ignore_index, smoothing, z_loss, softcap):
+    """The gradient of Σ loss · ``scale`` (per row) over the chunk of logits ``x`` [rows, n]
+    (classes ``vocab_start`` on), from the rows' ``stats`` over every chunk, written over x."""
+    if x.numel():
+        p = plan((x, x), 1, backward=False, cross_entropy=True)
+        args = p.arguments("x", "grad") | dict(target_ptr=target, stats_ptr=stats, scale_ptr=scale)
+        args |= dict(vocab_start=vocab_start, n_classes=n_classes, ignore_index=ignore_index)
+        for name, value in (("smoothing", smoothing), ("z_loss", z_loss), ("softcap", softcap or 0.0)):
+            args[f"{name}_high"], args[f"{name}_low"] = fp32_pair(float(value))
+        args |= dict(SMOOTHING=smoothing > 0, SOFTCAP=softcap is not None)
+        _run(kernels().vocab_chunk_grad_kernel, p, args)
+    return x

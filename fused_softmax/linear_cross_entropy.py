@@ -9,34 +9,57 @@ chunk of logits plus the gradients themselves. For a mean or a sum the forward c
 gradients and the backward only scales them by the upstream gradient (nothing, for the usual
 1); for reduction='none' the upstream gradient is per token, so the backward runs the chunks
 again. Eager PyTorch takes the kernel's place where the backend says so, chunked the same way.
+
+When even one chunk of tokens' logits over the whole vocabulary is too large (``chunk_shape``),
+the vocabulary is cut into parts too: each part's logits are merged into the rows' statistics
+(``kernels.vocab_chunks``), then, the log-sum-exp known, each part's logits are formed again and
+its gradient written over them; one part of logits is held at a time, for one more matmul.
+Under torch.compile the same code runs as the custom ops ``fused_softmax::linear_cross_entropy``
+and ``::linear_cross_entropy_backward`` (reduction='none''s backward).
 """
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from . import _launch
 from ._backend import use_kernels
-from .cross_entropy import _check_targets, _index_denominator, _is_one, torch_cross_entropy
+from .cross_entropy import _capped, _check_targets, _index_denominator, _is_one, torch_cross_entropy
 
 # The chunk's logits are at most the size of the input's activations [tokens, H], and a chunk
 # holds no fewer rows than this, so that its matmuls stay efficient.
 MIN_CHUNK_ROWS = 1024
+NO_DOUBLE_BACKWARD = "linear_cross_entropy has first derivatives only: its gradients cannot be differentiated"
+# A chunk of the vocabulary, when one is taken, holds no fewer classes than this (or the whole).
+MIN_CHUNK_CLASSES = 4096
 
 
-def chunk_rows(n_tokens, hidden, vocab, element_size, device, chunk_size=None):
-    """Tokens per chunk: ``chunk_size`` if given; else the logits of a chunk are no larger than
-    the input (n_tokens · hidden elements) or MIN_CHUNK_ROWS rows, whichever is more, and on a
-    GPU no more than a quarter of its free memory."""
-    if chunk_size is not None:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive int or None, not {chunk_size!r}")
-        return min(chunk_size, max(n_tokens, 1))
-    rows = max(n_tokens * hidden // max(vocab, 1), MIN_CHUNK_ROWS)
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        rows = min(rows, max(1, free // 4 // max(vocab * element_size, 1)))
-    return max(1, min(rows, n_tokens))
+def _positive_or_none(name, value):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be a positive int or None, not {value!r}")
+    return value
+
+
+def chunk_shape(n_tokens, hidden, vocab, element_size, device, chunk_size=None, vocab_chunk_size=None):
+    """(tokens, classes) of a chunk of logits. Tokens: ``chunk_size`` if given; else the chunk's
+    logits are no larger than the input (n_tokens · hidden elements) or MIN_CHUNK_ROWS rows,
+    whichever is more, and on a GPU within a quarter of its free memory down to MIN_CHUNK_ROWS.
+    Classes: ``vocab_chunk_size`` if given; else the whole vocabulary, unless on a GPU even that
+    many tokens' logits exceed the quarter: then as many classes as fit (MIN_CHUNK_CLASSES at least)."""
+    rows = _positive_or_none("chunk_size", chunk_size)
+    cols = _positive_or_none("vocab_chunk_size", vocab_chunk_size)
+    budget = torch.cuda.mem_get_info(device)[0] // 4 if device.type == "cuda" else None
+    if rows is None:
+        rows = max(n_tokens * hidden // max(vocab, 1), MIN_CHUNK_ROWS)
+        if budget is not None:
+            rows = min(rows, max(MIN_CHUNK_ROWS, budget // max(vocab * element_size, 1)))
+    rows = max(1, min(rows, n_tokens))
+    if cols is None:
+        cols = vocab
+        if budget is not None and rows * vocab * element_size > budget:
+            cols = max(MIN_CHUNK_CLASSES, budget // (rows * element_size))
+    return rows, max(1, min(cols, vocab))
 
 
 def _chunk_losses_and_grad(logits, target, options, grad_scale, kernels):
@@ -66,98 +89,354 @@ def _chunk_losses_and_grad(logits, target, options, grad_scale, kernels):
     return losses.detach(), grad.to(logits.dtype)
 
 
+def _initial_statistics(rows, dtype, device):
+    """Each row's (max, Σ exp(x' - max), x'_t, Σ x') before any chunk of classes: (-inf, 0, 0, 0)."""
+    stats = torch.zeros(rows, 4, dtype=dtype, device=device)
+    stats[:, 0] = float("-inf")
+    return stats
+
+
+def _merge_vocab_chunk(logits, target, stats, vocab_start, options, kernels):
+    """Merge the chunk of classes [vocab_start, vocab_start + n) into the rows' ``stats``, in place."""
+    _, label_smoothing, _, softcap = options
+    if kernels:
+        return _launch.vocab_chunk_statistics(
+            logits, target, stats, vocab_start=vocab_start, smoothing=label_smoothing, softcap=softcap
+        )
+    x = _capped(logits.to(stats.dtype), softcap)
+    local, in_chunk = _local_targets(target, vocab_start, x.shape[1])
+    chunk_max = x.amax(1)
+    row_max = torch.maximum(stats[:, 0], chunk_max)
+    shift = torch.where(row_max == float("-inf"), 0.0, row_max)
+    chunk_sum = torch.exp(x - shift[:, None]).sum(1)
+    stats[:, 1] = stats[:, 1] * torch.exp(stats[:, 0] - shift) + chunk_sum
+    stats[:, 0] = row_max
+    stats[:, 2] += torch.where(in_chunk, x.gather(1, local[:, None]).squeeze(1), 0.0)
+    if label_smoothing:
+        stats[:, 3] += x.sum(1)
+    return stats
+
+
+def _local_targets(target, vocab_start, width):
+    """Each row's target as a column of the chunk of classes at ``vocab_start`` (0 where it is
+    not in the chunk), and whether it is."""
+    local = target - vocab_start
+    in_chunk = (local >= 0) & (local < width)
+    return torch.where(in_chunk, local, 0), in_chunk
+
+
+def _losses_from_statistics(stats, target, n_classes, options):
+    """Each row's loss from its statistics over every class: (1 - ε)·(lse - x'_t) + ε/C·(C·lse
+    - Σ x') + z·lse², 0 where ignored, NaN where the target is not a class (lse - x'_t as
+    (max - x'_t) + log Σ, exact for large logits)."""
+    ignore_index, label_smoothing, z_loss, _ = options
+    row_max, row_sum, target_logit, smooth_sum = stats.unbind(1)
+    log_sum = torch.log(row_sum)
+    lse = row_max + log_sum
+    loss = (1 - label_smoothing) * ((row_max - target_logit) + log_sum) + z_loss * lse * lse
+    if label_smoothing:
+        loss = loss + label_smoothing / n_classes * (n_classes * lse - smooth_sum)
+    in_range = (target >= 0) & (target < n_classes)
+    return torch.where(target == ignore_index, 0.0, torch.where(in_range, loss, float("nan")))
+
+
+def _vocab_chunk_grad(logits, target, stats, row_scale, vocab_start, n_classes, options, kernels):
+    """The gradient of Σ loss · ``row_scale`` over the chunk of classes at ``vocab_start``, from
+    the rows' statistics over every class: written over the logits (kernels) or in a new buffer."""
+    ignore_index, label_smoothing, z_loss, softcap = options
+    if kernels:
+        return _launch.vocab_chunk_grad(
+            logits,
+            target,
+            stats,
+            row_scale,
+            vocab_start=vocab_start,
+            n_classes=n_classes,
+            ignore_index=ignore_index,
+            smoothing=label_smoothing,
+            z_loss=z_loss,
+            softcap=softcap,
+        )
+    x = _capped(logits.to(stats.dtype), softcap)
+    row_max, log_sum = stats[:, :1], torch.log(stats[:, 1:2])
+    grad = torch.exp((x - row_max) - log_sum) * (1 + 2 * z_loss * (row_max + log_sum)) - label_smoothing / n_classes
+    local, in_chunk = _local_targets(target, vocab_start, x.shape[1])
+    grad[in_chunk, local[in_chunk]] -= 1 - label_smoothing
+    if softcap is not None:
+        grad *= 1 - (x / softcap) ** 2
+    grad *= torch.where(target == ignore_index, 0.0, row_scale)[:, None]
+    return grad.to(logits.dtype)
+
+
 def _accumulator(shape, like):
     """A zeroed gradient accumulator: fp32 for fp16/bf16 parameters."""
     return torch.zeros(shape, dtype=torch.promote_types(like.dtype, torch.float32), device=like.device)
 
 
-def chunked_cross_entropy(input, weight, bias, target, options, rows, grad_scale=None, upstream=None, wanted=()):
-    """Per-token losses of ``F.linear(input, weight, bias)`` [N, V] against ``target`` [N], a
-    chunk of ``rows`` tokens at a time; and, for ``wanted`` among 'input', 'weight', 'bias', the
-    gradients of Σ loss · grad_scale (times ``upstream``, per token, when given)."""
-    kernels = use_kernels(input, input.dtype)
-    n_tokens = input.shape[0]
-    losses = []
-    grad_input = torch.empty_like(input) if "input" in wanted else None
-    grad_weight = _accumulator(weight.shape, weight) if "weight" in wanted else None
-    grad_bias = _accumulator(bias.shape, bias) if "bias" in wanted else None
-    for start in range(0, n_tokens, rows):
-        chunk = input[start : start + rows]
-        logits = F.linear(chunk, weight, bias)
-        chunk_losses, grad = _chunk_losses_and_grad(
-            logits, target[start : start + rows], options, grad_scale if wanted else None, kernels
-        )
-        losses.append(chunk_losses)
-        if not wanted:
-            continue
-        if upstream is not None:
-            grad.mul_(upstream[start : start + rows, None].to(grad.dtype))
-        if grad_input is not None:
-            torch.mm(grad, weight, out=grad_input[start : start + rows])
-        if grad_weight is not None:
+class _Gradients:
+    """The input, weight and bias gradients being accumulated over chunks, None where not wanted."""
+
+    def __init__(self, input, weight, bias, wanted):
+        self.input = torch.empty_like(input) if "input" in wanted else None
+        self.weight = _accumulator(weight.shape, weight) if "weight" in wanted else None
+        self.bias = _accumulator(bias.shape, bias) if "bias" in wanted else None
+
+    def add(self, grad, chunk, weight, tokens, classes, input_part=None):
+        """Add the logits' gradient ``grad`` of the chunk of ``tokens`` × ``classes`` (slices):
+        its weight and bias parts, and its input part, returned, to be summed over a chunk's
+        classes (``input_part``: the sum so far) or written as it is for the whole vocabulary."""
+        if self.weight is not None:
+            grad_weight = self.weight[classes]
             if grad_weight.dtype == grad.dtype:
                 grad_weight.addmm_(grad.t(), chunk)
             else:  # the matmul in the parameters' dtype (fp32 accumulation inside it), chunks summed in fp32
                 grad_weight += (grad.t() @ chunk).to(grad_weight.dtype)
-        if grad_bias is not None:
-            grad_bias += grad.sum(0, dtype=grad_bias.dtype)
-        del logits, grad
+        if self.bias is not None:
+            self.bias[classes] += grad.sum(0, dtype=self.bias.dtype)
+        if self.input is None:
+            return None
+        if input_part is None and classes.stop >= weight.shape[0] and classes.start == 0:
+            return torch.mm(grad, weight[classes], out=self.input[tokens])
+        part = (grad @ weight[classes]).to(torch.promote_types(grad.dtype, torch.float32))
+        return part if input_part is None else input_part.add_(part)
+
+
+def chunked_cross_entropy(input, weight, bias, target, options, rows, cols, grad_scale=None, upstream=None, wanted=()):
+    """Per-token losses of ``F.linear(input, weight, bias)`` [N, V] against ``target`` [N], a
+    chunk of ``rows`` tokens and ``cols`` classes at a time; and, for ``wanted`` among 'input',
+    'weight', 'bias', the gradients of Σ loss · grad_scale (times ``upstream``, per token, when
+    given).
+
+    With the whole vocabulary in a chunk, the cross-entropy kernel writes the chunk's losses and
+    gradient in one pass. Otherwise the chunk's classes are swept twice: each part's logits
+    merged into the rows' statistics, then (when gradients are wanted) each part's logits again,
+    its gradient formed from the rows' final log-sum-exp; one part of logits is held at a time."""
+    kernels = use_kernels(input, input.dtype)
+    n_tokens, vocab = input.shape[0], weight.shape[0]
+    losses = []
+    grads = _Gradients(input, weight, bias, wanted)
+    for start in range(0, n_tokens, rows):
+        tokens = slice(start, start + rows)
+        chunk, chunk_target = input[tokens], target[tokens]
+        if cols >= vocab:
+            logits = F.linear(chunk, weight, bias)
+            chunk_losses, grad = _chunk_losses_and_grad(
+                logits, chunk_target, options, grad_scale if wanted else None, kernels
+            )
+            losses.append(chunk_losses)
+            if wanted:
+                if upstream is not None:
+                    grad.mul_(upstream[tokens, None].to(grad.dtype))
+                grads.add(grad, chunk, weight, tokens, slice(0, vocab))
+            del logits, grad
+            continue
+        parts = [slice(v, v + cols) for v in range(0, vocab, cols)]
+        stats = _initial_statistics(chunk.shape[0], _launch.stats_dtype(input.dtype), input.device)
+        for classes in parts:
+            part_bias = None if bias is None else bias[classes]
+            _merge_vocab_chunk(
+                F.linear(chunk, weight[classes], part_bias), chunk_target, stats, classes.start, options, kernels
+            )
+        losses.append(_losses_from_statistics(stats, chunk_target, vocab, options))
+        if not wanted:
+            continue
+        row_scale = grad_scale.to(stats.dtype).expand(chunk.shape[0])
+        if upstream is not None:
+            row_scale = row_scale * upstream[tokens].to(stats.dtype)
+        row_scale = row_scale.contiguous()
+        input_part = None
+        for classes in parts:
+            part_bias = None if bias is None else bias[classes]
+            logits = F.linear(chunk, weight[classes], part_bias)
+            grad = _vocab_chunk_grad(logits, chunk_target, stats, row_scale, classes.start, vocab, options, kernels)
+            input_part = grads.add(grad, chunk, weight, tokens, classes, input_part)
+            del logits, grad
+        if input_part is not None:
+            grads.input[tokens] = input_part
     losses = torch.cat(losses) if losses else input.new_empty(0, dtype=_launch.stats_dtype(input.dtype))
-    return losses, grad_input, grad_weight, grad_bias
+    return losses, grads.input, grads.weight, grads.bias
 
 
 def _cast(grad, like):
     return None if grad is None else grad.to(like.dtype)
 
 
+def forward_and_grads(input, weight, bias, target, options, reduction, rows, cols, wanted):
+    """(loss in input's dtype, and for a mean or a sum the input, weight and bias gradients of it,
+    None where not ``wanted`` and for reduction='none'), over [N, H] input and [N] targets. A
+    target outside the classes raises here (``_check_targets``): in the op under torch.compile,
+    whose graph it would otherwise break."""
+    _check_targets(target, weight.shape[0], options[0])
+    counted = _index_denominator(target, None, options[0])
+    dtype = _launch.stats_dtype(input.dtype)
+    scale = 1.0 / counted.to(dtype) if reduction == "mean" else torch.ones((), dtype=dtype, device=input.device)
+    precomputed = wanted if reduction != "none" else ()
+    losses, grad_input, grad_weight, grad_bias = chunked_cross_entropy(
+        input, weight, bias, target, options, rows, cols, scale.reshape(1), wanted=precomputed
+    )
+    if reduction == "none":
+        loss = losses
+    else:
+        loss = losses.sum() if reduction == "sum" else losses.sum() / counted
+    return loss.to(input.dtype), _cast(grad_input, input), _cast(grad_weight, weight), _cast(grad_bias, bias)
+
+
+def per_token_grads(input, weight, bias, target, grad_loss, options, rows, cols, wanted):
+    """The input, weight and bias gradients of reduction='none''s losses for the upstream
+    ``grad_loss`` [N] (None where not ``wanted``): the chunks run again."""
+    scale = torch.ones(1, dtype=_launch.stats_dtype(input.dtype), device=input.device)
+    _, *grads = chunked_cross_entropy(
+        input, weight, bias, target, options, rows, cols, scale, upstream=grad_loss, wanted=wanted
+    )
+    return [_cast(g, like) for g, like in zip(grads, (input, weight, bias), strict=True)]
+
+
 class LinearCrossEntropyFunction(torch.autograd.Function):
-    """The chunked cross-entropy of a linear layer, returning (loss, and for a mean or a sum the
-    input, weight and bias gradients of it, None where not ``wanted``). Those gradients are
-    outputs, not differentiable (first derivatives only), so that the forward needs no ``ctx``."""
+    """The chunked cross-entropy of a linear layer, returning ``forward_and_grads``' (loss, input,
+    weight and bias gradients). Those gradients are outputs, not differentiable: first
+    derivatives only, so that the forward needs no ``ctx``: a double backward raises (see
+    ``FirstDerivativesOnly``); torch.func's vmap and jvp raise torch's errors."""
 
     @staticmethod
-    def forward(input, weight, bias, target, options, reduction, rows, wanted):
-        ignore_index = options[0]
-        counted = _index_denominator(target, None, ignore_index)
-        dtype = _launch.stats_dtype(input.dtype)
-        scale = 1.0 / counted.to(dtype) if reduction == "mean" else torch.ones((), dtype=dtype, device=input.device)
-        precomputed = wanted if reduction != "none" else ()
-        losses, grad_input, grad_weight, grad_bias = chunked_cross_entropy(
-            input, weight, bias, target, options, rows, scale.reshape(1), wanted=precomputed
-        )
-        if reduction == "none":
-            loss = losses
-        else:
-            loss = losses.sum() if reduction == "sum" else losses.sum() / counted
-        grads = (_cast(grad_input, input), _cast(grad_weight, weight), _cast(grad_bias, bias))
-        return (loss.to(input.dtype), *grads)
+    def forward(input, weight, bias, target, options, reduction, rows, cols, wanted):
+        return forward_and_grads(input, weight, bias, target, options, reduction, rows, cols, wanted)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        input, weight, bias, target, options, reduction, rows, wanted = inputs
+        input, weight, bias, target, options, reduction, rows, cols, wanted = inputs
         ctx.mark_non_differentiable(*(g for g in output[1:] if g is not None))
-        ctx.options, ctx.reduction, ctx.rows, ctx.wanted = options, reduction, rows, wanted
-        if reduction == "none":
-            ctx.save_for_backward(input, weight, bias, target)
-        else:
-            ctx.save_for_backward(*output[1:])
+        ctx.options, ctx.reduction, ctx.chunks, ctx.wanted = options, reduction, (rows, cols), wanted
+        ctx.save_for_backward(input, weight, bias, target, *(output[1:] if reduction != "none" else ()))
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_loss, *_):
-        if ctx.reduction == "none":
-            input, weight, bias, target = ctx.saved_tensors
-            scale = torch.ones(1, dtype=_launch.stats_dtype(input.dtype), device=input.device)
-            _, *grads = chunked_cross_entropy(
-                input, weight, bias, target, ctx.options, ctx.rows, scale, upstream=grad_loss, wanted=ctx.wanted
-            )
-            grads = [_cast(g, like) for g, like in zip(grads, (input, weight, bias), strict=True)]
-        else:
-            grads = list(ctx.saved_tensors)
-            if not _is_one(grad_loss):
+        input, weight, bias, target, *grads = ctx.saved_tensors
+        with torch.no_grad():
+            if ctx.reduction == "none":
+                grads = per_token_grads(input, weight, bias, target, grad_loss, ctx.options, *ctx.chunks, ctx.wanted)
+            elif not _is_one(grad_loss):
                 grads = [None if g is None else g * grad_loss for g in grads]
+        if torch.is_grad_enabled():  # create_graph=True: gradients that raise if differentiated
+            anchor = next(t for t in (input, weight, bias) if t is not None and t.requires_grad)
+            grads = FirstDerivativesOnly.apply(anchor, *grads)
         grad_input, grad_weight, grad_bias = grads
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+class FirstDerivativesOnly(torch.autograd.Function):
+    """``grads`` as they are, tied to ``anchor`` (a tensor of the graph) so that differentiating
+    them raises a clear error instead of finding them constant."""
+
+    @staticmethod
+    def forward(anchor, *grads):
+        return tuple(None if g is None else g.view_as(g) for g in grads)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(NO_DOUBLE_BACKWARD)
+
+
+_GRADIENT_NAMES = ("input", "weight", "bias")
+
+
+def _wanted(want_input, want_weight, want_bias):
+    return tuple(name for name, want in zip(_GRADIENT_NAMES, (want_input, want_weight, want_bias), strict=True) if want)
+
+
+def _or_empty(grads, like):
+    return tuple(like.new_empty(0) if g is None else g for g in grads)
+
+
+@torch.library.custom_op("fused_softmax::linear_cross_entropy", mutates_args=())
+def linear_cross_entropy_op(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    target: torch.Tensor,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: Optional[float],
+    rows: int,
+    cols: int,
+    want_input: bool,
+    want_weight: bool,
+    want_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``forward_and_grads`` under torch.compile: (loss, input, weight and bias gradients, each
+    empty where not wanted)."""
+    options = (ignore_index, label_smoothing, z_loss, softcap)
+    wanted = _wanted(want_input, want_weight, want_bias)
+    loss, *grads = forward_and_grads(input, weight, bias, target, options, reduction, rows, cols, wanted)
+    return loss, *_or_empty(grads, input)
+
+
+def _fake_grads(input, weight, bias, wants):
+    return tuple(t.new_empty(t.shape if want else (0,)) for t, want in zip((input, weight, bias), wants, strict=True))
+
+
+@linear_cross_entropy_op.register_fake
+def _(input, weight, bias, target, ignore_index, reduction, label_smoothing, z_loss, softcap, rows, cols, *wants):
+    loss = input.new_empty(target.shape if reduction == "none" else ())
+    precomputed = wants if reduction != "none" else (False,) * 3
+    return loss, *_fake_grads(input, weight, input if bias is None else bias, precomputed)
+
+
+@torch.library.custom_op("fused_softmax::linear_cross_entropy_backward", mutates_args=())
+def linear_cross_entropy_backward_op(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    target: torch.Tensor,
+    grad_loss: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: Optional[float],
+    rows: int,
+    cols: int,
+    want_input: bool,
+    want_weight: bool,
+    want_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``per_token_grads`` under torch.compile, each gradient empty where not wanted."""
+    options = (ignore_index, label_smoothing, z_loss, softcap)
+    wanted = _wanted(want_input, want_weight, want_bias)
+    return _or_empty(per_token_grads(input, weight, bias, target, grad_loss, options, rows, cols, wanted), input)
+
+
+@linear_cross_entropy_backward_op.register_fake
+def _(input, weight, bias, target, grad_loss, ignore_index, label_smoothing, z_loss, softcap, rows, cols, *wants):
+    return _fake_grads(input, weight, input if bias is None else bias, wants)
+
+
+def _setup_op(ctx, inputs, output):
+    input, weight, bias, target, ignore_index, reduction, label_smoothing, z_loss, softcap, rows, cols, *wants = inputs
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.reduction, ctx.wants = reduction, wants
+    ctx.arguments = (ignore_index, label_smoothing, z_loss, softcap, rows, cols, *wants)
+    if reduction == "none":
+        ctx.save_for_backward(input, weight, bias, target)
+    else:
+        ctx.save_for_backward(*output[1:])
+
+
+def _op_grad(ctx, grad_loss, *_):
+    if ctx.reduction == "none":
+        input, weight, bias, target = ctx.saved_tensors
+        grads = linear_cross_entropy_backward_op(input, weight, bias, target, grad_loss, *ctx.arguments)
+    else:
+        grads = [g * grad_loss for g in ctx.saved_tensors]
+    grads = [g if want else None for g, want in zip(grads, ctx.wants, strict=True)]
+    return *grads, *(None,) * 11
+
+
+linear_cross_entropy_op.register_autograd(_op_grad, setup_context=_setup_op)
 
 
 def _torch_composition(input, weight, target, bias, ignore_index, reduction, label_smoothing):
@@ -202,33 +481,35 @@ def linear_cross_entropy(
     z_loss=0.0,
     softcap=None,
     chunk_size=None,
+    vocab_chunk_size=None,
 ):
     """``F.cross_entropy(F.linear(input, weight, bias), target, ...)`` without the full logits.
 
     ``input`` [..., H], ``weight`` [V, H] as in ``nn.Linear``, ``bias`` [V] or None, ``target``
-    [...] class indices. Options as in ``fused_softmax.cross_entropy``. ``chunk_size``: tokens per
-    chunk (default: see ``chunk_rows``). The result has the loss's usual shape and input's dtype.
-    First derivatives only; under torch.compile it runs eagerly (a graph break).
+    [...] class indices. Options as in ``fused_softmax.cross_entropy``. ``chunk_size``: tokens
+    per chunk, ``vocab_chunk_size``: classes per chunk (defaults: see ``chunk_shape``). The
+    result has the loss's usual shape and input's dtype. First derivatives only. Under
+    torch.compile it is the custom op ``fused_softmax::linear_cross_entropy``.
     """
-    if torch.compiler.is_compiling():  # a graph break: the checks and the chunks run eagerly
-        options = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)
-        options |= dict(z_loss=z_loss, softcap=softcap, chunk_size=chunk_size)
-        return torch.compiler.disable(linear_cross_entropy)(input, weight, target, bias, **options)
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be a positive number or None, not {softcap}")
     _check_like_torch(input, weight, target, bias, ignore_index, reduction, label_smoothing)
     flat_input = input.reshape(-1, input.shape[-1])
     flat_target = target.reshape(-1).long()
-    _check_targets(flat_target, weight.shape[0], ignore_index)
-    rows = chunk_rows(
-        flat_input.shape[0], weight.shape[1], weight.shape[0], input.element_size(), input.device, chunk_size
+    vocab, hidden = weight.shape
+    rows, cols = chunk_shape(
+        flat_input.shape[0], hidden, vocab, input.element_size(), input.device, chunk_size, vocab_chunk_size
     )
     grad_enabled = torch.is_grad_enabled()
-    wanted = tuple(
-        name
-        for name, t in (("input", input), ("weight", weight), ("bias", bias))
-        if t is not None and t.requires_grad and grad_enabled
-    )
+    wants = [t is not None and t.requires_grad and grad_enabled for t in (input, weight, bias)]
     options = (ignore_index, float(label_smoothing), float(z_loss), None if softcap is None else float(softcap))
-    loss = LinearCrossEntropyFunction.apply(flat_input, weight, bias, flat_target, options, reduction, rows, wanted)[0]
+    if torch.compiler.is_compiling():
+        loss = linear_cross_entropy_op(
+            flat_input, weight, bias, flat_target, *options[:1], reduction, *options[1:], rows, cols, *wants
+        )[0]
+    else:
+        wanted = _wanted(*wants)
+        loss = LinearCrossEntropyFunction.apply(
+            flat_input, weight, bias, flat_target, options, reduction, rows, cols, wanted
+        )[0]
     return loss.view(target.shape) if reduction == "none" else loss

@@ -8,7 +8,8 @@
   ``cross_entropy``;
 - the sharded softmax's row statistics, y from the log-sum-exp, the backward's row sums and dx
   from them: ``row_stats``;
-- the split-row regime, rows too few to fill the GPU cut into chunks: ``split_row``.
+- the split-row regime, rows too few to fill the GPU cut into chunks: ``split_row``;
+- cross-entropy a chunk of the vocabulary at a time, statistics then gradient: ``vocab_chunks``.
 """
 
 from .attention import masked_softmax_backward_kernel, masked_softmax_forward_kernel
@@ -22,6 +23,7 @@ from .row_stats import (
 )
 from .softmax import softmax_backward_kernel, softmax_forward_kernel
 from .split_row import chunk_normalise_kernel, chunk_product_kernel, chunk_row_sums_kernel, chunk_statistics_kernel
+from .vocab_chunks import vocab_chunk_grad_kernel, vocab_chunk_statistics_kernel
 
 __all__ = [
     "H100",
@@ -43,4 +45,6 @@ __all__ = [
     "row_statistics_kernel",
     "softmax_backward_kernel",
     "softmax_forward_kernel",
+    "vocab_chunk_grad_kernel",
+    "vocab_chunk_statistics_kernel",
 ]

@@ -1,6 +1,7 @@
 """fused_softmax.linear_cross_entropy against float64 references and F.cross_entropy(F.linear(...)):
-values and input, weight and bias gradients over chunks (a partial one included), both backends,
-torch's errors, and its peak memory, measured, against the full logits'."""
+values and input, weight and bias gradients over chunks of tokens and of the vocabulary (partial
+ones included), both backends, torch's errors, torch.compile (fullgraph) and opcheck, first
+derivatives only, and its peak memory, measured, against the full logits'."""
 
 import re
 
@@ -12,8 +13,15 @@ from support import TOLERANCES, assert_close, random
 
 import fused_softmax
 from fused_softmax import _launch
-from fused_softmax.linear_cross_entropy import MIN_CHUNK_ROWS, chunk_rows
-from fused_softmax.testing import allocation_peak, reference
+from fused_softmax.linear_cross_entropy import (
+    MIN_CHUNK_CLASSES,
+    MIN_CHUNK_ROWS,
+    NO_DOUBLE_BACKWARD,
+    chunk_shape,
+    linear_cross_entropy_backward_op,
+    linear_cross_entropy_op,
+)
+from fused_softmax.testing import allocation_peak, limit_block, reference
 
 TOKENS, HIDDEN, VOCAB = 12, 8, 40
 
@@ -54,12 +62,29 @@ CASES = [
 ]
 
 
+def expected_launches(reduction, vocab_parts):
+    """The kernels of 3 chunks of tokens: one cross-entropy kernel each, or with ``vocab_parts``
+    each part's statistics, then each part's gradient; for 'none' the backward runs them again."""
+    if not vocab_parts:
+        return ["cross_entropy_kernel"] * (3 if reduction != "none" else 6)
+    statistics, grads = ["vocab_chunk_statistics_kernel"] * vocab_parts, ["vocab_chunk_grad_kernel"] * vocab_parts
+    return (statistics * 3 if reduction == "none" else []) + (statistics + grads) * 3
+
+
+@pytest.mark.parametrize("vocab_chunk", [None, 16], ids=["whole-vocabulary", "vocab-chunks"])
 @pytest.mark.parametrize("reduction, options", CASES, ids=[f"{r}-{'-'.join(o) or 'plain'}" for r, o in CASES])
-def test_matches_reference(backend, device, reduction, options):
+def test_matches_reference(backend, launches, device, reduction, options, vocab_chunk):
+    """Chunks of 5 tokens (12: the last partial); with vocab_chunk, of 16 classes (40: the last
+    partial), each part read by the kernels in blocks of 8 (several blocks a part)."""
     x, w, b, target = layer(torch.float64, device, batch=(3, 4))
-    loss = fused_softmax.linear_cross_entropy(x, w, target, b, reduction=reduction, chunk_size=5, **options)
-    upstream = random(loss.shape, torch.float64, device, scale=1.0, seed=4)
-    grads = torch.autograd.grad(loss, (x, w, b), upstream)
+    with limit_block(8):
+        loss = fused_softmax.linear_cross_entropy(
+            x, w, target, b, reduction=reduction, chunk_size=5, vocab_chunk_size=vocab_chunk, **options
+        )
+        upstream = random(loss.shape, torch.float64, device, scale=1.0, seed=4)
+        grads = torch.autograd.grad(loss, (x, w, b), upstream)
+    if backend == "triton":
+        assert [launch.name for launch in launches] == expected_launches(reduction, 3 if vocab_chunk else 0)
     want_loss, *want_grads = expected(x, w, b, target, upstream, reduction, **options)
     assert loss.shape == torch.Size(np.shape(want_loss))
     assert_close(loss, want_loss)
@@ -72,13 +97,16 @@ def test_matches_reference(backend, device, reduction, options):
         torch.testing.assert_close(loss, torch_loss)
 
 
+@pytest.mark.parametrize("options", [{}, CASES[-1][1]], ids=["plain", "every-option"])
+@pytest.mark.parametrize("vocab_chunk", [None, 16], ids=["whole-vocabulary", "vocab-chunks"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_low_precision_weights_accumulate_in_fp32(kernels, device, dtype):
-    """Many chunks of one token: the weight gradient is the sum of 12 rank-one terms, summed in fp32."""
+def test_low_precision_weights_accumulate_in_fp32(kernels, device, dtype, vocab_chunk, options):
+    """Many chunks of one token: the weight gradient is the sum of 12 rank-one terms, summed in
+    fp32; with vocab_chunk, the input gradient is the sum of 3 parts, summed in fp32 too."""
     x, w, b, target = layer(dtype, device)
-    loss = fused_softmax.linear_cross_entropy(x, w, target, b, chunk_size=1)
+    loss = fused_softmax.linear_cross_entropy(x, w, target, b, chunk_size=1, vocab_chunk_size=vocab_chunk, **options)
     grads = torch.autograd.grad(loss, (x, w, b))
-    want_loss, *want_grads = expected(x, w, b, target, torch.tensor(1.0, dtype=torch.float64), "mean")
+    want_loss, *want_grads = expected(x, w, b, target, torch.tensor(1.0, dtype=torch.float64), "mean", **options)
     rtol, atol = TOLERANCES[dtype]
     assert loss.dtype == dtype and all(g.dtype == dtype for g in grads)
     # The logits themselves are rounded to the dtype first (as F.linear's): a few ulps of slack.
@@ -87,8 +115,10 @@ def test_low_precision_weights_accumulate_in_fp32(kernels, device, dtype):
         torch.testing.assert_close(grad.double(), torch.as_tensor(want), rtol=4 * rtol, atol=4 * rtol * 0.1)
 
 
-def test_gradcheck_through_kernels(kernels, device):
-    """fp64, 3 chunks (the last partial) of a layer small enough for the numerical Jacobian."""
+@pytest.mark.parametrize("vocab_chunk", [None, 4], ids=["whole-vocabulary", "vocab-chunks"])
+def test_gradcheck_through_kernels(kernels, device, vocab_chunk):
+    """fp64, 3 chunks of tokens (the last partial), with vocab_chunk 2 of classes, of a layer
+    small enough for the numerical Jacobian."""
     x = random((5, 3), torch.float64, device, scale=1.0).requires_grad_()
     w = random((6, 3), torch.float64, device, seed=1).requires_grad_()
     b = random((6,), torch.float64, device, seed=2).requires_grad_()
@@ -97,6 +127,7 @@ def test_gradcheck_through_kernels(kernels, device):
 
         def loss(x, w, b, reduction=reduction):
             options = dict(reduction=reduction, label_smoothing=0.1, z_loss=1e-2, softcap=3.0, chunk_size=2)
+            options["vocab_chunk_size"] = vocab_chunk
             return fused_softmax.linear_cross_entropy(x, w, target, b, **options)
 
         assert torch.autograd.gradcheck(loss, (x, w, b), fast_mode=True)
@@ -138,14 +169,58 @@ def test_peak_memory_is_a_small_fraction_of_the_logits(device, name):
     assert chunk_bytes <= ours.peak <= logits_bytes / 4, (ours, logits_bytes)
 
 
+@pytest.mark.parametrize("name", ["torch", "triton"])
+def test_vocab_chunks_never_hold_a_chunk_of_tokens_logits(device, name):
+    """Chunks of 64 tokens and 64 classes: beside the gradients, the kernels' path holds one
+    [64, 64] part (its gradient written over it) and the rows' statistics, torch's eager chunks
+    a few parts; either less than half of one chunk of tokens' logits over the whole vocabulary
+    (64 × 512), and a quarter of the full logits with the gradients."""
+    tokens, hidden, vocab, chunk, vocab_chunk = 256, 8, 512, 64, 64
+    x = random((tokens, hidden), torch.float32, device).requires_grad_()
+    w = random((vocab, hidden), torch.float32, device, scale=0.3, seed=1).requires_grad_()
+    target = torch.randint(vocab, (tokens,), generator=torch.Generator().manual_seed(2)).to(device)
+    logits_bytes, part_bytes = tokens * vocab * 4, chunk * vocab_chunk * 4
+    launched = []
+    with fused_softmax.use_backend(name), _launch.overridden(observe=lambda launch: launched.append(launch.name)):
+        with allocation_peak() as ours:
+            loss = fused_softmax.linear_cross_entropy(x, w, target, chunk_size=chunk, vocab_chunk_size=vocab_chunk)
+            grads = torch.autograd.grad(loss, (x, w))
+    parts = (tokens // chunk) * (vocab // vocab_chunk)
+    want = ["vocab_chunk_statistics_kernel"] * parts + ["vocab_chunk_grad_kernel"] * parts
+    assert sorted(launched) == (sorted(want) if name == "triton" else [])
+    torch.testing.assert_close(loss, F.cross_entropy(F.linear(x, w), target))
+    torch.testing.assert_close(grads, torch.autograd.grad(F.cross_entropy(F.linear(x, w), target), (x, w)))
+    extra = ours.peak - (tokens + vocab) * hidden * 4  # beyond the input and weight gradients
+    # Under the interpreter a launch also copies its tensors while it runs: up to 3 parts.
+    assert part_bytes <= extra <= (3 if name == "triton" else 4) * part_bytes, ours
+    assert extra <= chunk * vocab * 4 / 2 and ours.peak <= logits_bytes / 4, (ours, logits_bytes)
+
+
 def test_default_chunks():
     cpu = torch.device("cpu")
-    assert chunk_rows(100, 4096, 128_256, 2, cpu) == 100
-    assert chunk_rows(16384, 4096, 128_256, 2, cpu) == MIN_CHUNK_ROWS == 1024
-    assert chunk_rows(32768, 4096, 4096, 2, cpu) == 32768  # logits no larger than the input
-    assert chunk_rows(32768, 4096, 128_256, 2, cpu, chunk_size=100) == 100
-    with pytest.raises(ValueError, match="chunk_size"):
-        chunk_rows(10, 4, 4, 4, cpu, chunk_size=0)
+    assert chunk_shape(100, 4096, 128_256, 2, cpu) == (100, 128_256)
+    assert chunk_shape(16384, 4096, 128_256, 2, cpu) == (MIN_CHUNK_ROWS, 128_256)
+    assert chunk_shape(32768, 4096, 4096, 2, cpu) == (32768, 4096)  # logits no larger than the input
+    assert chunk_shape(32768, 4096, 128_256, 2, cpu, chunk_size=100) == (100, 128_256)
+    assert chunk_shape(16384, 4096, 128_256, 2, cpu, vocab_chunk_size=10_000) == (MIN_CHUNK_ROWS, 10_000)
+    for name in ("chunk_size", "vocab_chunk_size"):
+        with pytest.raises(ValueError, match=name):
+            chunk_shape(10, 4, 4, 4, cpu, **{name: 0})
+
+
+def test_default_chunks_on_a_gpu_follow_its_free_memory(monkeypatch):
+    """A quarter of the free memory: fewer tokens a chunk, down to MIN_CHUNK_ROWS; below that,
+    the vocabulary is cut too, into parts of at least MIN_CHUNK_CLASSES."""
+    cuda = torch.device("cuda")
+    free = 16 * 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free, 80 * 2**30))
+    assert chunk_shape(16384, 4096, 128_256, 2, cuda) == (MIN_CHUNK_ROWS, 128_256)
+    assert chunk_shape(8192, 4096, 4096, 2, cuda) == (8192, 4096)
+    free = 2**30  # 256 MiB a chunk: 1024 tokens of bf16 logits over 256k classes are 512 MiB
+    assert chunk_shape(16384, 4096, 262_144, 2, cuda) == (MIN_CHUNK_ROWS, 131_072)
+    free = 2**20
+    assert chunk_shape(16384, 4096, 262_144, 2, cuda) == (MIN_CHUNK_ROWS, MIN_CHUNK_CLASSES)
+    assert chunk_shape(16384, 4096, 262_144, 2, cuda, vocab_chunk_size=512) == (MIN_CHUNK_ROWS, 512)
 
 
 def torch_error(call):
@@ -176,16 +251,51 @@ def test_bad_input_raises_torchs_error(launches, case):
     assert not launches
 
 
-def test_runs_eagerly_inside_compiled_code(kernels, device):
-    """A graph break around the chunks: the compiled function's result and gradients are eager's."""
+COMPILED = [("mean", None, "aot_eager"), ("none", 16, "aot_eager"), ("sum", 16, "inductor")]
+
+
+@pytest.mark.parametrize("reduction, vocab_chunk, compiler", COMPILED, ids=["-".join(map(str, c)) for c in COMPILED])
+def test_compiles_without_a_graph_break(kernels, device, reduction, vocab_chunk, compiler):
+    """fullgraph=True, forward and backward through the custom ops: eager's loss and gradients."""
     torch._dynamo.reset()
     x, w, b, target = layer(torch.float32, device)
+    options = dict(reduction=reduction, chunk_size=5, vocab_chunk_size=vocab_chunk, label_smoothing=0.1, softcap=3.0)
 
     def model(x, w, b):
-        return fused_softmax.linear_cross_entropy(x * 2, w, target, b, chunk_size=5) + x.mean()
+        return fused_softmax.linear_cross_entropy(x * 2, w, target, b, **options) + x.mean()
 
-    loss = torch.compile(model, backend="aot_eager")(x, w, b)
-    grads = torch.autograd.grad(loss, (x, w, b))
-    expected = model(x, w, b)
-    torch.testing.assert_close(loss, expected)
-    torch.testing.assert_close(grads, torch.autograd.grad(expected, (x, w, b)))
+    loss = torch.compile(model, fullgraph=True, backend=compiler)(x, w, b)
+    upstream = random(loss.shape, torch.float32, device, scale=1.0, seed=4)
+    grads = torch.autograd.grad(loss, (x, w, b), upstream)
+    want = model(x, w, b)
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(grads, torch.autograd.grad(want, (x, w, b), upstream))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_opcheck(kernels, device, reduction):
+    x, w, b, target = layer(torch.float64, device)
+    options = (-100, reduction, 0.1, 1e-2, 3.0, 5, 16, True, True, True)
+    torch.library.opcheck(linear_cross_entropy_op, (x, w, b, target, *options))
+    upstream = random((TOKENS,), torch.float64, device, scale=1.0, seed=4)
+    backward_options = (-100, 0.1, 1e-2, 3.0, 5, 16, True, True, True)
+    tensors = [t.detach() for t in (x, w, b)]  # not itself differentiable: first derivatives only
+    torch.library.opcheck(linear_cross_entropy_backward_op, (*tensors, target, upstream, *backward_options))
+
+
+def test_first_derivatives_only(kernels, device):
+    """A double backward, vmap and jvp raise clear errors; a backward with create_graph=True that
+    is not differentiated again (torch.func.grad's) gives the gradients."""
+    x, w, _, target = layer(torch.float64, device, bias=False)
+
+    def loss(x):
+        return fused_softmax.linear_cross_entropy(x, w, target, chunk_size=5)
+
+    (grad,) = torch.autograd.grad(loss(x), x, create_graph=True)
+    torch.testing.assert_close(torch.func.grad(loss)(x), grad)
+    with pytest.raises(RuntimeError, match=NO_DOUBLE_BACKWARD):
+        torch.autograd.grad(grad.sum(), x)
+    with pytest.raises(RuntimeError, match="does not have vmap support"):
+        torch.func.vmap(loss)(x.detach().expand(2, *x.shape))
+    with pytest.raises(NotImplementedError, match="must implement the jvp function"):
+        torch.func.jvp(loss, (x.detach(),), (torch.ones_like(x),))
