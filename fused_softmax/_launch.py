@@ -12,13 +12,22 @@ import contextlib
 import dataclasses
 import functools
 import math
+import os
 
 import numpy as np
 import torch
 
 from ._jacobian import backward_product
 from ._layout import alignment, mask_view, row_views
-from ._runtime import device_properties, kernels
+from ._runtime import device_properties, kernels, kernels_interpreted
+
+# The cooperative split-row regime (``kernels.cooperative``: a split row read once, its programs
+# meeting at a barrier) is off until a GPU run has checked it: FUSED_SOFTMAX_COOPERATIVE=1 turns
+# it on, read once, when fused_softmax is imported (``testing.cooperative`` inside a block).
+COOPERATIVE = os.environ.get("FUSED_SOFTMAX_COOPERATIVE", "0").strip() == "1"
+# The barrier's polls before a program gives up and writes NaN (it never should: its partners
+# are resident and arrive within microseconds; 2^24 polls take seconds).
+MAX_SPINS = 1 << 24
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +40,7 @@ class Overrides:
     observers: tuple = ()  # callables given each Launch before it runs
     run: bool = True  # False: plan and observe launches, run none (the offline machine-code audit)
     min_split_bytes: float | None = None  # the split-row regime's threshold, instead of the heuristic's
+    cooperative: bool | None = None  # the cooperative regime on or off, instead of COOPERATIVE
 
 
 _overrides = Overrides()
@@ -154,6 +164,8 @@ def plan(tensors, dim, *, backward, masking=None, cross_entropy=False, split=Fal
         _overrides.device,
         _overrides.max_block,
         _overrides.min_split_bytes,
+        _overrides.cooperative,
+        COOPERATIVE,
         *[(t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16) for t in tensors],
     )
     cached = _PLANS.get(key)
@@ -179,7 +191,10 @@ def _plan(tensors, dim, backward, masking, cross_entropy, split):
     heuristics = kernels().heuristics
     splitting = {}
     if split:
-        splitting = dict(n_rows=sizes[0] * sizes[2], min_split_bytes=heuristics.SPLIT_MIN_BYTES)
+        cooperative = COOPERATIVE if _overrides.cooperative is None else _overrides.cooperative
+        splitting = dict(
+            n_rows=sizes[0] * sizes[2], min_split_bytes=heuristics.SPLIT_MIN_BYTES, cooperative=cooperative
+        )
         if _overrides.min_split_bytes is not None:
             splitting["min_split_bytes"] = _overrides.min_split_bytes
     config = heuristics.launch_config(
@@ -213,17 +228,41 @@ class Launch:
 
 def _run(kernel, p, args):
     """Launch ``kernel`` on ``p``'s grid with the keyword arguments ``args``. FP fusion is passed
-    explicitly: Triton 3.9 warns on every first launch that leaves it to a default."""
+    explicitly: Triton 3.9 warns on every first launch that leaves it to a default. A cooperative
+    plan is launched cooperatively (``_cooperative_launch``)."""
     if _overrides.observers:
         launch = Launch(kernel, args, p)
         for observe in _overrides.observers:
             observe(launch)
     if not _overrides.run:
         return
+    options = _cooperative_launch(p.config) if p.config.cooperative else {}
     device = p.tensors[0].device
     elsewhere = device.type == "cuda" and device.index != torch.cuda.current_device()
     with torch.cuda.device(device) if elsewhere else contextlib.nullcontext():  # Triton launches on the current device
-        kernel[p.grid](**args, num_warps=p.config.num_warps, enable_fp_fusion=True)
+        kernel[p.grid](**args, num_warps=p.config.num_warps, enable_fp_fusion=True, **options)
+
+
+def _cooperative_launch(config):
+    """The launch option that makes every program of the grid resident at once, or the driver
+    refuse the launch: the cooperative kernels' barrier is correct only so; and the register cap
+    a thread under which the planned programs fit an SM together. Raises where it
+    cannot be had: under the interpreter, which runs programs one after another (the barrier
+    would never open), and with a Triton whose launcher lacks the option (before 3.3), which
+    would ignore it."""
+    if kernels_interpreted():
+        raise RuntimeError(
+            "the cooperative split-row regime cannot run under Triton's interpreter, which runs programs "
+            "one after another (its barrier would never open): unset FUSED_SOFTMAX_COOPERATIVE"
+        )
+    from triton.backends.nvidia.compiler import CUDAOptions
+
+    if "launch_cooperative_grid" not in CUDAOptions.__dataclass_fields__:
+        raise RuntimeError(
+            "the cooperative split-row regime needs Triton's launch_cooperative_grid (Triton 3.3 or later): "
+            "unset FUSED_SOFTMAX_COOPERATIVE"
+        )
+    return dict(launch_cooperative_grid=True, maxnreg=config.max_registers)
 
 
 @functools.lru_cache(maxsize=64)
@@ -252,7 +291,9 @@ def softmax_forward(x, dim, out_dtype, log=False):
     y = empty_like(x, out_dtype)
     if y.numel():
         p = plan((x, y), dim, backward=False, split=True)
-        if p.config.chunks > 1:
+        if p.config.cooperative:
+            _cooperative_forward(p, log)
+        elif p.config.chunks > 1:
             _split_forward(p, log)
         else:
             args = p.arguments("x", "y") | dict(ONLINE=p.config.online, LOG=log)
@@ -277,15 +318,35 @@ def _split_forward(p, log):
     _run(kernels().chunk_normalise_kernel, p, args | dict(CHUNKS=p.config.chunk_slots))
 
 
+def _barrier(p):
+    """The cooperative kernels' barrier: an arrival counter per tile, zeroed for this call (one
+    memset, ordered before the kernel by the stream), and the polls before giving up."""
+    (grid,) = p.grid
+    arrivals = torch.zeros(grid // p.config.chunks, dtype=torch.int32, device=p.tensors[0].device)
+    return dict(arrivals_ptr=arrivals, max_spins=MAX_SPINS)
+
+
+def _cooperative_forward(p, log):
+    """The cooperative forward: each chunk read once, its statistics shared across a barrier."""
+    maxes, sums = _chunk_values(p, p.tensors[0]), _chunk_values(p, p.tensors[0])
+    args = p.arguments("x", "y") | p.chunk_arguments() | _barrier(p)
+    args |= dict(maxes_ptr=maxes, sums_ptr=sums, LOG=log, CHUNKS=p.config.chunk_slots)
+    _run(kernels().cooperative_softmax_kernel, p, args)
+
+
 def jacobian_product(y, v, dim, out_dtype, kind, scale=1.0):
     """``scale`` times the product ``kind`` (see ``_jacobian``) of v with softmax's Jacobian at y,
-    along ``dim``, contiguous, in ``out_dtype``: the backward kernel, or the split-row pair."""
+    along ``dim``, contiguous, in ``out_dtype``: the backward kernel, the split-row pair or the
+    cooperative kernel."""
     out = empty_like(y, out_dtype)
     if out.numel():
         p = plan((y, v, out), dim, backward=True, split=True)
         high, low = fp32_pair(scale)
         args = p.arguments("y", "dy", "dx") | dict(scale_high=high, scale_low=low, PRODUCT=kind)
-        if p.config.chunks > 1:
+        if p.config.cooperative:
+            chunks = dict(sums_ptr=_chunk_values(p, y), CHUNKS=p.config.chunk_slots)
+            _run(kernels().cooperative_product_kernel, p, args | p.chunk_arguments() | _barrier(p) | chunks)
+        elif p.config.chunks > 1:
             sums = _chunk_values(p, y)
             first = p.of_inputs(2)
             first_args = first.arguments("y", "dy") | p.chunk_arguments() | dict(sums_ptr=sums, PRODUCT=kind)

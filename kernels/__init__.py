@@ -8,11 +8,13 @@
   ``cross_entropy``;
 - the sharded softmax's row statistics, y from the log-sum-exp, the backward's row sums and dx
   from them: ``row_stats``;
-- the split-row regime, rows too few to fill the GPU cut into chunks: ``split_row``;
+- the split-row regime, rows too few to fill the GPU cut into chunks: ``split_row``; its
+  cooperative form, each chunk read once and held on chip across a barrier: ``cooperative``;
 - cross-entropy a chunk of the vocabulary at a time, statistics then gradient: ``vocab_chunks``.
 """
 
 from .attention import masked_softmax_backward_kernel, masked_softmax_forward_kernel
+from .cooperative import cooperative_product_kernel, cooperative_softmax_kernel
 from .cross_entropy import cross_entropy_kernel, cross_entropy_probabilities_kernel
 from .heuristics import H100, H200, DeviceProperties, LaunchConfig, launch_config
 from .row_stats import (
@@ -36,6 +38,8 @@ __all__ = [
     "chunk_product_kernel",
     "chunk_row_sums_kernel",
     "chunk_statistics_kernel",
+    "cooperative_product_kernel",
+    "cooperative_softmax_kernel",
     "cross_entropy_kernel",
     "cross_entropy_probabilities_kernel",
     "launch_config",

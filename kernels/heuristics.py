@@ -22,6 +22,11 @@ machine without a GPU (see ``fused_softmax.bench.machine_code``). The rules:
   working: where the tiles would leave SMs idle or keep less than that in flight, a row is cut
   into chunks of online tiles until (rows x chunks) programs do both. Tensors under
   ``SPLIT_MIN_BYTES`` are not split: their time is the launch, and a split takes two.
+- With ``cooperative`` (off by default, see ``fused_softmax._launch``), a split row whose
+  chunks all fit on chip at once takes the cooperative regime instead (``kernels.cooperative``):
+  one program a chunk, each chunk one block in registers, read once. Its barrier needs every
+  program resident, so it is planned only where the rows x chunks programs fit the SMs at the
+  on-chip budget's registers (an SM holds ``MAX_WARPS`` warps of them).
 """
 
 import functools
@@ -75,6 +80,8 @@ class LaunchConfig:
     compute_dtype: tl.dtype
     chunks: int = 1  # > 1: the split-row regime, each row cut into this many chunks
     chunk_cols: int = 0  # the split-row regime's chunk length, a multiple of block_n
+    cooperative: bool = False  # a split row's chunks held on chip across a barrier, one launch
+    max_registers: int | None = None  # ptxas's cap a thread (Triton's maxnreg), where residency needs it
 
     @property
     def chunk_slots(self) -> int:
@@ -86,7 +93,10 @@ class LaunchConfig:
     def regime(self) -> str:
         """How a program covers its rows: 'multi_row' (several whole rows per tile), 'single_pass'
         (one whole row on chip), 'online' (a row streamed through blocks, two sweeps) or 'split'
-        (a chunk of a row, several programs per row, two launches)."""
+        (a chunk of a row, several programs per row, two launches) or 'cooperative' (a chunk of
+        a row on chip, its programs meeting at a barrier, one launch)."""
+        if self.cooperative:
+            return "cooperative"
         if self.chunks > 1:
             return "split"
         if self.online:
@@ -104,8 +114,11 @@ class LaunchConfig:
 
     def grid(self, n_outer: int, n_inner: int, device: DeviceProperties) -> int:
         """Persistent grid: enough programs to fill every SM, never more than there are work
-        items (tiles, times the chunks of a split row)."""
+        items (tiles, times the chunks of a split row). Cooperative: one program an item, all
+        resident (the heuristic plans no more)."""
         items = n_outer * -(-n_inner // self.rows_per_program) * self.chunks
+        if self.cooperative:
+            return items
         return max(1, min(items, self.resident_programs(device)))
 
 
@@ -150,6 +163,38 @@ def _split(config, n_rows, n_cols, elem_bytes, device, backward, align, vector, 
     return replace(tiled, chunks=triton.cdiv(n_cols, chunk_cols), chunk_cols=chunk_cols)
 
 
+def _registers_per_thread(device):
+    """The registers a thread has when an SM holds MAX_WARPS warps, the on-chip budget's premise."""
+    return device.registers_per_sm // (MAX_WARPS * 32)
+
+
+def _cooperative(split, n_rows, n_cols, on_chip, device, align, vector):
+    """The cooperative form of the split config ``split``, or None where its rows do not fit on
+    chip at once.
+
+    With p programs an SM, each of at most MAX_WARPS / p warps, a thread has the registers of
+    the on-chip budget (``max_on_chip_elements``, at MAX_WARPS warps an SM), so a program holds
+    a chunk of on_chip / p elements. Chunks are cut so that the programs cover every SM (never
+    smaller than one access of a warp), and p is the fewest programs an SM that then holds every
+    chunk: at most 4 (programs of at least 4 warps, see ``_split``). ptxas is held to those
+    registers (``max_registers``): a chunk of fp32 kept across the barrier took more (146 at
+    8 warps and 64 values a thread), and so fewer programs an SM than planned."""
+    rows = split.rows_per_program
+    tiles = triton.cdiv(n_rows, rows)
+    per_row = max(1, n_cols // triton.cdiv(device.sm_count, tiles))  # columns a program, to cover every SM
+    for per_sm in (1, 2, 4):
+        capacity = on_chip // per_sm // rows
+        block = min(capacity, max(1 << (per_row.bit_length() - 1), 32 * vector // rows))
+        if block < align:  # chunks start aligned, as the strides are divided by the alignment
+            break
+        chunks = triton.cdiv(n_cols, block)
+        if chunks >= 2 and tiles * chunks <= per_sm * device.sm_count:
+            warps = min(MAX_WARPS // per_sm, max(4, _warps(rows, block, vector)))
+            cut = dict(block_n=block, num_warps=warps, chunks=chunks, chunk_cols=block)
+            return replace(split, **cut, cooperative=True, max_registers=_registers_per_thread(device))
+    return None
+
+
 @functools.lru_cache(maxsize=4096)
 def launch_config(
     n_cols: int,
@@ -164,6 +209,7 @@ def launch_config(
     max_block: int | None = None,
     n_rows: int | None = None,
     min_split_bytes: float = SPLIT_MIN_BYTES,
+    cooperative: bool = False,
 ) -> LaunchConfig:
     """Pick the regime, tile and warps for rows of ``n_cols`` elements.
 
@@ -182,7 +228,8 @@ def launch_config(
     use it to reach the online regime with tiny rows. ``n_rows``: how many rows the launch has,
     given by the jobs that have a split-row regime (softmax and its products; not attention
     scores nor cross-entropy): it decides that regime, unless the tensor is under
-    ``min_split_bytes``.
+    ``min_split_bytes``. ``cooperative``: a split row whose chunks fit on chip at once takes the
+    cooperative regime (``_cooperative``).
     """
     compute_bytes = 8 if elem_bytes == 8 else 4
     wide = align * elem_bytes >= VECTOR_BYTES
@@ -213,7 +260,10 @@ def launch_config(
     )
     if attention:
         return config
-    return _split(config, n_rows, n_cols, elem_bytes, device, backward, align, vector, min_split_bytes)
+    split = _split(config, n_rows, n_cols, elem_bytes, device, backward, align, vector, min_split_bytes)
+    if cooperative and split.chunks > 1:
+        return _cooperative(split, n_rows, n_cols, on_chip, device, align, vector) or split
+    return split
 
 
 def _warps(rows, block_n, vector, attention=0, compute_bytes=4):

@@ -53,6 +53,37 @@ def row_chunks(ptr, row, n_chunks, row_mask, CHUNKS: tl.constexpr):
 
 
 @triton.jit
+def store_chunk_statistics(maxes_ptr, sums_ptr, row, chunk, n_chunks, row_mask, chunk_max, chunk_sum):
+    """A chunk's (max, sum of exp(x - max)) into its rows' slots, the sum 0 where the max is -inf
+    (a chunk of only -inf then adds nothing when the row's chunks combine)."""
+    at = row * n_chunks + chunk
+    tl.store(maxes_ptr + at, chunk_max, mask=row_mask)
+    tl.store(sums_ptr + at, tl.where(chunk_max == float("-inf"), 0.0, chunk_sum), mask=row_mask)
+    return chunk_max
+
+
+@triton.jit
+def combined_statistics(
+    maxes_ptr, sums_ptr, row, n_chunks, row_mask, CHUNKS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr
+):
+    """Each row's (max, sum of exp(x - max)) from its chunks', combined exactly (as online
+    softmax combines lanes)."""
+    maxes, known = row_chunks(maxes_ptr, row, n_chunks, row_mask, CHUNKS)
+    sums, _ = row_chunks(sums_ptr, row, n_chunks, row_mask, CHUNKS)
+    return combine_lanes(
+        tl.load(maxes, mask=known, other=float("-inf")).to(COMPUTE_DTYPE),
+        tl.load(sums, mask=known, other=0.0).to(COMPUTE_DTYPE),
+    )
+
+
+@triton.jit
+def combined_row_sum(sums_ptr, row, n_chunks, row_mask, CHUNKS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+    """Each row's sum of its chunks' parts of the product's row sum."""
+    parts, known = row_chunks(sums_ptr, row, n_chunks, row_mask, CHUNKS)
+    return tl.sum(tl.load(parts, mask=known, other=0.0).to(COMPUTE_DTYPE), axis=1, keep_dims=True)
+
+
+@triton.jit
 def chunk_statistics_kernel(
     x_ptr,
     maxes_ptr,  # output, [rows, n_chunks]: each chunk's max
@@ -79,9 +110,7 @@ def chunk_statistics_kernel(
         chunk_max, chunk_sum = online_statistics(
             x_rows, x_stride_col, row_mask, start, stop, ROWS, BLOCK_N, COMPUTE_DTYPE
         )
-        at = row * n_chunks + chunk
-        tl.store(maxes_ptr + at, chunk_max, mask=row_mask)
-        tl.store(sums_ptr + at, tl.where(chunk_max == float("-inf"), 0.0, chunk_sum), mask=row_mask)
+        store_chunk_statistics(maxes_ptr, sums_ptr, row, chunk, n_chunks, row_mask, chunk_max, chunk_sum)
 
 
 @triton.jit
@@ -113,12 +142,7 @@ def chunk_normalise_kernel(
     n_items = tile_count(n_outer, n_inner, ROWS) * n_chunks
     for item in tl.range(tl.program_id(0), n_items, tl.num_programs(0)):
         outer, inner, row_mask, row, _, start, stop = chunk_of(item, n_chunks, n_inner, n_cols, chunk_cols, ROWS)
-        maxes, known = row_chunks(maxes_ptr, row, n_chunks, row_mask, CHUNKS)
-        sums, _ = row_chunks(sums_ptr, row, n_chunks, row_mask, CHUNKS)
-        row_max, row_sum = combine_lanes(
-            tl.load(maxes, mask=known, other=float("-inf")).to(COMPUTE_DTYPE),
-            tl.load(sums, mask=known, other=0.0).to(COMPUTE_DTYPE),
-        )
+        row_max, row_sum = combined_statistics(maxes_ptr, sums_ptr, row, n_chunks, row_mask, CHUNKS, COMPUTE_DTYPE)
         x_rows = row_starts(x_ptr, outer, inner, x_stride_outer, x_stride_inner, ALIGN)
         y_rows = row_starts(y_ptr, outer, inner, y_stride_outer, y_stride_inner, ALIGN)
         normalising_sweep(
@@ -209,8 +233,7 @@ def chunk_product_kernel(
     n_items = tile_count(n_outer, n_inner, ROWS) * n_chunks
     for item in tl.range(tl.program_id(0), n_items, tl.num_programs(0)):
         outer, inner, row_mask, row, _, start, stop = chunk_of(item, n_chunks, n_inner, n_cols, chunk_cols, ROWS)
-        parts, known = row_chunks(sums_ptr, row, n_chunks, row_mask, CHUNKS)
-        row_sum = tl.sum(tl.load(parts, mask=known, other=0.0).to(COMPUTE_DTYPE), axis=1, keep_dims=True)
+        row_sum = combined_row_sum(sums_ptr, row, n_chunks, row_mask, CHUNKS, COMPUTE_DTYPE)
         y_rows = row_starts(y_ptr, outer, inner, y_stride_outer, y_stride_inner, ALIGN)
         dy_rows = row_starts(dy_ptr, outer, inner, dy_stride_outer, dy_stride_inner, ALIGN)
         dx_rows = row_starts(dx_ptr, outer, inner, dx_stride_outer, dx_stride_inner, ALIGN)

@@ -131,7 +131,7 @@ def test_attention_and_row_statistics_kernels():
     """No spills, and 128-bit loads (its rows are 16-byte aligned) and stores of the output; the
     row-statistics kernels without an output, and the cross-entropy kernel writing only the loss,
     store one value per row. The cross-entropy kernels are among them (``mode_kernels``)."""
-    records = machine_code.compile_all([k for k in KERNELS if not k.plain], WORKERS)
+    records = machine_code.compile_all([k for k in KERNELS if not k.plain and not k.config.cooperative], WORKERS)
     assert len(records) > 100
     spilled = [r for r in records if r.spills]
     narrow = [r for r in records if max(r.loads) != 128 or (r.kernel.layout.endswith("out") != (max(r.stores) < 128))]
@@ -139,6 +139,49 @@ def test_attention_and_row_statistics_kernels():
         f"\nKernels that spill:\n{machine_code.format_table(spilled) if spilled else 'none'}"
         f"\nKernels with narrow accesses:\n{machine_code.format_table(narrow) if narrow else 'none'}"
     )
+
+
+# The barrier as the PTX must have it: a CTA barrier, one thread's acq_rel add at GPU scope, a
+# loop of acquire polls with a CTA barrier around each (Triton lowers an acquire add of 0 to an
+# acquire load), and a CTA barrier after it.
+BARRIER_PTX = (
+    ("bar.sync", False),
+    ("atom.global.gpu.acq_rel.add.u32", False),
+    ("bar.sync", False),
+    ("bar.sync", True),
+    ("ld.global.gpu.acquire.b32", True),
+    ("bar.sync", True),
+    ("bar.sync", False),
+)
+
+
+def test_cooperative_kernels_barrier_residency_and_accesses():
+    """The cooperative kernels (off by default, planned for the decoding shapes): no spills; at
+    most the registers their plan counts on for every program to be resident at once (the
+    register cap ptxas is given); 128-bit loads and stores of the rows; and the barrier's memory
+    ordering in the PTX, exactly. No other kernel has an ordered access."""
+    cooperative = [k for k in KERNELS if k.config.cooperative]
+    assert {k.name for k in cooperative} == {"cooperative_softmax_kernel", "cooperative_product_kernel"}
+    others = [next(k for k in KERNELS if k.layout == layout) for layout in ("chunks out", "chunks in", "last dim")]
+    records = machine_code.compile_all(cooperative + others, WORKERS)
+    wrong = []
+    for r in records[: len(cooperative)]:
+        ordered = [op for op, _ in r.ordering if not op.startswith("bar")]
+        at = next(i for i, entry in enumerate(r.ordering) if entry[0].startswith("atom"))
+        barrier = r.ordering[at - 1 : at + len(BARRIER_PTX) - 1]
+        if (
+            r.spills
+            or r.registers > r.kernel.config.max_registers
+            or max(r.loads) != 128
+            or max(r.stores) != 128
+            or ordered != [BARRIER_PTX[1][0], BARRIER_PTX[4][0]]
+            or barrier != BARRIER_PTX
+        ):
+            wrong.append(r)
+    assert not wrong, machine_code.format_table(wrong) + "\n" + "\n".join(str(r.ordering) for r in wrong)
+    assert len(records) == len(cooperative) + 3
+    for r in records[len(cooperative) :]:
+        assert not [op for op, _ in r.ordering if not op.startswith("bar")], (r.kernel.name, r.ordering)
 
 
 def test_a_spilling_kernel_is_caught():

@@ -15,19 +15,27 @@ from fused_softmax.testing import kernel_traffic, limit_block, split_threshold
 SHAPES = [(2**i, n) for i in range(17) for k in range(7, 23) for n in (2**k, 2**k * 3 // 2 + 1)]
 
 
+@pytest.mark.parametrize("cooperative", [False, True], ids=["phased", "cooperative"])
 @pytest.mark.parametrize("device", ["h100", "h200"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
-def test_every_large_shape_is_predicted_memory_bound(device, dtype, backward):
-    short = []
+def test_every_large_shape_is_predicted_memory_bound(device, dtype, backward, cooperative):
+    """With the cooperative regime on too, where it then serves, its traffic is one read of
+    each input and one write before the chunks' values."""
+    short, taken = [], 0
     for shape in SHAPES:
         size = shape[0] * shape[1] * dtype.itemsize
         if not 4 * 2**20 <= size <= 2**32:
             continue
-        e = fused_softmax.explain(shape, dtype=dtype, backward=backward, device=device)
+        e = fused_softmax.explain(shape, dtype=dtype, backward=backward, device=device, cooperative=cooperative)
         if e.predicted_fraction < 0.85:
             short.append((shape, e.regime, e.grid, round(e.predicted_fraction, 2)))
+        if e.regime == "cooperative":
+            taken += 1
+            values = shape[0] * e.chunks * (1 if backward else 2) * 4 * (1 + e.chunks)
+            assert e.bytes_moved - values == e.minimum_bytes and e.traffic_ratio < 1.1, (shape, e.traffic_ratio)
     assert not short, short
+    assert (taken > 0) == cooperative
 
 
 # (shape, dim, max_block, split threshold): on chip, online, split; last dim and an earlier one.

@@ -16,7 +16,7 @@ import pytest
 from fused_softmax.bench import report, suite
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ["provenance", "cuda tests", "sweep", "small calls", "other tests", "peers"]
+STEPS = ["provenance", "cuda tests", "sweep", "cooperative", "small calls", "other tests", "peers"]
 
 
 def _dry_run(out_dir):

@@ -8,9 +8,11 @@ first, each cut at its own limit and all inside ``--budget-s``:
 2. the CUDA tests (``pytest -m cuda``);
 3. the sweep of fused_softmax and torch: the quick shapes, and the few-rows shapes of LLM
    decoding, against a device-to-device copy timed in the same run;
-4. small calls: wall time per call against torch and ``torch.empty_like``, and kernel time;
-5. the rest of the test suite, on the GPU;
-6. the peers (torch.compile, Liger, QuACK, FlagGems, where installed) over the sweep's shapes.
+4. the cooperative split-row regime (off by default): over the decoding shapes, its outputs
+   against the phased path's and torch's, then its bandwidth in the sweep;
+5. small calls: wall time per call against torch and ``torch.empty_like``, and kernel time;
+6. the rest of the test suite, on the GPU;
+7. the peers (torch.compile, Liger, QuACK, FlagGems, where installed) over the sweep's shapes.
 
 results.json and results.md are rewritten after every step, so a run stopped anywhere leaves
 what it had; the plots come last. ``--dry-run`` runs the same steps on a CPU under Triton's
@@ -37,20 +39,25 @@ from pathlib import Path
 
 import torch
 
+from .. import functional, testing
+from .._backend import use_backend
 from . import suite
 from .host_time import MODES, TINY_SHAPES, host_times
 from .provenance import ROOT, metadata
 from .report import cell, counts_text, fused_passed, plot_check, point_label, steps_table, tests_lines, write_check
 from .sweep import (
     DIRECTIONS,
+    DTYPE_NAMES,
     DTYPES,
     FREE_MEMORY_SHARE,
     QUICK_INPUT_BYTES,
     Problem,
+    check,
     copy_gbps,
     decode_problems,
     default_out_dir,
     do_bench_timer,
+    expected_results,
     implementations,
     sweep,
     sweep_problems,
@@ -63,7 +70,16 @@ BUDGET_S = 450
 # Time kept back from the steps for the last write and the plots.
 REPORT_RESERVE_S = 15
 # Each step's own limit, in seconds; the peers take what is left.
-STEP_LIMITS_S = {"provenance": 20, "cuda tests": 90, "sweep": 120, "small calls": 25, "other tests": 120, "peers": None}
+STEP_LIMITS_S = {
+    "provenance": 20,
+    "cuda tests": 90,
+    "sweep": 120,
+    "cooperative": 40,
+    "small calls": 25,
+    "other tests": 120,
+    "peers": None,
+}
+COOPERATIVE = "fused_softmax (cooperative)"
 TIMING = {
     False: "GPU: medians of triton.testing.do_bench (CUDA events, L2 flushed); small calls by the host's clock",
     True: "DRY RUN: the Triton interpreter and torch on a CPU, by the host's clock; not GPU figures",
@@ -167,6 +183,7 @@ class GpuCheck:
             "tests": {},
             "results": [],
             "host_time": [],
+            "cooperative": [],
         }
         self.started = started
 
@@ -184,6 +201,7 @@ class GpuCheck:
             "provenance": self.provenance,
             "cuda tests": self.cuda_tests,
             "sweep": self.sweep,
+            "cooperative": self.cooperative,
             "small calls": self.small_calls,
             "other tests": self.other_tests,
             "peers": self.peers,
@@ -248,12 +266,13 @@ class GpuCheck:
             return Outcome(note="dry run: on a CPU these are CI's own run")
         return self._tests("other", self.sizes.other_tests, deadline)
 
-    def _sweep(self, impls, deadline):
-        """Measure ``impls`` over the problems until ``deadline``; how far it got."""
-        total = len(self.sizes.problems) * len(impls) * len(DIRECTIONS)
+    def _sweep(self, impls, deadline, problems=None):
+        """Measure ``impls`` over the problems (default: every one) until ``deadline``; how far it got."""
+        problems = self.sizes.problems if problems is None else problems
+        total = len(problems) * len(impls) * len(DIRECTIONS)
         done = 0
         if total:
-            for record in sweep(self.sizes.problems, impls, DIRECTIONS, self.sizes.timer, self._copy(), self.device):
+            for record in sweep(problems, impls, DIRECTIONS, self.sizes.timer, self._copy(), self.device):
                 self.results["results"].append(record)
                 done += 1
                 self.log.write(f"{point_label(record)}: {cell(record)} {record.get('error', '')}\n")
@@ -272,6 +291,28 @@ class GpuCheck:
     def sweep(self, deadline):
         every, _ = implementations(peers=False)
         return self._sweep({name: every[name] for name in CORE}, deadline)
+
+    def cooperative(self, deadline):
+        """The cooperative regime over the decoding shapes: each direction's output against the
+        phased path's and torch's (and the cooperative kernel proven to have run), then its
+        bandwidth through the sweep, as implementation COOPERATIVE. The dry run checks instead
+        that the interpreter refuses it."""
+        problems = [problem for problem in self.sizes.problems if problem.group == "decode"]
+        if self.dry_run:
+            return Outcome(note=refused_under_the_interpreter(problems[0], self.device))
+        for problem in problems:
+            record = agreement(problem, self.device)
+            self.results["cooperative"].append(record)
+            self.log.write(f"cooperative agreement: {record}\n")
+            if not record["ok"]:
+                self.say(f"   FAILED cooperative {record}")
+            if time.perf_counter() > deadline:
+                return Outcome(True, f"cut after the agreement of {len(self.results['cooperative'])} shapes")
+        every, _ = implementations(peers=False)
+        with testing.cooperative():
+            outcome = self._sweep({COOPERATIVE: every["fused_softmax"]}, deadline, problems)
+        agreed = sum(record["ok"] for record in self.results["cooperative"])
+        return dataclasses.replace(outcome, note=f"{agreed} of {len(problems)} shapes agree; {outcome.note}")
 
     def peers(self, deadline):
         impls, skipped = implementations()
@@ -297,7 +338,52 @@ class GpuCheck:
         tests = self.results["tests"].values()
         failed = any(run["counts"]["failed"] + run["counts"]["error"] for run in tests if "counts" in run)
         broken = any(step["status"] == "failed" for step in self.results["steps"])
-        return int(failed or broken or not fused_passed(self.results["results"]))
+        disagreed = not all(record["ok"] for record in self.results["cooperative"])
+        return int(failed or broken or disagreed or not fused_passed(self.results["results"]))
+
+
+def _directions(x, dy):
+    """softmax of x over its last dim and the gradient for dy, on the plan in force."""
+    x = x.detach().requires_grad_()
+    y = functional.softmax(x, dim=-1)
+    return {"forward": y.detach(), "backward": torch.autograd.grad(y, x, dy)[0]}
+
+
+def agreement(problem, device):
+    """The cooperative regime's forward and backward on ``problem`` against the phased path's and
+    float64 torch's: the largest differences, what the dtype's rounding allows, and which kernels
+    ran (the cooperative ones, or the check proves nothing)."""
+    x = torch.randn(problem.n_rows, problem.n_cols, dtype=problem.dtype, device=device)
+    dy = torch.randn_like(x)
+    expected = expected_results(x, dy, DIRECTIONS)
+    with use_backend("triton"):
+        with testing.cooperative(), testing.recorded_launches() as launches:
+            ours = _directions(x, dy)
+        phased = _directions(x, dy)
+    record = dict(dtype=DTYPE_NAMES[problem.dtype], n_rows=problem.n_rows, n_cols=problem.n_cols)
+    record["kernels"] = sorted({launch.name for launch in launches})
+    ok = record["kernels"] == ["cooperative_product_kernel", "cooperative_softmax_kernel"]
+    for direction in DIRECTIONS:
+        error, allowed = check(ours[direction], expected[direction])
+        from_phased = (ours[direction].double() - phased[direction].double()).abs().max().item()
+        record[direction] = dict(max_abs_err=error, from_phased=from_phased, allowed_err=allowed)
+        ok = ok and error <= allowed and from_phased <= allowed
+    record["ok"] = ok
+    return record
+
+
+def refused_under_the_interpreter(problem, device):
+    """The interpreter must refuse the cooperative regime (its barrier would never open there); the
+    dry run's tiny shape is split, as a GPU's decoding shapes are."""
+    x = torch.randn(problem.n_rows, problem.n_cols, dtype=problem.dtype, device=device)
+    try:
+        with use_backend("triton"), testing.split_threshold(0), testing.cooperative():
+            functional.softmax(x, dim=-1)
+    except RuntimeError as error:
+        if "interpreter" in str(error):
+            return "dry run: the interpreter refuses the cooperative regime, as it must"
+        raise
+    raise AssertionError("the interpreter ran the cooperative regime")
 
 
 def out_dir_for(requested, dry_run):

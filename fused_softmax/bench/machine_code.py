@@ -57,7 +57,7 @@ from triton.runtime.jit import JITFunction
 
 from .. import _launch, _softcap_sinks, kernels
 from ..kernels import LaunchConfig
-from ..testing import recorded_launches, split_threshold
+from ..testing import cooperative, recorded_launches, split_threshold
 
 TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
 ELEM_BYTES = {name: dtype.itemsize for name, dtype in TORCH_DTYPES.items()}
@@ -380,7 +380,7 @@ def mode_kernels():
         for job, tensors, name in jobs:
             kernel = launched(job, *tensors, layout=name, n=n)
             found.setdefault(kernel, kernel)
-    return list(found.values()) + split_kernels()
+    return list(found.values()) + split_kernels() + cooperative_kernels()
 
 
 # Decoding-sized tensors, the split-row regime's: (rows, row length).
@@ -406,6 +406,25 @@ def split_kernels():
     return list(found.values())
 
 
+def cooperative_kernels():
+    """The cooperative split-row kernels (off by default; ``testing.cooperative``) the heuristic
+    gives ``SPLIT_SHAPES`` in each dtype, forward (softmax, log-softmax) and backward (each
+    product), deduplicated, named "cooperative"."""
+    found = {}
+    for (m, n), d in itertools.product(SPLIT_SHAPES, MODE_DTYPES):
+        x = _empty((m, n), d)
+        jobs = [lambda x, log=log: _launch.softmax_forward(x, 1, x.dtype, log) for log in (False, True)]
+        jobs += [lambda x, kind=kind: _launch.jacobian_product(x, x, 1, x.dtype, kind) for kind in SPLIT_PRODUCTS]
+        for job in jobs:
+            with cooperative():
+                kernels = launched_all(job, x, n=n)
+            for kernel in kernels:
+                if kernel.config.cooperative:
+                    kernel = dataclasses.replace(kernel, layout="cooperative")
+                    found.setdefault(kernel, kernel)
+    return list(found.values())
+
+
 def kernel_for(backward, dtypes, log, n):
     """The shipped kernel that rows of ``n`` elements launch, by the same route."""
     return plain_kernel(backward, dtypes, log, (ROWS, n))
@@ -417,6 +436,8 @@ class Compiled:
 
     ``local_bytes`` is the local memory (stack frame, where spills land, plus any other);
     ``loads`` / ``stores`` map a global access width in bits to its count of SASS instructions.
+    ``ordering``: the PTX's CTA barriers and memory-ordered global accesses and fences, in
+    order, each as (instruction, whether it lies in a loop), from ``memory_ordering``.
     """
 
     kernel: Kernel
@@ -427,6 +448,7 @@ class Compiled:
     shared_bytes: int
     loads: dict
     stores: dict
+    ordering: tuple = ()
 
     @property
     def spills(self):
@@ -443,17 +465,47 @@ def _width(modifiers):
     return next((_WIDTHS[m] for m in modifiers.split(".") if m in _WIDTHS), 32)
 
 
+_ORDERED = re.compile(
+    r"^\s*(?:@!?%p\d+\s+)?((?:atom|red|ld|st)\.global\.\S*(?:acquire|release|acq_rel)\S*|fence\.\S+|membar\.\S+|bar\.sync)\b",
+    re.M,
+)
+_LABEL = re.compile(r"^(\$L__BB\w+):")
+_BRANCH = re.compile(r"\bbra(?:\.uni)?\s+(\$L__BB\w+);")
+
+
+def memory_ordering(ptx):
+    """(instruction, in a loop) for each CTA barrier (bar.sync) and each acquire / release / acq_rel
+    global access or fence of ``ptx``, in order. A loop is the lines from a label to a later
+    branch back to it."""
+    lines = ptx.splitlines()
+    labels, loops = {}, []
+    for i, line in enumerate(lines):
+        if label := _LABEL.match(line):
+            labels[label.group(1)] = i
+        if (branch := _BRANCH.search(line)) and branch.group(1) in labels:
+            loops.append((labels[branch.group(1)], i))
+    found = []
+    for i, line in enumerate(lines):
+        if ordered := _ORDERED.match(line):
+            found.append((ordered.group(1), any(start < i < end for start, end in loops)))
+    return tuple(found)
+
+
 def _build(kernel):
-    """Compile ``kernel``; return its cubin, Triton's shared-memory request and -res-usage's counts."""
+    """Compile ``kernel``; return its cubin, Triton's shared-memory request, -res-usage's counts
+    and the PTX's ``memory_ordering``."""
     _, cuobjdump, _ = toolchain()
     options = {"num_warps": kernel.config.num_warps, "enable_fp_fusion": True}  # as the host launches
+    if kernel.config.cooperative:
+        options |= dict(launch_cooperative_grid=True, maxnreg=kernel.config.max_registers)
     binary = triton.compile(kernel.source(), target=TARGET, options=options)
     cubin = binary.asm["cubin"]
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         usage = subprocess.run([cuobjdump.path, "-res-usage", f.name], check=True, capture_output=True, text=True)
-    return cubin, binary.metadata.shared, tuple(map(int, _RES_USAGE.search(usage.stdout).groups()))
+    usage = tuple(map(int, _RES_USAGE.search(usage.stdout).groups()))
+    return cubin, binary.metadata.shared, usage, memory_ordering(binary.asm["ptx"])
 
 
 def _machine_code(cubin):
@@ -539,9 +591,9 @@ def compile_all(kernels=None, workers=None):
         start = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
         with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(start)) as pool:
             built = list(pool.map(_build, kernels))
-    accesses = _global_and_local_accesses([cubin for cubin, _, _ in built])
+    accesses = _global_and_local_accesses([cubin for cubin, *_ in built])
     records = []
-    for kernel, (_, shared, (registers, stack, static_shared, local)), bits in zip(
+    for kernel, (_, shared, (registers, stack, static_shared, local), ordering), bits in zip(
         kernels, built, accesses, strict=True
     ):
         records.append(
@@ -554,6 +606,7 @@ def compile_all(kernels=None, workers=None):
                 shared_bytes=shared + static_shared,
                 loads=dict(bits["LDG"]),
                 stores=dict(bits["STG"]),
+                ordering=ordering,
             )
         )
     return records

@@ -1,5 +1,6 @@
 """What a softmax launch will do, without running it: ``explain(x, dim)``, and
-``python -m fused_softmax.explain SHAPE [--dtype D] [--dim K] [--backward] [--device h100|h200|current]``.
+``python -m fused_softmax.explain SHAPE [--dtype D] [--dim K] [--backward] [--device h100|h200|current]
+[--cooperative]``.
 
 Pure: the plan is the host's own (``_launch.plan``) for the device's properties, so a laptop
 explains an H100's or an H200's launch. The prediction is Little's law: memory runs at its
@@ -23,7 +24,7 @@ from .._runtime import device_properties, kernels
 DEVICES = ("h100", "h200", "current")
 
 # Reads of each input per launch, by regime: (forward, backward).
-_SWEEPS = {"multi_row": (1, 1), "single_pass": (1, 1), "online": (2, 2), "split": (2, 2)}
+_SWEEPS = {"multi_row": (1, 1), "single_pass": (1, 1), "online": (2, 2), "split": (2, 2), "cooperative": (1, 1)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,10 +110,11 @@ def _properties(device):
     raise ValueError(f"device must be one of {DEVICES} or a DeviceProperties, not {device!r}")
 
 
-def explain(x, dim=-1, *, backward=False, dtype=None, device=None):
+def explain(x, dim=-1, *, backward=False, dtype=None, device=None, cooperative=None):
     """The launch softmax (or, with ``backward``, its backward) makes for ``x`` along ``dim``:
     ``x`` a tensor or a shape (then ``dtype``, default float32). ``device``: 'h100' (default),
-    'h200', 'current' (this process's GPU) or a ``DeviceProperties``."""
+    'h200', 'current' (this process's GPU) or a ``DeviceProperties``. ``cooperative``: plan the
+    cooperative split-row regime or not (default: as FUSED_SOFTMAX_COOPERATIVE says, off)."""
     if isinstance(x, torch.Tensor):
         shape, dtype, strides = tuple(x.shape), x.dtype, x.stride()
     else:
@@ -121,7 +123,8 @@ def explain(x, dim=-1, *, backward=False, dtype=None, device=None):
     # Unwritten CPU tensors stand for the GPU's: the plan reads only shapes, strides and addresses.
     tensor = torch.empty_strided(shape, strides, dtype=dtype) if strides else torch.empty(shape, dtype=dtype)
     tensors = (tensor, tensor, tensor) if backward else (tensor, tensor)
-    with _launch.overridden(device=properties):
+    choice = {} if cooperative is None else dict(cooperative=cooperative)
+    with _launch.overridden(device=properties, **choice):
         p = _launch.plan(tensors, dim % max(len(shape), 1), backward=backward, split=True)
     config, heuristics = p.config, kernels().heuristics
     n_rows, n_cols = p.n_rows, p.sizes[1]
@@ -131,6 +134,7 @@ def explain(x, dim=-1, *, backward=False, dtype=None, device=None):
     sweeps = _SWEEPS[config.regime][backward]
     chunk_values = 0
     if config.chunks > 1:  # each chunk's values (2 forward, 1 backward), written once, read by the row's chunks
+        # (the cooperative barrier's counter, 4 bytes a tile, is not counted)
         chunk_values = n_rows * config.chunks * (1 if backward else 2) * 4 * (1 + config.chunks)
     moved = sweeps * inputs + output + chunk_values
     rereads_from_l2 = sweeps > 1 and inputs <= properties.l2_bytes // 2
@@ -165,5 +169,12 @@ def main(argv=None):
     parser.add_argument("--dim", type=int, default=-1)
     parser.add_argument("--backward", action="store_true")
     parser.add_argument("--device", default="h100", choices=DEVICES)
+    parser.add_argument(
+        "--cooperative", action="store_true", help="plan the cooperative split-row regime (off by default)"
+    )
     args = parser.parse_args(argv)
-    print(explain(args.shape, args.dim, backward=args.backward, dtype=getattr(torch, args.dtype), device=args.device))
+    dtype = getattr(torch, args.dtype)
+    cooperative = True if args.cooperative else None
+    print(
+        explain(args.shape, args.dim, backward=args.backward, dtype=dtype, device=args.device, cooperative=cooperative)
+    )

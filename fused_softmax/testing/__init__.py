@@ -5,6 +5,7 @@ Each helper is a context manager over ``_launch.overridden``, for the calls insi
 - ``poisoned_outputs()``: every kernel output NaN-filled before the kernel writes it;
 - ``limit_block(n)``: rows longer than ``n`` take the online regime (tiny rows reach it);
 - ``planned_for(device)``: launches planned for another device's properties;
+- ``cooperative(enabled=True)``: the cooperative split-row regime planned (or not);
 - ``recorded_launches(run=True)``: the list of every ``Launch`` (kernel, keyword arguments,
   plan), in order; with ``run=False`` the kernels are planned and recorded, not run;
 - ``kernel_traffic()``: bytes loaded and stored by kernels run under Triton's interpreter;
@@ -43,6 +44,15 @@ def split_threshold(min_bytes):
     """Tensors of at least ``min_bytes`` whose rows do not fill the GPU take the split-row regime
     (the heuristic's threshold is 1 MiB): 0 makes tiny test tensors split, ``math.inf`` none."""
     with _launch.overridden(min_split_bytes=min_bytes):
+        yield
+
+
+@contextlib.contextmanager
+def cooperative(enabled=True):
+    """Plan the cooperative split-row regime (or, with ``enabled=False``, not), whatever
+    FUSED_SOFTMAX_COOPERATIVE says. Its kernels run only on a GPU: under the interpreter their
+    launch raises."""
+    with _launch.overridden(cooperative=enabled):
         yield
 
 
@@ -164,6 +174,7 @@ __all__ = [
     "Allocations",
     "Traffic",
     "allocation_peak",
+    "cooperative",
     "kernel_traffic",
     "limit_block",
     "minimum_bytes",
