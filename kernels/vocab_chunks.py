@@ -17,10 +17,10 @@ import triton
 import triton.language as tl
 
 from .cross_entropy import index_block_sums, index_grad_block, is_target, load_capped, row_validity, smoothing_weights
-from .tiles import column_block, combine_lanes, fp32_pair, online_step, row_starts, store_block, tile_count, tile_rows
+from .tiles import column_block, fp32_pair, row_starts, store_block, tile_count, tile_rows
 
 # The statistics of a row: (max, Σ exp(x' - max), x'_t, Σ x'), in COMPUTE_DTYPE.
-STATISTICS = 4
+STATISTICS = tl.constexpr(4)
 
 
 @triton.jit
@@ -29,6 +29,16 @@ def merged_statistics(max_a, sum_a, max_b, sum_b):
     row_max = tl.maximum(max_a, max_b)
     shift = tl.where(row_max == float("-inf"), 0.0, row_max)
     return row_max, sum_a * tl.exp(max_a - shift) + sum_b * tl.exp(max_b - shift)
+
+
+@triton.jit
+def merged_block(row_max, row_sum, x):
+    """The rows' (max, Σ exp(x - max)) with a block of x merged in, reduced at once: two [ROWS, 1]
+    running values instead of online lanes the size of the block, which beside x, the target's and
+    the smoothing's sums would spill."""
+    block_max = tl.max(x, axis=1, keep_dims=True)
+    shift = tl.where(block_max == float("-inf"), 0.0, block_max)
+    return merged_statistics(row_max, row_sum, block_max, tl.sum(tl.exp(x - shift), axis=1, keep_dims=True))
 
 
 @triton.jit
@@ -59,8 +69,8 @@ def vocab_chunk_statistics_kernel(
         local_target = tl.load(target_ptr + row, mask=row_mask, other=-1) - vocab_start
         in_chunk = (local_target >= 0) & (local_target < n_cols)
         x_rows = row_starts(x_ptr, outer, inner, x_stride_outer, x_stride_inner, ALIGN)
-        lane_max = tl.full([ROWS, BLOCK_N], float("-inf"), COMPUTE_DTYPE)
-        lane_sum = tl.zeros([ROWS, BLOCK_N], COMPUTE_DTYPE)
+        chunk_max = tl.full([ROWS, 1], float("-inf"), COMPUTE_DTYPE)
+        chunk_sum = tl.zeros([ROWS, 1], COMPUTE_DTYPE)
         target_logit = tl.zeros([ROWS, 1], COMPUTE_DTYPE)
         smooth_sum = tl.zeros([ROWS, 1], COMPUTE_DTYPE)
         for start in tl.range(0, n_cols, BLOCK_N):
@@ -68,13 +78,12 @@ def vocab_chunk_statistics_kernel(
             col_ok = col < n_cols
             in_bounds = row_mask & col_ok
             x = load_capped(x_rows, x_stride_col, col, in_bounds, softcap, SOFTCAP, COMPUTE_DTYPE)
-            lane_max, lane_sum = online_step(lane_max, lane_sum, x)
+            chunk_max, chunk_sum = merged_block(chunk_max, chunk_sum, x)
             u = smoothing_weights(None, col, col_ok, BLOCK_N, SMOOTHING, False, COMPUTE_DTYPE)
             hit = is_target(local_target, in_chunk, start, BLOCK_N)
             block_target, block_smooth = index_block_sums(x, hit, in_bounds, u, SMOOTHING)
             target_logit += block_target
             smooth_sum += block_smooth
-        chunk_max, chunk_sum = combine_lanes(lane_max, lane_sum)
         stats = stats_ptr + STATISTICS * row
         row_max, row_sum = merged_statistics(
             tl.load(stats, mask=row_mask), tl.load(stats + 1, mask=row_mask), chunk_max, chunk_sum

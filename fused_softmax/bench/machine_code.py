@@ -337,6 +337,30 @@ def _cross_entropy_launches(n):
         yield loss_only, (x,), "cross entropy, loss out"
 
 
+def _vocab_chunk_launches(n):
+    """(job, tensors, description) of linear_cross_entropy's vocabulary-chunk kernels for chunks of
+    ``n`` classes: the statistics' merge and the gradient written over the logits, plain and with
+    label smoothing and softcapping."""
+    for d in CROSS_ENTROPY_DTYPES:
+        x, dtype = _empty((ROWS, n), d), TORCH_DTYPES[d]
+        stats_dtype = _launch.stats_dtype(dtype)
+        target, stats = torch.zeros(ROWS, dtype=torch.int64), torch.empty(ROWS, 4, dtype=stats_dtype)
+        scale = torch.empty(ROWS, dtype=stats_dtype)
+        for smoothing, softcap, name in ((0.0, None, "vocabulary chunk"), (0.1, 30.0, "vocabulary chunk, all options")):
+            options = dict(vocab_start=0, smoothing=smoothing, softcap=softcap)
+
+            def statistics(x, options=options):
+                _launch.vocab_chunk_statistics(x, target, stats, **options)
+
+            def grad(x, options=options):
+                _launch.vocab_chunk_grad(
+                    x, target, stats, scale, n_classes=n, ignore_index=-100, z_loss=1e-4, **options
+                )
+
+            yield statistics, (x,), f"{name}, statistics out"
+            yield grad, (x,), f"{name}, gradient"
+
+
 def _softcap_sinks_launches(n, d):
     """masked_softmax with softcapping, sinks or a bias beside a bool mask, forward and backward,
     over [1, ROWS, 1, n] scores (a sink per head of ROWS), in dtype ``d``."""
@@ -370,12 +394,13 @@ def _softcap_sinks_launches(n, d):
 
 
 def mode_kernels():
-    """The masked-softmax and row-statistics kernels at ``MODE_LENGTHS``, the cross-entropy
-    kernels at ``CROSS_ENTROPY_LENGTHS`` and the split-row kernels (``split_kernels``),
+    """The masked-softmax and row-statistics kernels at ``MODE_LENGTHS``, the cross-entropy and
+    vocabulary-chunk kernels at ``CROSS_ENTROPY_LENGTHS`` and the split-row kernels (``split_kernels``),
     deduplicated."""
     found = {}
     launches = [(n, _mode_launches(n)) for n in MODE_LENGTHS]
     launches += [(n, _cross_entropy_launches(n)) for n in CROSS_ENTROPY_LENGTHS]
+    launches += [(n, _vocab_chunk_launches(n)) for n in CROSS_ENTROPY_LENGTHS]
     for n, jobs in launches:
         for job, tensors, name in jobs:
             kernel = launched(job, *tensors, layout=name, n=n)
