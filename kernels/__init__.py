@@ -8,7 +8,8 @@
   ``cross_entropy``;
 - the sharded softmax's row statistics, y from the log-sum-exp, the backward's row sums and dx
   from them: ``row_stats``;
-- the split-row regime, rows too few to fill the GPU cut into chunks: ``split_row``.
+- the split-row regime, rows too few to fill the GPU cut into chunks: ``split_row``; for
+  masked_softmax's scores (a decoding step's few long rows): ``split_attention``.
 """
 
 from .attention import masked_softmax_backward_kernel, masked_softmax_forward_kernel
@@ -21,6 +22,7 @@ from .row_stats import (
     row_statistics_kernel,
 )
 from .softmax import softmax_backward_kernel, softmax_forward_kernel
+from .split_attention import masked_chunk_grad_kernel, masked_chunk_normalise_kernel, masked_chunk_statistics_kernel
 from .split_row import chunk_normalise_kernel, chunk_product_kernel, chunk_row_sums_kernel, chunk_statistics_kernel
 
 __all__ = [
@@ -37,6 +39,9 @@ __all__ = [
     "cross_entropy_kernel",
     "cross_entropy_probabilities_kernel",
     "launch_config",
+    "masked_chunk_grad_kernel",
+    "masked_chunk_normalise_kernel",
+    "masked_chunk_statistics_kernel",
     "masked_softmax_backward_kernel",
     "masked_softmax_forward_kernel",
     "normalise_with_lse_kernel",

@@ -121,10 +121,11 @@ def tile_load_bytes(config: LaunchConfig, elem_bytes: int, backward: bool) -> in
     return config.rows_per_program * config.block_n * elem_bytes * (2 if backward else 1)
 
 
-def _split(config, n_rows, n_cols, elem_bytes, device, backward, align, vector, min_split_bytes):
+def _split(config, n_rows, n_cols, elem_bytes, device, backward, align, vector, min_split_bytes, attention=0):
     """``config`` with its rows cut into chunks where its tiles would leave SMs idle or keep too
     little in flight (bandwidth x latency, or the whole input if that is less); unchanged where
-    the rows fill the GPU or the tensor is small."""
+    the rows fill the GPU or the tensor is small. Attention scores' chunks take their online
+    tile and warps (``attention`` as in ``launch_config``)."""
     if n_rows is None or n_rows * n_cols * elem_bytes < min_split_bytes:
         return config
     tiles = triton.cdiv(n_rows, config.rows_per_program)
@@ -134,7 +135,7 @@ def _split(config, n_rows, n_cols, elem_bytes, device, backward, align, vector, 
         return config  # the rows alone fill every program the GPU holds: a split adds none
     if tiles >= device.sm_count and tiles * tile_load_bytes(config, elem_bytes, backward) >= needed:
         return config
-    tiled = replace(config, block_n=min(ONLINE_BLOCK, config.block_n), online=True)
+    tiled = replace(config, block_n=min(ONLINE_BLOCK >> attention, config.block_n), online=True)
     wanted = max(device.sm_count, math.ceil(needed / tile_load_bytes(tiled, elem_bytes, backward)))
     chunks = triton.cdiv(wanted, tiles)
     # Chunks of whole blocks, at least ``chunks`` of them: a block of the largest power of two
@@ -145,7 +146,8 @@ def _split(config, n_rows, n_cols, elem_bytes, device, backward, align, vector, 
     if triton.cdiv(n_cols, chunk_cols) < 2:
         return config
     # At least 4 warps: with 2, ptxas spilled a few bytes of the backward's second phase.
-    warps = max(4, _warps(config.rows_per_program, block, vector))
+    compute_bytes = 8 if config.compute_dtype == tl.float64 else 4
+    warps = max(4, _warps(config.rows_per_program, block, vector, attention, compute_bytes))
     tiled = replace(tiled, block_n=block, num_warps=warps)
     return replace(tiled, chunks=triton.cdiv(n_cols, chunk_cols), chunk_cols=chunk_cols)
 
@@ -180,9 +182,8 @@ def launch_config(
     it reaches 16 bytes). ``contiguous_rows``: how many neighbouring rows lie at unit stride (1
     when the columns are unit-stride). ``max_block`` caps the on-chip row, a power of two; tests
     use it to reach the online regime with tiny rows. ``n_rows``: how many rows the launch has,
-    given by the jobs that have a split-row regime (softmax and its products; not attention
-    scores nor cross-entropy): it decides that regime, unless the tensor is under
-    ``min_split_bytes``.
+    given by the jobs that have a split-row regime (softmax and its products, attention scores;
+    not cross-entropy): it decides that regime, unless the tensor is under ``min_split_bytes``.
     """
     compute_bytes = 8 if elem_bytes == 8 else 4
     wide = align * elem_bytes >= VECTOR_BYTES
@@ -211,9 +212,7 @@ def launch_config(
         online=online,
         compute_dtype=tl.float64 if compute_bytes == 8 else tl.float32,
     )
-    if attention:
-        return config
-    return _split(config, n_rows, n_cols, elem_bytes, device, backward, align, vector, min_split_bytes)
+    return _split(config, n_rows, n_cols, elem_bytes, device, backward, align, vector, min_split_bytes, attention)
 
 
 def _warps(rows, block_n, vector, attention=0, compute_bytes=4):

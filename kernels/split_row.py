@@ -53,6 +53,38 @@ def row_chunks(ptr, row, n_chunks, row_mask, CHUNKS: tl.constexpr):
 
 
 @triton.jit
+def store_chunk_statistics(maxes_ptr, sums_ptr, row, chunk, n_chunks, row_mask, chunk_max, chunk_sum):
+    """A chunk's (max, sum of exp(x - max)) of each of the tile's rows, the sum 0 where the max is
+    -inf (a chunk that saw only -inf), as the combine needs. Returns the max (a helper must
+    return something)."""
+    at = row * n_chunks + chunk
+    tl.store(maxes_ptr + at, chunk_max, mask=row_mask)
+    tl.store(sums_ptr + at, tl.where(chunk_max == float("-inf"), 0.0, chunk_sum), mask=row_mask)
+    return chunk_max
+
+
+@triton.jit
+def combined_statistics(
+    maxes_ptr, sums_ptr, row, n_chunks, row_mask, CHUNKS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr
+):
+    """Each of the tile's rows' (max, sum of exp(x - max)) from its chunks', as online softmax
+    combines lanes: exact."""
+    maxes, known = row_chunks(maxes_ptr, row, n_chunks, row_mask, CHUNKS)
+    sums, _ = row_chunks(sums_ptr, row, n_chunks, row_mask, CHUNKS)
+    return combine_lanes(
+        tl.load(maxes, mask=known, other=float("-inf")).to(COMPUTE_DTYPE),
+        tl.load(sums, mask=known, other=0.0).to(COMPUTE_DTYPE),
+    )
+
+
+@triton.jit
+def combined_row_sums(sums_ptr, row, n_chunks, row_mask, CHUNKS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+    """Each of the tile's rows' sum from its chunks' parts."""
+    parts, known = row_chunks(sums_ptr, row, n_chunks, row_mask, CHUNKS)
+    return tl.sum(tl.load(parts, mask=known, other=0.0).to(COMPUTE_DTYPE), axis=1, keep_dims=True)
+
+
+@triton.jit
 def chunk_statistics_kernel(
     x_ptr,
     maxes_ptr,  # output, [rows, n_chunks]: each chunk's max
