@@ -119,15 +119,20 @@ def test_strided_scores_split_in_place(kernels, launches, splitting):
 def test_chunks_of_several_blocks_past_the_diagonal(kernels, launches):
     """[1, 1, 2, 64] on a GPU that wants little in flight: two chunks of several blocks a row;
     under a top-left diagonal the first chunk reads one block and writes the rest as zeros, the
-    second reads nothing."""
+    second reads nothing: each phase reads one block of scores a row, besides a row's chunk
+    statistics and sink."""
     scores = random((1, 1, 2, 64), torch.float64).requires_grad_()
     sinks = random((1,), torch.float64, seed=2).requires_grad_()
     with split_threshold(0), limit_block(8), planned_for(SHORT_LATENCY):
-        y = fused_softmax.masked_softmax(scores, scale=0.6, causal=True, softcap=3.0, sinks=sinks)
+        with kernel_traffic() as forward:
+            y = fused_softmax.masked_softmax(scores, scale=0.6, causal=True, softcap=3.0, sinks=sinks)
         dy = random(y.shape, torch.float64, seed=1)
         dx, d_sinks = torch.autograd.grad(y, (scores, sinks), dy)
     config = launches[0].plan.config
     assert config.chunks == 2 and config.chunk_cols >= 4 * config.block_n
+    rows, chunks, value = 2, 2, 8
+    items_values = rows * chunks * (2 * chunks + 1) * value  # each item: its row's maxes and sums, the sink
+    assert forward.loaded == 2 * rows * config.block_n * value + items_values
     expected = reference.masked_softmax(scores, None, 0.6, 0, 3.0, sinks)
     assert_close(y, expected)
     expected_dx, expected_sinks_grad = reference.masked_softmax_backward(scores, y.detach(), dy, 0.6, 3.0, sinks)
