@@ -17,7 +17,8 @@ machine without a GPU (see ``fused_softmax.bench.machine_code``). The rules:
   scores, whose masking needs registers; its online tile is half the size too; with
   softcapping or sinks a quarter, and one access in fp64).
 - The grid is persistent: at most as many programs as the SMs hold at once.
-- Rows too few to fill the GPU are split (``kernels.split_row``). By Little's law, memory runs
+- Rows too few to fill the GPU are split (``kernels.split_row``; attention scores
+  ``kernels.split_attention``). By Little's law, memory runs
   at its bandwidth only with bandwidth x latency bytes in flight, and only when every SM is
   working: where the tiles would leave SMs idle or keep less than that in flight, a row is cut
   into chunks of online tiles until (rows x chunks) programs do both. Tensors under
