@@ -347,15 +347,20 @@ def jacobian_product(y, v, dim, out_dtype, kind, scale=1.0):
             chunks = dict(sums_ptr=_chunk_values(p, y), CHUNKS=p.config.chunk_slots)
             _run(kernels().cooperative_product_kernel, p, args | p.chunk_arguments() | _barrier(p) | chunks)
         elif p.config.chunks > 1:
-            sums = _chunk_values(p, y)
-            first = p.of_inputs(2)
-            first_args = first.arguments("y", "dy") | p.chunk_arguments() | dict(sums_ptr=sums, PRODUCT=kind)
-            _run(kernels().chunk_row_sums_kernel, first, first_args)
-            chunks = dict(sums_ptr=sums, CHUNKS=p.config.chunk_slots)
+            chunks = dict(sums_ptr=_chunk_row_sums(p, kind), CHUNKS=p.config.chunk_slots)
             _run(kernels().chunk_product_kernel, p, args | p.chunk_arguments() | chunks)
         else:
             _run(kernels().softmax_backward_kernel, p, args | dict(ONLINE=p.config.online))
     return out
+
+
+def _chunk_row_sums(p, kind):
+    """A split row's first backward phase: each chunk's part of the product ``kind``'s row sum."""
+    sums = _chunk_values(p, p.tensors[0])
+    first = p.of_inputs(2)
+    args = first.arguments("y", "dy") | p.chunk_arguments() | dict(sums_ptr=sums, PRODUCT=kind)
+    _run(kernels().chunk_row_sums_kernel, first, args)
+    return sums
 
 
 def softmax_backward(y, dy, dim, out_dtype, log=False, scale=1.0):
@@ -480,9 +485,12 @@ def masked_softmax_forward_with_lse(x, out_dtype, masking):
     y = empty_like(x, out_dtype)
     lse = empty(x.shape[:-1], stats_dtype(x.dtype), x.device) if masking.keeps_statistics else None
     if y.numel():
-        p = plan((x, y), x.dim() - 1, backward=False, masking=masking)
-        args = p.arguments("x", "y") | masking.arguments(p.align) | masking.extra_arguments(p.align)
-        _run(kernels().masked_softmax_forward_kernel, p, args | dict(lse_ptr=lse, ONLINE=p.config.online))
+        p = plan((x, y), x.dim() - 1, backward=False, masking=masking, split=True)
+        if p.config.chunks > 1:
+            _split_masked_forward(p, masking, lse)
+        else:
+            args = p.arguments("x", "y") | masking.arguments(p.align) | masking.extra_arguments(p.align)
+            _run(kernels().masked_softmax_forward_kernel, p, args | dict(lse_ptr=lse, ONLINE=p.config.online))
     elif lse is not None:
         lse.fill_(float("-inf"))
     return y, lse if lse is not None else torch.empty(0, dtype=stats_dtype(x.dtype), device=x.device)
@@ -494,13 +502,34 @@ def masked_softmax_backward(y, dy, lse, out_dtype, masking, scale):
     dx = empty_like(y, out_dtype)
     sinks_grad = None if masking.sinks is None else empty(y.shape[:-1], stats_dtype(y.dtype), y.device)
     if dx.numel():
-        p = plan((y, dy, dx), y.dim() - 1, backward=True, masking=masking)
+        p = plan((y, dy, dx), y.dim() - 1, backward=True, masking=masking, split=True)
         args = p.arguments("y", "dy", "dx") | masking.backward_arguments(p.align, scale)
-        args |= dict(lse_ptr=lse, sinks_grad_ptr=sinks_grad, ONLINE=p.config.online)
-        _run(kernels().masked_softmax_backward_kernel, p, args)
+        args |= dict(lse_ptr=lse, sinks_grad_ptr=sinks_grad)
+        if p.config.chunks > 1:
+            chunks = dict(sums_ptr=_chunk_row_sums(p, "softmax"), CHUNKS=p.config.chunk_slots)
+            _run(kernels().masked_chunk_grad_kernel, p, args | p.chunk_arguments() | chunks)
+        else:
+            _run(kernels().masked_softmax_backward_kernel, p, args | dict(ONLINE=p.config.online))
     elif sinks_grad is not None:
         sinks_grad.zero_()
     return dx, sinks_grad
+
+
+_SINK_ARGUMENTS = ("sinks_ptr", "n_sink_heads", "SINKS")
+
+
+def _split_masked_forward(p, masking, lse):
+    """The split-row masked forward: each chunk's masked statistics (the sinks join their
+    combine, not the chunks), then each chunk of y, and each row's log-sum-exp into ``lse``
+    (None where not kept), from its row's."""
+    maxes, sums = _chunk_values(p, p.tensors[0]), _chunk_values(p, p.tensors[0])
+    chunks = p.chunk_arguments() | dict(maxes_ptr=maxes, sums_ptr=sums)
+    options = masking.arguments(p.align) | masking.extra_arguments(p.align)
+    first = p.of_inputs(1)
+    first_options = {name: value for name, value in options.items() if name not in _SINK_ARGUMENTS}
+    _run(kernels().masked_chunk_statistics_kernel, first, first.arguments("x") | first_options | chunks)
+    args = p.arguments("x", "y") | options | chunks | dict(lse_ptr=lse, CHUNKS=p.config.chunk_slots)
+    _run(kernels().masked_chunk_normalise_kernel, p, args)
 
 
 def row_statistics(x, dim):

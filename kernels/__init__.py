@@ -10,6 +10,7 @@
   from them: ``row_stats``;
 - the split-row regime, rows too few to fill the GPU cut into chunks: ``split_row``; its
   cooperative form, each chunk read once and held on chip across a barrier: ``cooperative``;
+  for masked_softmax's scores (a decoding step's few long rows): ``split_attention``;
 - cross-entropy a chunk of the vocabulary at a time, statistics then gradient: ``vocab_chunks``.
 """
 
@@ -24,6 +25,7 @@ from .row_stats import (
     row_statistics_kernel,
 )
 from .softmax import softmax_backward_kernel, softmax_forward_kernel
+from .split_attention import masked_chunk_grad_kernel, masked_chunk_normalise_kernel, masked_chunk_statistics_kernel
 from .split_row import chunk_normalise_kernel, chunk_product_kernel, chunk_row_sums_kernel, chunk_statistics_kernel
 from .vocab_chunks import vocab_chunk_grad_kernel, vocab_chunk_statistics_kernel
 
@@ -43,6 +45,9 @@ __all__ = [
     "cross_entropy_kernel",
     "cross_entropy_probabilities_kernel",
     "launch_config",
+    "masked_chunk_grad_kernel",
+    "masked_chunk_normalise_kernel",
+    "masked_chunk_statistics_kernel",
     "masked_softmax_backward_kernel",
     "masked_softmax_forward_kernel",
     "normalise_with_lse_kernel",

@@ -219,6 +219,146 @@ def attention_probabilities(x, row_max, row_sum):
 
 
 @triton.jit
+def masked_online_statistics(
+    x_rows,
+    x_stride_col,
+    row_mask,
+    start,
+    read_stop,
+    stop,
+    scale,
+    last_key,
+    batch,
+    query,
+    mask_ptr,
+    mask_stride_batch,
+    mask_stride_head,
+    mask_stride_query,
+    mask_stride_key,
+    n_heads,
+    softcap,
+    bias_rows,
+    bias_stride_key,
+    ROWS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    ALIGN: tl.constexpr,
+    MASK: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    BIAS: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+):
+    """Each row's (max, sum of exp(z - max)) of the masked scores z over columns [start, stop),
+    reading only [start, read_stop) (the rest is past every visible key): one sweep, loads
+    predicated on ``stop``, a whole row's n_cols or a split row's chunk end (both aligned)."""
+    lane_max = tl.full([ROWS, BLOCK_N], float("-inf"), COMPUTE_DTYPE)
+    lane_sum = tl.zeros([ROWS, BLOCK_N], COMPUTE_DTYPE)
+    for block_start in tl.range(start, read_stop, BLOCK_N):
+        col = column_block(block_start, BLOCK_N)
+        x = load_scores(
+            x_rows,
+            x_stride_col,
+            col,
+            row_mask & (col < stop),
+            scale,
+            last_key,
+            batch,
+            query,
+            mask_ptr,
+            mask_stride_batch,
+            mask_stride_head,
+            mask_stride_query,
+            mask_stride_key,
+            n_heads,
+            softcap,
+            bias_rows,
+            bias_stride_key,
+            ALIGN,
+            MASK,
+            CAUSAL,
+            SOFTCAP,
+            BIAS,
+            COMPUTE_DTYPE,
+        )
+        lane_max, lane_sum = online_step(lane_max, lane_sum, x)
+    return combine_lanes(lane_max, lane_sum)
+
+
+@triton.jit
+def masked_normalising_sweep(
+    x_rows,
+    x_stride_col,
+    y_rows,
+    y_stride_col,
+    row_mask,
+    start,
+    read_stop,
+    stop,
+    row_max,
+    row_sum,
+    scale,
+    last_key,
+    batch,
+    query,
+    mask_ptr,
+    mask_stride_batch,
+    mask_stride_head,
+    mask_stride_query,
+    mask_stride_key,
+    n_heads,
+    softcap,
+    bias_rows,
+    bias_stride_key,
+    ROWS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    ALIGN: tl.constexpr,
+    MASK: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    BIAS: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+):
+    """y over columns [start, stop) given the rows' statistics: the blocks of [start, read_stop)
+    read again in reverse (see ``tiles.normalising_sweep``), the blocks after them, past every
+    visible key, only written, as zeros. Returns the row max (a helper must return something)."""
+    n_blocks = tl.cdiv(read_stop - start, BLOCK_N)
+    for back in tl.range(0, n_blocks):
+        col = column_block(start + (n_blocks - 1 - back) * BLOCK_N, BLOCK_N)
+        in_bounds = row_mask & (col < stop)
+        x = load_scores(
+            x_rows,
+            x_stride_col,
+            col,
+            in_bounds,
+            scale,
+            last_key,
+            batch,
+            query,
+            mask_ptr,
+            mask_stride_batch,
+            mask_stride_head,
+            mask_stride_query,
+            mask_stride_key,
+            n_heads,
+            softcap,
+            bias_rows,
+            bias_stride_key,
+            ALIGN,
+            MASK,
+            CAUSAL,
+            SOFTCAP,
+            BIAS,
+            COMPUTE_DTYPE,
+        )
+        store_block(y_rows, y_stride_col, col, in_bounds, attention_probabilities(x, row_max, row_sum))
+    if CAUSAL:
+        for block_start in tl.range(start + n_blocks * BLOCK_N, stop, BLOCK_N):
+            col = column_block(block_start, BLOCK_N)
+            store_block(y_rows, y_stride_col, col, row_mask & (col < stop), tl.zeros([ROWS, BLOCK_N], COMPUTE_DTYPE))
+    return row_max
+
+
+@triton.jit
 def masked_softmax_forward_kernel(
     x_ptr,  # scores [..., Lq, Lk]
     y_ptr,  # output: their softmax
@@ -274,78 +414,73 @@ def masked_softmax_forward_kernel(
             bias_ptr, batch, query, bias_n_heads, bias_stride_batch, bias_stride_head, bias_stride_query, ALIGN, BIAS
         )
         if ONLINE:
-            lane_max = tl.full([ROWS, BLOCK_N], float("-inf"), COMPUTE_DTYPE)
-            lane_sum = tl.zeros([ROWS, BLOCK_N], COMPUTE_DTYPE)
-            for start in tl.range(0, n_read, BLOCK_N):
-                col = column_block(start, BLOCK_N)
-                x = load_scores(
-                    x_rows,
-                    x_stride_col,
-                    col,
-                    row_mask & (col < n_cols),
-                    scale,
-                    last_key,
-                    batch,
-                    query,
-                    mask_ptr,
-                    mask_stride_batch,
-                    mask_stride_head,
-                    mask_stride_query,
-                    mask_stride_key,
-                    n_heads,
-                    softcap,
-                    bias_rows,
-                    bias_stride_key,
-                    ALIGN,
-                    MASK,
-                    CAUSAL,
-                    SOFTCAP,
-                    BIAS,
-                    COMPUTE_DTYPE,
-                )
-                lane_max, lane_sum = online_step(lane_max, lane_sum, x)
-            row_max, row_sum = combine_lanes(lane_max, lane_sum)
+            row_max, row_sum = masked_online_statistics(
+                x_rows,
+                x_stride_col,
+                row_mask,
+                0,
+                n_read,
+                n_cols,
+                scale,
+                last_key,
+                batch,
+                query,
+                mask_ptr,
+                mask_stride_batch,
+                mask_stride_head,
+                mask_stride_query,
+                mask_stride_key,
+                n_heads,
+                softcap,
+                bias_rows,
+                bias_stride_key,
+                ROWS,
+                BLOCK_N,
+                ALIGN,
+                MASK,
+                CAUSAL,
+                SOFTCAP,
+                BIAS,
+                COMPUTE_DTYPE,
+            )
             row_max, row_sum = with_sinks(
                 row_max, row_sum, batch, row_mask, sinks_ptr, n_sink_heads, BLOCK_N, SINKS, COMPUTE_DTYPE
             )
             store_log_sum_exp(lse_ptr, row, row_mask, row_max, row_sum, BLOCK_N, SOFTCAP, SINKS)
             y_rows = row_starts(y_ptr, outer, inner, y_stride_outer, y_stride_inner, ALIGN)
-            n_blocks = tl.cdiv(n_read, BLOCK_N)
-            for back in tl.range(0, n_blocks):
-                col = column_block((n_blocks - 1 - back) * BLOCK_N, BLOCK_N)
-                in_bounds = row_mask & (col < n_cols)
-                x = load_scores(
-                    x_rows,
-                    x_stride_col,
-                    col,
-                    in_bounds,
-                    scale,
-                    last_key,
-                    batch,
-                    query,
-                    mask_ptr,
-                    mask_stride_batch,
-                    mask_stride_head,
-                    mask_stride_query,
-                    mask_stride_key,
-                    n_heads,
-                    softcap,
-                    bias_rows,
-                    bias_stride_key,
-                    ALIGN,
-                    MASK,
-                    CAUSAL,
-                    SOFTCAP,
-                    BIAS,
-                    COMPUTE_DTYPE,
-                )
-                store_block(y_rows, y_stride_col, col, in_bounds, attention_probabilities(x, row_max, row_sum))
-            if CAUSAL:
-                for start in tl.range(n_blocks * BLOCK_N, n_cols, BLOCK_N):
-                    col = column_block(start, BLOCK_N)
-                    store_block(
-                        y_rows, y_stride_col, col, row_mask & (col < n_cols), tl.zeros([ROWS, BLOCK_N], COMPUTE_DTYPE)
-                    )
+            masked_normalising_sweep(
+                x_rows,
+                x_stride_col,
+                y_rows,
+                y_stride_col,
+                row_mask,
+                0,
+                n_read,
+                n_cols,
+                row_max,
+                row_sum,
+                scale,
+                last_key,
+                batch,
+                query,
+                mask_ptr,
+                mask_stride_batch,
+                mask_stride_head,
+                mask_stride_query,
+                mask_stride_key,
+                n_heads,
+                softcap,
+                bias_rows,
+                bias_stride_key,
+                ROWS,
+                BLOCK_N,
+                ALIGN,
+                MASK,
+                CAUSAL,
+                SOFTCAP,
+                BIAS,
+                COMPUTE_DTYPE,
+            )
         else:
             col = column_block(0, BLOCK_N)
             in_bounds = row_mask & (col < n_cols)
@@ -432,6 +567,87 @@ def score_grad(y, dy, row_sum, lse, bias, softcap, scale, SOFTCAP: tl.constexpr)
 
 
 @triton.jit
+def masked_grad_sweep(
+    y_rows,
+    y_stride_col,
+    dy_rows,
+    dy_stride_col,
+    dx_rows,
+    dx_stride_col,
+    row_mask,
+    start,
+    stop,
+    row_sum,
+    lse,
+    batch,
+    query,
+    mask_ptr,
+    mask_stride_batch,
+    mask_stride_head,
+    mask_stride_query,
+    mask_stride_key,
+    n_heads,
+    softcap,
+    scale,
+    BLOCK_N: tl.constexpr,
+    ALIGN: tl.constexpr,
+    MASK: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+):
+    """The scores' gradient over columns [start, stop) given the rows' sums of dy * y: a second
+    sweep, in reverse (see ``tiles.normalising_sweep``). Returns the row sums (a helper must
+    return something)."""
+    n_blocks = tl.cdiv(stop - start, BLOCK_N)
+    for back in tl.range(0, n_blocks):
+        col = column_block(start + (n_blocks - 1 - back) * BLOCK_N, BLOCK_N)
+        in_bounds = row_mask & (col < stop)
+        y = load_block(y_rows, y_stride_col, col, in_bounds, 0.0, COMPUTE_DTYPE)
+        dy = load_block(dy_rows, dy_stride_col, col, in_bounds, 0.0, COMPUTE_DTYPE)
+        bias = score_bias(
+            mask_ptr,
+            batch,
+            query,
+            n_heads,
+            mask_stride_batch,
+            mask_stride_head,
+            mask_stride_query,
+            mask_stride_key,
+            col,
+            in_bounds,
+            ALIGN,
+            MASK,
+            COMPUTE_DTYPE,
+        )
+        store_block(
+            dx_rows, dx_stride_col, col, in_bounds, score_grad(y, dy, row_sum, lse, bias, softcap, scale, SOFTCAP)
+        )
+    return row_sum
+
+
+@triton.jit
+def store_sink_grad(
+    sinks_ptr,
+    sinks_grad_ptr,
+    row,
+    n_queries,
+    n_sink_heads,
+    lse,
+    row_sum,
+    row_mask,
+    BLOCK_N: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+):
+    """Each row's share of its sink's gradient, -exp(sink - lse) * sum(dy * y); 0 for a row with
+    every key hidden. The head from the row here, not from a batch index formed before the
+    sweeps: held across them (and a 64-bit division's call) it spilled. Returns the shares."""
+    head = (row // n_queries) % n_sink_heads
+    sink = load_row_values(sinks_ptr + head, row_mask, BLOCK_N, COMPUTE_DTYPE)
+    sink_grad = tl.where(lse == float("-inf"), 0.0, -tl.exp(sink - lse) * row_sum)
+    return store_row_values(sinks_grad_ptr + row, sink_grad, row_mask, BLOCK_N)
+
+
+@triton.jit
 def masked_softmax_backward_kernel(
     y_ptr,  # the forward's output
     dy_ptr,  # its gradient
@@ -497,34 +713,34 @@ def masked_softmax_backward_kernel(
                 COMPUTE_DTYPE,
             )
             dx_rows = row_starts(dx_ptr, outer, inner, dx_stride_outer, dx_stride_inner, ALIGN)
-            n_blocks = tl.cdiv(n_cols, BLOCK_N)
-            for back in tl.range(0, n_blocks):
-                col = column_block((n_blocks - 1 - back) * BLOCK_N, BLOCK_N)
-                in_bounds = row_mask & (col < n_cols)
-                y = load_block(y_rows, y_stride_col, col, in_bounds, 0.0, COMPUTE_DTYPE)
-                dy = load_block(dy_rows, dy_stride_col, col, in_bounds, 0.0, COMPUTE_DTYPE)
-                bias = score_bias(
-                    mask_ptr,
-                    batch,
-                    query,
-                    n_heads,
-                    mask_stride_batch,
-                    mask_stride_head,
-                    mask_stride_query,
-                    mask_stride_key,
-                    col,
-                    in_bounds,
-                    ALIGN,
-                    MASK,
-                    COMPUTE_DTYPE,
-                )
-                store_block(
-                    dx_rows,
-                    dx_stride_col,
-                    col,
-                    in_bounds,
-                    score_grad(y, dy, row_sum, lse, bias, softcap, scale, SOFTCAP),
-                )
+            masked_grad_sweep(
+                y_rows,
+                y_stride_col,
+                dy_rows,
+                dy_stride_col,
+                dx_rows,
+                dx_stride_col,
+                row_mask,
+                0,
+                n_cols,
+                row_sum,
+                lse,
+                batch,
+                query,
+                mask_ptr,
+                mask_stride_batch,
+                mask_stride_head,
+                mask_stride_query,
+                mask_stride_key,
+                n_heads,
+                softcap,
+                scale,
+                BLOCK_N,
+                ALIGN,
+                MASK,
+                SOFTCAP,
+                COMPUTE_DTYPE,
+            )
         else:
             col = column_block(0, BLOCK_N)
             in_bounds = row_mask & (col < n_cols)
@@ -551,9 +767,6 @@ def masked_softmax_backward_kernel(
                 dx_rows, dx_stride_col, col, in_bounds, score_grad(y, dy, row_sum, lse, bias, softcap, scale, SOFTCAP)
             )
         if SINKS:
-            # The head from the row here, not from the batch index above: held across the sweeps
-            # (and a 64-bit division's call) it spilled.
-            head = (row // n_queries) % n_sink_heads
-            sink = load_row_values(sinks_ptr + head, row_mask, BLOCK_N, COMPUTE_DTYPE)
-            sink_grad = tl.where(lse == float("-inf"), 0.0, -tl.exp(sink - lse) * row_sum)
-            store_row_values(sinks_grad_ptr + row, sink_grad, row_mask, BLOCK_N)
+            store_sink_grad(
+                sinks_ptr, sinks_grad_ptr, row, n_queries, n_sink_heads, lse, row_sum, row_mask, BLOCK_N, COMPUTE_DTYPE
+            )

@@ -17,7 +17,8 @@ machine without a GPU (see ``fused_softmax.bench.machine_code``). The rules:
   scores, whose masking needs registers; its online tile is half the size too; with
   softcapping or sinks a quarter, and one access in fp64).
 - The grid is persistent: at most as many programs as the SMs hold at once.
-- Rows too few to fill the GPU are split (``kernels.split_row``). By Little's law, memory runs
+- Rows too few to fill the GPU are split (``kernels.split_row``; attention scores
+  ``kernels.split_attention``). By Little's law, memory runs
   at its bandwidth only with bandwidth x latency bytes in flight, and only when every SM is
   working: where the tiles would leave SMs idle or keep less than that in flight, a row is cut
   into chunks of online tiles until (rows x chunks) programs do both. Tensors under
@@ -134,10 +135,11 @@ def tile_load_bytes(config: LaunchConfig, elem_bytes: int, backward: bool) -> in
     return config.rows_per_program * config.block_n * elem_bytes * (2 if backward else 1)
 
 
-def _split(config, n_rows, n_cols, elem_bytes, device, backward, align, vector, min_split_bytes):
+def _split(config, n_rows, n_cols, elem_bytes, device, backward, align, vector, min_split_bytes, attention=0):
     """``config`` with its rows cut into chunks where its tiles would leave SMs idle or keep too
     little in flight (bandwidth x latency, or the whole input if that is less); unchanged where
-    the rows fill the GPU or the tensor is small."""
+    the rows fill the GPU or the tensor is small. Attention scores' chunks take their online
+    tile and warps (``attention`` as in ``launch_config``)."""
     if n_rows is None or n_rows * n_cols * elem_bytes < min_split_bytes:
         return config
     tiles = triton.cdiv(n_rows, config.rows_per_program)
@@ -147,7 +149,7 @@ def _split(config, n_rows, n_cols, elem_bytes, device, backward, align, vector, 
         return config  # the rows alone fill every program the GPU holds: a split adds none
     if tiles >= device.sm_count and tiles * tile_load_bytes(config, elem_bytes, backward) >= needed:
         return config
-    tiled = replace(config, block_n=min(ONLINE_BLOCK, config.block_n), online=True)
+    tiled = replace(config, block_n=min(ONLINE_BLOCK >> attention, config.block_n), online=True)
     wanted = max(device.sm_count, math.ceil(needed / tile_load_bytes(tiled, elem_bytes, backward)))
     chunks = triton.cdiv(wanted, tiles)
     # Chunks of whole blocks, at least ``chunks`` of them: a block of the largest power of two
@@ -158,7 +160,8 @@ def _split(config, n_rows, n_cols, elem_bytes, device, backward, align, vector, 
     if triton.cdiv(n_cols, chunk_cols) < 2:
         return config
     # At least 4 warps: with 2, ptxas spilled a few bytes of the backward's second phase.
-    warps = max(4, _warps(config.rows_per_program, block, vector))
+    compute_bytes = 8 if config.compute_dtype == tl.float64 else 4
+    warps = max(4, _warps(config.rows_per_program, block, vector, attention, compute_bytes))
     tiled = replace(tiled, block_n=block, num_warps=warps)
     return replace(tiled, chunks=triton.cdiv(n_cols, chunk_cols), chunk_cols=chunk_cols)
 
@@ -226,10 +229,10 @@ def launch_config(
     it reaches 16 bytes). ``contiguous_rows``: how many neighbouring rows lie at unit stride (1
     when the columns are unit-stride). ``max_block`` caps the on-chip row, a power of two; tests
     use it to reach the online regime with tiny rows. ``n_rows``: how many rows the launch has,
-    given by the jobs that have a split-row regime (softmax and its products; not attention
-    scores nor cross-entropy): it decides that regime, unless the tensor is under
-    ``min_split_bytes``. ``cooperative``: a split row whose chunks fit on chip at once takes the
-    cooperative regime (``_cooperative``).
+    given by the jobs that have a split-row regime (softmax and its products, attention scores;
+    not cross-entropy): it decides that regime, unless the tensor is under ``min_split_bytes``.
+    ``cooperative``: a split row of softmax or its products whose chunks fit on chip at once
+    takes the cooperative regime (``_cooperative``; attention scores stay phased).
     """
     compute_bytes = 8 if elem_bytes == 8 else 4
     wide = align * elem_bytes >= VECTOR_BYTES
@@ -258,10 +261,8 @@ def launch_config(
         online=online,
         compute_dtype=tl.float64 if compute_bytes == 8 else tl.float32,
     )
-    if attention:
-        return config
-    split = _split(config, n_rows, n_cols, elem_bytes, device, backward, align, vector, min_split_bytes)
-    if cooperative and split.chunks > 1:
+    split = _split(config, n_rows, n_cols, elem_bytes, device, backward, align, vector, min_split_bytes, attention)
+    if cooperative and split.chunks > 1 and not attention:
         return _cooperative(split, n_rows, n_cols, on_chip, device, align, vector) or split
     return split
 

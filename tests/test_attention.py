@@ -5,6 +5,8 @@ programs under the interpreter. ``ONLINE`` caps the on-chip row so the same rows
 through the online regime.
 """
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +15,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fused_softmax
 from fused_softmax import ops
-from fused_softmax.testing import limit_block, reference
+from fused_softmax.testing import limit_block, reference, split_threshold
 
 SHAPE = (2, 2, 3, 5)
 ONLINE = 2  # max_block: 5 keys stream in tiles of 2
@@ -170,9 +172,11 @@ def test_fused_upcast(kernels, launches, device):
 
 
 def test_long_rows_stream_online(kernels, launches, device):
-    """131,072 keys, past every on-chip budget: the online regime, with the causal diagonal."""
+    """131,072 keys, past every on-chip budget: the online regime, with the causal diagonal (two
+    rows this long would split, tests/test_split_attention.py's regime)."""
     scores = torch.randn(1, 1, 2, 131072, device=device)
-    y = fused_softmax.masked_softmax(scores, scale=0.9, causal="bottom_right")
+    with split_threshold(math.inf):
+        y = fused_softmax.masked_softmax(scores, scale=0.9, causal="bottom_right")
     assert [launch.plan.config.regime for launch in launches] == ["online"]
     assert_close(y, reference.masked_softmax(scores, None, 0.9, 131070))
 

@@ -395,8 +395,8 @@ def _softcap_sinks_launches(n, d):
 
 def mode_kernels():
     """The masked-softmax and row-statistics kernels at ``MODE_LENGTHS``, the cross-entropy and
-    vocabulary-chunk kernels at ``CROSS_ENTROPY_LENGTHS`` and the split-row kernels (``split_kernels``),
-    deduplicated."""
+    vocabulary-chunk kernels at ``CROSS_ENTROPY_LENGTHS`` and the split-row kernels
+    (``split_kernels``, ``masked_split_kernels``, ``cooperative_kernels``), deduplicated."""
     found = {}
     launches = [(n, _mode_launches(n)) for n in MODE_LENGTHS]
     launches += [(n, _cross_entropy_launches(n)) for n in CROSS_ENTROPY_LENGTHS]
@@ -405,7 +405,7 @@ def mode_kernels():
         for job, tensors, name in jobs:
             kernel = launched(job, *tensors, layout=name, n=n)
             found.setdefault(kernel, kernel)
-    return list(found.values()) + split_kernels() + cooperative_kernels()
+    return list(found.values()) + split_kernels() + masked_split_kernels() + cooperative_kernels()
 
 
 # Decoding-sized tensors, the split-row regime's: (rows, row length).
@@ -422,12 +422,45 @@ def split_kernels():
         x = _empty((m, n), d)
         jobs = [lambda x, log=log: _launch.softmax_forward(x, 1, x.dtype, log) for log in (False, True)]
         jobs += [lambda x, kind=kind: _launch.jacobian_product(x, x, 1, x.dtype, kind) for kind in SPLIT_PRODUCTS]
-        for job in jobs:
-            kernels = launched_all(job, x, n=n)
-            if len(kernels) == 2:
-                for kernel, phase in zip(kernels, ("chunks out", "chunks in"), strict=True):
-                    kernel = dataclasses.replace(kernel, layout=phase)
-                    found.setdefault(kernel, kernel)
+        _split_phases([(job, (x,)) for job in jobs], n, found)
+    return list(found.values())
+
+
+def _split_phases(jobs, n, found):
+    """The two launches of each split job into ``found``, named by phase as ``split_kernels`` names
+    them; jobs whose rows do not split (one launch) add nothing."""
+    for job, tensors in jobs:
+        kernels = launched_all(job, *tensors, n=n)
+        if len(kernels) == 2:
+            for kernel, phase in zip(kernels, ("chunks out", "chunks in"), strict=True):
+                kernel = dataclasses.replace(kernel, layout=phase)
+                found.setdefault(kernel, kernel)
+
+
+def masked_split_kernels():
+    """The masked-softmax split-row kernels the heuristic gives decoding scores [1, H, 1, Lk],
+    (H, Lk) from ``SPLIT_SHAPES``, in each dtype: forward under a bool mask and the causal
+    diagonal, under softcapping, sinks and an additive mask, and with a bias beside a bool mask;
+    backward under softcapping and sinks (without them it is softmax's, in ``split_kernels``)."""
+    found = {}
+    for (h, n), d in itertools.product(SPLIT_SHAPES, MODE_DTYPES):
+        scores, dtype = _empty((1, h, 1, n), d), TORCH_DTYPES[d]
+        lse = torch.empty(1, h, 1, dtype=_launch.stats_dtype(dtype))
+        sinks, padding = torch.empty(h, dtype=dtype), torch.ones(1, n, dtype=torch.bool)
+        additive, bias = torch.empty(1, n, dtype=dtype), torch.empty(n, dtype=dtype)
+        jobs = []
+        for mask, causal, options in (
+            (padding, n - 1, {}),
+            (additive, None, dict(softcap=30.0, sinks=sinks)),
+            (padding, None, dict(bias=bias)),
+        ):
+            masking = _launch.masking(scores, mask, 0.125, causal, **options)
+            jobs.append((lambda x, m=masking: _launch.masked_softmax_forward_with_lse(x, x.dtype, m), (scores,)))
+        backward = dict(lse=lse, mask=additive, sinks=sinks, scale=0.125, softcap=30.0)
+        jobs.append(
+            (lambda y, dy, o=backward: _softcap_sinks.kernel_backward(y, dy, out_dtype=y.dtype, **o), (scores, scores))
+        )
+        _split_phases(jobs, n, found)
     return list(found.values())
 
 
