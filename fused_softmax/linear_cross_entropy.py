@@ -351,6 +351,11 @@ def _or_empty(grads, like):
     return tuple(like.new_empty(0) if g is None else g for g in grads)
 
 
+def _op_chunks(input, weight, chunk_size, vocab_chunk_size):
+    vocab, hidden = weight.shape
+    return chunk_shape(input.shape[0], hidden, vocab, input.element_size(), input.device, chunk_size, vocab_chunk_size)
+
+
 @torch.library.custom_op("fused_softmax::linear_cross_entropy", mutates_args=())
 def linear_cross_entropy_op(
     input: torch.Tensor,
@@ -362,14 +367,16 @@ def linear_cross_entropy_op(
     label_smoothing: float,
     z_loss: float,
     softcap: Optional[float],
-    rows: int,
-    cols: int,
+    rows: Optional[int],
+    cols: Optional[int],
     want_input: bool,
     want_weight: bool,
     want_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``forward_and_grads`` under torch.compile: (loss, input, weight and bias gradients, each
-    empty where not wanted)."""
+    empty where not wanted). ``rows`` and ``cols`` are chunk_size and vocab_chunk_size: the op
+    sizes its chunks when it runs (``chunk_shape``), from the free memory then, not at tracing."""
+    rows, cols = _op_chunks(input, weight, rows, cols)
     options = (ignore_index, label_smoothing, z_loss, softcap)
     wanted = _wanted(want_input, want_weight, want_bias)
     loss, *grads = forward_and_grads(input, weight, bias, target, options, reduction, rows, cols, wanted)
@@ -398,13 +405,15 @@ def linear_cross_entropy_backward_op(
     label_smoothing: float,
     z_loss: float,
     softcap: Optional[float],
-    rows: int,
-    cols: int,
+    rows: Optional[int],
+    cols: Optional[int],
     want_input: bool,
     want_weight: bool,
     want_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``per_token_grads`` under torch.compile, each gradient empty where not wanted."""
+    """``per_token_grads`` under torch.compile, each gradient empty where not wanted; chunks as
+    the forward op's."""
+    rows, cols = _op_chunks(input, weight, rows, cols)
     options = (ignore_index, label_smoothing, z_loss, softcap)
     wanted = _wanted(want_input, want_weight, want_bias)
     return _or_empty(per_token_grads(input, weight, bias, target, grad_loss, options, rows, cols, wanted), input)
@@ -496,18 +505,16 @@ def linear_cross_entropy(
     _check_like_torch(input, weight, target, bias, ignore_index, reduction, label_smoothing)
     flat_input = input.reshape(-1, input.shape[-1])
     flat_target = target.reshape(-1).long()
-    vocab, hidden = weight.shape
-    rows, cols = chunk_shape(
-        flat_input.shape[0], hidden, vocab, input.element_size(), input.device, chunk_size, vocab_chunk_size
-    )
     grad_enabled = torch.is_grad_enabled()
     wants = [t is not None and t.requires_grad and grad_enabled for t in (input, weight, bias)]
     options = (ignore_index, float(label_smoothing), float(z_loss), None if softcap is None else float(softcap))
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():  # the op sizes its chunks when it runs
+        chunks = _positive_or_none("chunk_size", chunk_size), _positive_or_none("vocab_chunk_size", vocab_chunk_size)
         loss = linear_cross_entropy_op(
-            flat_input, weight, bias, flat_target, *options[:1], reduction, *options[1:], rows, cols, *wants
+            flat_input, weight, bias, flat_target, *options[:1], reduction, *options[1:], *chunks, *wants
         )[0]
     else:
+        rows, cols = _op_chunks(flat_input, weight, chunk_size, vocab_chunk_size)
         wanted = _wanted(*wants)
         loss = LinearCrossEntropyFunction.apply(
             flat_input, weight, bias, flat_target, options, reduction, rows, cols, wanted
