@@ -331,17 +331,10 @@ class CrossEntropyFunction(torch.autograd.Function):
                     "cross_entropy(inplace_backward=True) wrote its gradient over the logits: it has no "
                     "double backward, nor a gradient for probability targets"
                 )
-            create_graph = torch.is_grad_enabled()
-            wrt = [t for t, need in ((input, need_input), (target, need_target)) if need]
-            with torch.enable_grad():
-                loss = _batched_torch_cross_entropy(input, target, weight, ctx.options, ctx.batch_dims)
-                grads = list(torch.autograd.grad(loss, wrt, grad_loss, create_graph=create_graph))
-            if need_input:
-                torch_grad = grads.pop(0)
-                if create_graph:  # the kernel's value, torch's derivative: a double backward differentiates this
-                    grad_input = torch_grad + (grad_input - torch_grad).detach()
-            if need_target:
-                grad_target = grads.pop(0)
+            torch_grad, grad_target = _torch_grads(ctx, input, target, weight, grad_loss, need_target)
+            if need_input and torch.is_grad_enabled():
+                # the kernel's value, torch's derivative: a double backward differentiates this
+                grad_input = torch_grad + (grad_input - torch_grad).detach()
         return grad_input, grad_target, *(None,) * 9
 
     @staticmethod
@@ -399,6 +392,19 @@ def _apply_not_inplace(input, target, weight, *options, store_grad):
     expanded view."""
     *options, batch_dims = options
     return CrossEntropyFunction.apply(input, target, weight, *options, store_grad, False, batch_dims)
+
+
+def _torch_grads(ctx, input, target, weight, grad_loss, need_target):
+    """(the logits' gradient, the probability targets' gradient or None) in torch ops, by
+    torch.func's vjp: differentiable by every outer transform and by autograd, whether or not
+    the saved tensors require grad at this level."""
+
+    def loss(x, *t):
+        return _batched_torch_cross_entropy(x, t[0] if t else target, weight, ctx.options, ctx.batch_dims)
+
+    _, vjp = torch.func.vjp(loss, input, *((target,) if need_target else ()))
+    grads = vjp(grad_loss)
+    return grads[0], grads[1] if need_target else None
 
 
 def _batched_torch_cross_entropy(input, target, weight, options, batch_dims):
