@@ -5,11 +5,14 @@ errors, the reduction's factor), the custom op torch.compile sees, the autograd 
 public function and module.
 
 The forward kernel computes each row's loss and, when the logits need a gradient, writes it in
-the same pass: the gradient of the reduced loss, so a backward whose upstream gradient is the
-scalar 1 (``loss.backward()`` after a mean or sum) returns it as it is, and any other upstream
-gradient only scales it. The Function keeps the caller's logits (a reference, not a copy) for a
-double backward, whose second derivatives come from torch ops; ``inplace_backward=True`` writes
-the gradient over the logits instead and keeps nothing but it (no double backward then).
+the same pass: the gradient of the reduced loss. The backward scales it in place on the device
+by the upstream gradient, leaving the rows whose factor is exactly 1 untouched (all of them after
+``loss.backward()`` on a mean or sum), without reading anything back to the host. The Function
+keeps the caller's logits (a reference, not a copy) for a double backward, whose second
+derivatives come from torch ops, and for a second backward through a retained graph, which
+recomputes the gradient; ``inplace_backward=True`` writes the gradient over the logits instead
+and keeps nothing but it (neither then). Under torch.func, vmap is one launch whose batch entries
+keep their own reductions, and the forward-mode tangent is the gradient's dot with the logits'.
 """
 
 import functools

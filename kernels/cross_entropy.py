@@ -17,7 +17,13 @@ for a mean). Ignored rows (target == ignore_index) have loss and gradient 0; a t
 [0, C) gives a NaN loss and gradient, never an out-of-bounds read (the host raises first where it
 can check without a device synchronisation). On chip, the logits are read once and the gradient
 written once; rows longer than a block keep online statistics in one sweep and write the gradient
-in a second, in reverse (see ``tiles.normalising_sweep``).
+in a second, in reverse (see ``tiles.normalising_sweep``). The gradient's scale is read per row:
+one factor per batch entry, for vmap.
+
+The backward only scales that gradient by the upstream one (``scale_grad_kernel``). The
+vocab-parallel cross-entropy runs the same steps on one shard of the classes: its statistics for
+the all_gather (``vocab_shard_statistics_kernel``) and, given the global log-sum-exp, its
+gradient (``vocab_shard_grad_kernel``).
 """
 
 import triton

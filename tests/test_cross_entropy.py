@@ -463,6 +463,26 @@ def test_opcheck(kernels, device, probabilities):
     for reduction in REDUCTIONS:
         args = (x, target, weight, -100 if not probabilities else -1, reduction, 0.1, 1e-3, 3.0, True)
         torch.library.opcheck(cross_entropy_op, args)
+    # vmap's form: a leading batch dim of two entries, each with its own reduction.
+    batched = (x.detach().view(2, 2, 7).requires_grad_(), target.view(2, 2, 7) if probabilities else target.view(2, 2))
+    for reduction in REDUCTIONS:
+        options = (-100 if not probabilities else -1, reduction, 0.1, 1e-3, 3.0, True, 1)
+        torch.library.opcheck(cross_entropy_op, (*batched, weight, *options))
+
+
+def test_compiled_vmap_is_one_launch(kernels, launches):
+    """Under torch.compile the op's vmap rule makes a vmapped cross-entropy one launch too."""
+    torch._dynamo.reset()
+    x = random((3, 4, 7), torch.float32)
+    target = torch.tensor([[0, 6, -100, 3], [1, 1, 2, -100], [5, 4, 3, 2]])
+
+    def losses(x, target):
+        return torch.func.vmap(lambda x, t: fused_softmax.cross_entropy(x, t, label_smoothing=0.1))(x, target)
+
+    actual = torch.compile(losses, fullgraph=True, backend="aot_eager")(x, target)
+    assert [launch.name for launch in launches] == ["cross_entropy_kernel"]
+    expected = torch.stack([F.cross_entropy(a, t, label_smoothing=0.1) for a, t in zip(x, target, strict=True)])
+    torch.testing.assert_close(actual, expected)
 
 
 # ---- traffic
