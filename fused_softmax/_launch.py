@@ -578,24 +578,38 @@ def backward_with_row_sums(y, dy, dim, out_dtype, log, row_sums):
 
 
 def cross_entropy_forward(
-    x, target, weight, *, ignore_index, smoothing, z_loss, softcap, grad=None, grad_scale=None, probabilities=False
+    x,
+    target,
+    weight,
+    *,
+    ignore_index,
+    smoothing,
+    z_loss,
+    softcap,
+    grad=None,
+    grad_scale=None,
+    probabilities=False,
+    dim=1,
 ):
-    """Each row's cross-entropy of logits ``x`` [n, C, inner...] (classes along dim 1), in the
-    kernels' compute dtype, shaped like x without dim 1. ``target``: [rows] class indices in
+    """Each row's cross-entropy of logits ``x`` with the classes along ``dim``, in the kernels'
+    compute dtype, shaped like x without ``dim``. ``target``: class indices in the rows'
     row-major order, or class probabilities shaped like x (``probabilities``). With ``grad`` (a
     tensor shaped like x; x itself to overwrite the logits) the same pass writes into it the
-    logits' gradient of Σ loss · ``grad_scale`` (a 1-element tensor in the compute dtype)."""
-    losses = empty(_rows_shape(x, 1), stats_dtype(x.dtype), x.device)
+    logits' gradient of Σ loss · ``grad_scale``: a tensor in the compute dtype holding one factor
+    per batch entry, the entries splitting the rows, in order, into equal runs (one entry: a
+    1-element tensor)."""
+    losses = empty(_rows_shape(x, dim), stats_dtype(x.dtype), x.device)
     if not losses.numel():
         return losses
     names = ("x", "target") if probabilities else ("x",)
     tensors = (x, target) if probabilities else (x,)
     if grad is not None:
         names, tensors = (*names, "grad"), (*tensors, grad)
-    p = plan(tensors, 1, backward=probabilities, cross_entropy=True)
+    p = plan(tensors, dim, backward=probabilities, cross_entropy=True)
     args = p.arguments(*names) | dict(loss_ptr=losses, weight_ptr=weight, grad_scale_ptr=grad_scale)
     if grad is None:
         args |= dict(grad_ptr=None, grad_stride_outer=None, grad_stride_col=None, grad_stride_inner=None)
+    args |= _grad_scale_arguments(p.n_rows, None if grad is None else grad_scale.numel())
     for name, value in (("smoothing", smoothing), ("z_loss", z_loss), ("softcap", softcap or 0.0)):
         args[f"{name}_high"], args[f"{name}_low"] = fp32_pair(float(value))
     args |= dict(
@@ -633,3 +647,78 @@ def vocab_chunk_grad(x, target, stats, scale, *, vocab_start, n_classes, ignore_
         args |= dict(SMOOTHING=smoothing > 0, SOFTCAP=softcap is not None)
         _run(kernels().vocab_chunk_grad_kernel, p, args)
     return x
+
+
+def _grad_scale_arguments(rows, entries):
+    """How the cross-entropy kernels find a row's gradient scale: ``entries`` equal runs of rows
+    (None: no gradient). The kernels divide in int32."""
+    if entries is None:
+        return dict(scale_rows=None, grad_scale_stride=None)
+    if entries == 1:
+        return dict(scale_rows=1, grad_scale_stride=0)
+    if rows >= 2**31:
+        raise NotImplementedError(f"cross_entropy under vmap: {rows} rows in one launch; at most 2^31 - 1")
+    return dict(scale_rows=rows // entries, grad_scale_stride=1)
+
+
+def scale_cross_entropy_grad(grad, upstream, dim):
+    """``grad`` (the forward's gradient, classes along ``dim``) times the upstream gradient, in
+    place: ``upstream`` is one value (0-d) or one per row, shaped like grad without ``dim``.
+    Rows whose factor is exactly 1 are not touched, and the host reads nothing."""
+    if not grad.numel():
+        return grad
+    p = plan((grad,), dim, backward=True, cross_entropy=True)
+    if p.tensors[0] is not grad:
+        raise ValueError("scale_cross_entropy_grad scales a gradient in place: its rows must have a common stride")
+    args = p.arguments("grad") | dict(upstream_ptr=upstream, PER_ROW=upstream.dim() > 0)
+    if upstream.dim():
+        rows = upstream.reshape(p.sizes[0], p.sizes[2])  # a view, unless a copy of one value a row is needed
+        args |= dict(upstream_ptr=rows, upstream_stride_outer=rows.stride(0), upstream_stride_inner=rows.stride(1))
+    else:
+        args |= dict(upstream_stride_outer=None, upstream_stride_inner=None)
+    _run(kernels().scale_grad_kernel, p, args)
+    return grad
+
+
+def vocab_shard_statistics(x, target, *, vocab_start, ignore_index, smoothing):
+    """[rows, 4] in the compute dtype: each row's (max, Σ exp(x − max), the target's logit if this
+    shard of the classes holds it else 0, Σ x with smoothing else 0), from [rows, C_local]
+    logits ``x`` and [rows] global class indices."""
+    stats = empty((x.shape[0], 4), stats_dtype(x.dtype), x.device)
+    if x.shape[1] == 0:
+        stats.zero_()[:, 0] = float("-inf")
+    elif stats.numel():
+        p = plan((x,), 1, backward=False, cross_entropy=True)
+        args = p.arguments("x") | dict(
+            target_ptr=target,
+            stats_ptr=stats,
+            vocab_start=vocab_start,
+            ignore_index=ignore_index,
+            ONLINE=p.config.online,
+            SMOOTHING=smoothing > 0,
+        )
+        _run(kernels().vocab_shard_statistics_kernel, p, args)
+    return stats
+
+
+def vocab_shard_grad(x, target, lse, grad_loss, *, vocab_start, classes, ignore_index, smoothing):
+    """The gradient of [rows, C_local] logits ``x``, a shard of ``classes`` classes, given each
+    row's log-sum-exp over every shard and the upstream gradient of each row's loss."""
+    grad = empty(x.shape, x.dtype, x.device)
+    if grad.numel():
+        p = plan((x, grad), 1, backward=True, cross_entropy=True)
+        high, low = fp32_pair(float(smoothing))
+        args = p.arguments("x", "grad") | dict(
+            target_ptr=target,
+            lse_ptr=lse.contiguous(),
+            grad_loss_ptr=grad_loss,
+            grad_loss_stride=grad_loss.stride(0),
+            vocab_start=vocab_start,
+            n_classes=classes,
+            ignore_index=ignore_index,
+            smoothing_high=high,
+            smoothing_low=low,
+            SMOOTHING=smoothing > 0,
+        )
+        _run(kernels().vocab_shard_grad_kernel, p, args)
+    return grad

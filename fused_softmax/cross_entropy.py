@@ -5,45 +5,55 @@ errors, the reduction's factor), the custom op torch.compile sees, the autograd 
 public function and module.
 
 The forward kernel computes each row's loss and, when the logits need a gradient, writes it in
-the same pass: the gradient of the reduced loss, so a backward whose upstream gradient is the
-scalar 1 (``loss.backward()`` after a mean or sum) returns it as it is, and any other upstream
-gradient only scales it. The Function keeps the caller's logits (a reference, not a copy) for a
-double backward, whose second derivatives come from torch ops; ``inplace_backward=True`` writes
-the gradient over the logits instead and keeps nothing but it (no double backward then).
+the same pass: the gradient of the reduced loss. The backward scales it in place on the device
+by the upstream gradient, leaving the rows whose factor is exactly 1 untouched (all of them after
+``loss.backward()`` on a mean or sum), without reading anything back to the host. The Function
+keeps the caller's logits (a reference, not a copy) for a double backward, whose second
+derivatives come from torch ops, and for a second backward through a retained graph, which
+recomputes the gradient; ``inplace_backward=True`` writes the gradient over the logits instead
+and keeps nothing but it (neither then). Under torch.func, vmap is one launch whose batch entries
+keep their own reductions, and the forward-mode tangent is the gradient's dot with the logits'.
 """
 
+import functools
+import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch._C import _functorch
 from torch.nn import _reduction
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import _launch
 from ._backend import KERNEL_DTYPES, selected_backend, use_kernels
+from ._transforms import batch_first
 
 # Captured at import, before any patch() can replace it: the eager path.
 _TORCH_CROSS_ENTROPY = F.cross_entropy
 REDUCTIONS = ("none", "mean", "sum")
 
 
-def _class_dim(input):
-    return 1 if input.dim() >= 2 else 0
+def _class_dim(input, batch_dims=0):
+    """The class dim of ``input``, whose first ``batch_dims`` dims are vmap's batch (see
+    ``kernel_cross_entropy``)."""
+    return batch_dims + (1 if input.dim() - batch_dims >= 2 else 0)
 
 
 def _capped(input, softcap):
     return input if softcap is None else softcap * torch.tanh(input / softcap)
 
 
-def _index_denominator(target, weight, ignore_index):
+def _index_denominator(target, weight, ignore_index, dim=None):
     """A mean's divisor for class-index targets, as torch's: Σ w_t over the targets not ignored
-    (their count without weights). No device synchronisation (no boolean indexing), and no
-    out-of-bounds read for a target outside the classes (its loss is NaN anyway)."""
+    (their count without weights), summed over ``dim`` (all dims by default). No device
+    synchronisation (no boolean indexing), and no out-of-bounds read for a target outside the
+    classes (its loss is NaN anyway)."""
     counted = target != ignore_index
     if weight is None:
-        return counted.sum()
+        return counted.sum(dim)
     target_weight = weight[target.long().clamp(0, weight.numel() - 1)]
-    return torch.where(counted, target_weight, 0.0).sum()
+    return torch.where(counted, target_weight, 0.0).sum(dim)
 
 
 def torch_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap):
@@ -102,38 +112,43 @@ def _check_targets(target, classes, ignore_index):
         raise IndexError(f"Target {target[bad][0].item()} is out of bounds.")
 
 
-def _mean_divisor(x, target, weight, ignore_index, probabilities):
-    """A mean's divisor, in the compute dtype: the rows for probability targets, else as torch's
-    (``_index_denominator``)."""
-    dtype = _launch.stats_dtype(x.dtype)
-    if probabilities:
-        return torch.full((), float(target.numel() // x.shape[1]), dtype=dtype, device=x.device)
-    return _index_denominator(target, weight, ignore_index).to(dtype)
+def _mean_divisors(input, target, weight, ignore_index, entries, classes):
+    """Each batch entry's mean divisor, [entries] in the compute dtype: its rows for probability
+    targets, else as torch's (``_index_denominator``)."""
+    dtype = _launch.stats_dtype(input.dtype)
+    if target.is_floating_point():
+        rows = target.numel() // max(entries * classes, 1)
+        return torch.full((entries,), float(rows), dtype=dtype, device=input.device)
+    return _index_denominator(target.view(entries, -1), weight, ignore_index, dim=1).to(dtype)
 
 
 def kernel_cross_entropy(
-    input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, store_grad, inplace
+    input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, store_grad, inplace, batch_dims=0
 ):
     """(loss reduced as ``reduction`` says, in input's dtype; the logits' gradient of that loss, or
-    None without ``store_grad``) on the kernels. ``input`` has its classes along dim 1 (a [C]
-    input is one row), ``target`` is checked (see ``_unserved_reason``)."""
-    probabilities = target.is_floating_point()
-    x = input if input.dim() >= 2 else input.unsqueeze(0)
-    if probabilities:
-        target = target.view(x.shape)
-    else:
+    None without ``store_grad``) on the kernels. ``target`` is checked (see ``_unserved_reason``).
+
+    The first ``batch_dims`` dims of ``input`` and ``target`` are a batch of independent calls
+    (vmap's): each entry keeps its own reduction and mean divisor, and the kernel sees them all as
+    rows of one launch, the classes along ``_class_dim``."""
+    dim = _class_dim(input, batch_dims)
+    batch = input.shape[:batch_dims]
+    entries = math.prod(batch)
+    if not target.is_floating_point():
         target = target.reshape(-1).long()
-        _check_targets(target, x.shape[1], ignore_index)
-    divisor = _mean_divisor(x, target, weight, ignore_index, probabilities) if reduction == "mean" else None
+        _check_targets(target, input.shape[dim], ignore_index)
+    divisors = None
+    if reduction == "mean":
+        divisors = _mean_divisors(input, target, weight, ignore_index, entries, input.shape[dim])
     grad = grad_scale = None
     if store_grad:
-        grad = x if inplace else _launch.empty(x.shape, x.dtype, x.device)
-        if divisor is None:
-            grad_scale = torch.ones(1, dtype=_launch.stats_dtype(x.dtype), device=x.device)
+        grad = input if inplace else _launch.empty(input.shape, input.dtype, input.device)
+        if divisors is None:
+            grad_scale = torch.ones(1, dtype=_launch.stats_dtype(input.dtype), device=input.device)
         else:
-            grad_scale = divisor.reciprocal().reshape(1)
+            grad_scale = divisors.reciprocal()
     losses = _launch.cross_entropy_forward(
-        x,
+        input,
         target,
         weight,
         ignore_index=ignore_index,
@@ -142,33 +157,55 @@ def kernel_cross_entropy(
         softcap=softcap,
         grad=grad,
         grad_scale=grad_scale,
-        probabilities=probabilities,
+        probabilities=target.is_floating_point(),
+        dim=dim,
     )
-    if reduction == "none":
-        loss = losses.reshape(input.shape[:1] + input.shape[2:] if input.dim() >= 2 else ())
-    elif reduction == "sum":
-        loss = losses.sum()
-    else:
-        loss = losses.sum() / divisor
-    return loss.to(input.dtype), None if grad is None else grad.view(input.shape)
+    if reduction != "none":
+        sums = losses.reshape(entries, -1).sum(1)
+        losses = (sums if reduction == "sum" else sums / divisors).reshape(batch)
+    return losses.to(input.dtype), grad
 
 
 def _is_one(grad_loss):
     """Whether the upstream gradient is the scalar 1, or 1 broadcast (``loss.sum().backward()``).
-    Reading it synchronises with a GPU once per backward; scaling the gradient would read and
-    write all of it."""
+    Reading it synchronises with a GPU (``CrossEntropyFunction`` leaves that decision to the
+    device: ``_launch.scale_cross_entropy_grad``)."""
     broadcast = grad_loss.numel() > 0 and all(s == 0 for s in grad_loss.stride())
     return broadcast and bool(grad_loss[(0,) * grad_loss.dim()] == 1)
 
 
-def scaled_grad(grad, grad_loss, input_dim, reduction, inplace):
-    """The logits' gradient for the upstream ``grad_loss``: the forward's ``grad`` times it,
-    broadcast along the class dim for reduction='none'."""
-    if _is_one(grad_loss):
-        return grad
-    if reduction == "none" and input_dim >= 2:
-        grad_loss = grad_loss.unsqueeze(1)
-    return grad.mul_(grad_loss) if inplace else grad * grad_loss
+def _row_factors(grad_loss, reduction, rows_dims, batch_dims):
+    """The upstream gradient with one dim per row dim (of ``rows_dims``): per row for
+    reduction='none', else one value per batch entry, broadcast over its rows."""
+    if reduction == "none":
+        return grad_loss
+    return grad_loss.reshape(grad_loss.shape + (1,) * (rows_dims - batch_dims))
+
+
+def _times_upstream(grad, grad_loss, reduction, batch_dims):
+    """The logits' gradient ``grad`` of the loss times its upstream gradient, in torch ops."""
+    dim = _class_dim(grad, batch_dims)
+    return grad * _row_factors(grad_loss, reduction, grad.dim() - 1, batch_dims).unsqueeze(dim)
+
+
+def _device_scalable(*tensors):
+    """Whether the kernels can scale a gradient by these tensors: plain tensors, not ones that
+    torch.func or ``is_grads_batched`` wrap."""
+    return not any(_functorch.is_functorch_wrapped_tensor(t) or _functorch.is_legacy_batchedtensor(t) for t in tensors)
+
+
+def _batched(apply, info, in_dims, input, target, weight, *options, batch_dims):
+    """A vmap rule's (output, out_dims) for ``apply`` (the Function's or the op's): the batch
+    becomes one more leading batch dim of the logits and targets, so a vmapped call is one launch
+    whose entries keep their own reductions. An unbatched input or target is expanded, a view."""
+    if in_dims[2] is not None:
+        raise NotImplementedError(
+            "cross_entropy under vmap: the class weights must be the same for every batch entry (one launch "
+            "reads one weight vector); vmap over the logits and targets only"
+        )
+    input, target = batch_first(info, in_dims[:2], input, target)
+    loss, grad = apply(input, target, weight, *options, batch_dims + 1)
+    return (loss, grad), (0, None if grad is None or grad.shape != input.shape else 0)
 
 
 @torch.library.custom_op("fused_softmax::cross_entropy", mutates_args=())
@@ -182,37 +219,53 @@ def cross_entropy_op(
     z_loss: float,
     softcap: Optional[float],
     store_grad: bool,
+    batch_dims: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, the logits' gradient of it, empty without ``store_grad``): the kernel under
-    torch.compile, which cannot alias the logits (``inplace_backward`` is not offered there)."""
+    torch.compile, which cannot alias the logits (``inplace_backward`` is not offered there).
+    ``batch_dims``: leading dims of vmap's batch (see ``kernel_cross_entropy``)."""
     loss, grad = kernel_cross_entropy(
-        input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, store_grad, False
+        input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, store_grad, False, batch_dims
     )
     return loss, grad if grad is not None else input.new_empty(0)
 
 
 @cross_entropy_op.register_fake
-def _(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, store_grad):
-    rows = input.shape[:1] + input.shape[2:] if input.dim() >= 2 else ()
-    loss = input.new_empty(rows if reduction == "none" else ())
+def _(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, store_grad, batch_dims=0):
+    dim = _class_dim(input, batch_dims)
+    rows = input.shape[:dim] + input.shape[dim + 1 :]
+    loss = input.new_empty(rows if reduction == "none" else input.shape[:batch_dims])
     return loss, input.new_empty(input.shape if store_grad else (0,))
 
 
 def _setup_op(ctx, inputs, output):
-    input, *_, reduction, _, _, _, _ = inputs
-    ctx.input_dim, ctx.reduction = input.dim(), reduction
+    reduction, batch_dims = inputs[4], inputs[9] if len(inputs) > 9 else 0
+    ctx.reduction, ctx.batch_dims = reduction, batch_dims
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(output[1])
 
 
 def _op_grad(ctx, grad_loss, _):
     (grad,) = ctx.saved_tensors
-    if ctx.reduction == "none" and ctx.input_dim >= 2:
-        grad_loss = grad_loss.unsqueeze(1)
-    return grad * grad_loss, None, None, None, None, None, None, None, None
+    return _times_upstream(grad, grad_loss, ctx.reduction, ctx.batch_dims), *(None,) * 9
+
+
+def _op_vmap(info, in_dims, input, target, weight, *options):
+    *options, store_grad, batch_dims = options if len(options) == 7 else (*options, 0)
+    return _batched(cross_entropy_op, info, in_dims, input, target, weight, *options, store_grad, batch_dims=batch_dims)
 
 
 cross_entropy_op.register_autograd(_op_grad, setup_context=_setup_op)
+cross_entropy_op.register_vmap(_op_vmap)
+
+
+def _probability_tangent(input, target_tangent, weight, label_smoothing, softcap, class_dim, dims, divisor):
+    """The loss's tangent along probability targets' tangent: Σ -(1 - ε)·w·log softmax(x')·t,
+    the loss being linear in the targets."""
+    terms = torch.log_softmax(_capped(input, softcap), class_dim) * target_tangent * -(1.0 - label_smoothing)
+    if weight is not None:
+        terms = terms * weight.reshape((-1,) + (1,) * (input.dim() - 1 - class_dim))
+    return terms.sum(dims) / divisor
 
 
 class CrossEntropyFunction(torch.autograd.Function):
@@ -220,51 +273,165 @@ class CrossEntropyFunction(torch.autograd.Function):
     gradient is an output, not differentiable, so that the forward stays free of ``ctx``.
 
     ``store_grad``: write the gradient (when the logits need one); ``inplace``: write it over the
-    logits. The backward scales it by the upstream gradient. Second derivatives, and the gradient
-    of probability targets, come from torch ops on the saved logits."""
+    logits; ``batch_dims``: vmap's leading batch dims. The first backward scales the gradient by
+    the upstream gradient in place on the device, touching no row whose factor is 1 and reading
+    nothing back on the host; a later one (``retain_graph=True``) recomputes it from the saved
+    logits first. Second derivatives, and the gradient of probability targets, come from torch
+    ops on the saved logits; the forward-mode tangent is the gradient's dot with the logits'
+    tangent; vmap is one launch (see ``_batched``)."""
 
     @staticmethod
-    def forward(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, store_grad, inplace):
+    def forward(
+        input,
+        target,
+        weight,
+        ignore_index,
+        reduction,
+        label_smoothing,
+        z_loss,
+        softcap,
+        store_grad,
+        inplace,
+        batch_dims=0,
+    ):
         return kernel_cross_entropy(
-            input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, store_grad, inplace
+            input,
+            target,
+            weight,
+            ignore_index,
+            reduction,
+            label_smoothing,
+            z_loss,
+            softcap,
+            store_grad,
+            inplace,
+            batch_dims,
         )
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, _, inplace = inputs
+        input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, _, inplace, *batch = inputs
         loss, grad = output
         if grad is not None:
             ctx.mark_non_differentiable(grad)
         ctx.options = (ignore_index, reduction, label_smoothing, z_loss, softcap)
-        ctx.input_dim, ctx.inplace = input.dim(), inplace
-        ctx.save_for_backward(grad, None if inplace else input, target, weight)
+        ctx.batch_dims = batch[0] if batch else 0
+        ctx.inplace, ctx.grad_scaled = inplace, False
+        saved = (grad, None if inplace else input, target, weight)
+        ctx.save_for_backward(*saved)
+        ctx.save_for_forward(*saved)
 
     @staticmethod
     def backward(ctx, grad_loss, _):
         grad, input, target, weight = ctx.saved_tensors
-        reduction = ctx.options[1]
         need_input, need_target = ctx.needs_input_grad[:2]
         grad_input = grad_target = None
         if need_input:
-            grad_input = scaled_grad(grad, grad_loss, ctx.input_dim, reduction, ctx.inplace)
+            grad_input = CrossEntropyFunction._input_grad(ctx, grad, input, target, weight, grad_loss)
         if need_target or (need_input and torch.is_grad_enabled()):
             if input is None:
                 raise RuntimeError(
                     "cross_entropy(inplace_backward=True) wrote its gradient over the logits: it has no "
                     "double backward, nor a gradient for probability targets"
                 )
-            create_graph = torch.is_grad_enabled()
-            wrt = [t for t, need in ((input, need_input), (target, need_target)) if need]
-            with torch.enable_grad():
-                loss = torch_cross_entropy(input, target, weight, *ctx.options)
-                grads = list(torch.autograd.grad(loss, wrt, grad_loss, create_graph=create_graph))
-            if need_input:
-                torch_grad = grads.pop(0)
-                if create_graph:  # the kernel's value, torch's derivative: a double backward differentiates this
-                    grad_input = torch_grad + (grad_input - torch_grad).detach()
-            if need_target:
-                grad_target = grads.pop(0)
-        return grad_input, grad_target, None, None, None, None, None, None, None, None
+            torch_grad, grad_target = _torch_grads(ctx, input, target, weight, grad_loss, need_target)
+            if need_input and torch.is_grad_enabled():
+                # the kernel's value, torch's derivative: a double backward differentiates this
+                grad_input = torch_grad + (grad_input - torch_grad).detach()
+        return grad_input, grad_target, *(None,) * 9
+
+    @staticmethod
+    def _input_grad(ctx, grad, input, target, weight, grad_loss):
+        """The saved gradient times ``grad_loss``: scaled in place on the device the first time
+        (the buffer is this Function's, or the logits the caller gave up), out of place in torch
+        ops under torch.func or ``is_grads_batched``. After the first time the buffer holds that
+        backward's result (autograd may have made it a leaf's .grad): recompute it first."""
+        reduction, batch_dims = ctx.options[1], ctx.batch_dims
+        if ctx.grad_scaled:
+            if input is None:
+                raise RuntimeError(
+                    "cross_entropy(inplace_backward=True) wrote its gradient over the logits and scaled it in "
+                    "the first backward: a second backward through the graph has nothing to start from"
+                )
+            grad = kernel_cross_entropy(input, target, weight, *ctx.options, True, False, batch_dims)[1]
+        if not _device_scalable(grad, grad_loss):
+            return _times_upstream(grad, grad_loss, reduction, batch_dims)
+        ctx.grad_scaled = True
+        dim = _class_dim(grad, batch_dims)
+        factors = grad_loss
+        if grad_loss.dim():  # one value per row
+            factors = _row_factors(grad_loss, reduction, grad.dim() - 1, batch_dims)
+            factors = factors.expand(grad.shape[:dim] + grad.shape[dim + 1 :])
+        return _launch.scale_cross_entropy_grad(grad, factors, dim)
+
+    @staticmethod
+    def jvp(ctx, input_tangent, target_tangent, *_):
+        grad, input, target, weight = ctx.saved_tensors
+        _, reduction, label_smoothing, _, softcap = ctx.options
+        dim = _class_dim(grad, ctx.batch_dims)
+        dims = (dim,) if reduction == "none" else tuple(range(ctx.batch_dims, grad.dim()))
+        tangent = 0
+        if input_tangent is not None:
+            tangent = (grad * input_tangent).sum(dims)
+        if target_tangent is not None:
+            if input is None:
+                raise RuntimeError("cross_entropy(inplace_backward=True) keeps no logits for a targets' tangent")
+            divisor = target.numel() // max(grad.shape[dim] * math.prod(target.shape[: ctx.batch_dims]), 1)
+            divisor = divisor if reduction == "mean" else 1
+            tangent = tangent + _probability_tangent(
+                input, target_tangent, weight, label_smoothing, softcap, dim, dims, divisor
+            )
+        return tangent, None
+
+    @staticmethod
+    def vmap(info, in_dims, input, target, weight, *options):
+        *options, store_grad, inplace, batch_dims = options if len(options) == 8 else (*options, 0)
+        apply = functools.partial(_apply_not_inplace, store_grad=store_grad)
+        return _batched(apply, info, in_dims, input, target, weight, *options, batch_dims=batch_dims)
+
+
+def _apply_not_inplace(input, target, weight, *options, store_grad):
+    """CrossEntropyFunction.apply without ``inplace``: a vmapped batch's logits may be an
+    expanded view."""
+    *options, batch_dims = options
+    return CrossEntropyFunction.apply(input, target, weight, *options, store_grad, False, batch_dims)
+
+
+def _torch_grads(ctx, input, target, weight, grad_loss, need_target):
+    """(the logits' gradient, the probability targets' gradient or None) in torch ops, by
+    torch.func's vjp: differentiable by every outer transform and by autograd, whether or not
+    the saved tensors require grad at this level."""
+
+    def loss(x, *t):
+        return _batched_torch_cross_entropy(x, t[0] if t else target, weight, ctx.options, ctx.batch_dims)
+
+    _, vjp = torch.func.vjp(loss, input, *((target,) if need_target else ()))
+    grads = vjp(grad_loss)
+    return grads[0], grads[1] if need_target else None
+
+
+def _batched_torch_cross_entropy(input, target, weight, options, batch_dims):
+    """``torch_cross_entropy`` of each batch entry (the first ``batch_dims`` dims): torch's vmap."""
+
+    def loss(x, t):
+        return torch_cross_entropy(x, t, weight, *options)
+
+    for _ in range(batch_dims):
+        loss = torch.func.vmap(loss)
+    return loss(input, target)
+
+
+def _wants_gradient(input):
+    """Whether the forward should write the logits' gradient: reverse mode will ask for it, a
+    forward-mode level is open (the tangent is its dot with the logits'), or a torch.func grad
+    transform wraps the logits. vmap alone does not."""
+    if torch.autograd.forward_ad._current_level >= 0:
+        return True
+    while _functorch.is_functorch_wrapped_tensor(input):
+        if not _functorch.is_batchedtensor(input):
+            return True  # a grad or jvp level (or functionalize, which is left to decide below it)
+        input = _functorch.get_unwrapped(input)
+    return input.requires_grad and torch.is_grad_enabled()
 
 
 def _served_or_torch(reason, call):
@@ -326,10 +493,11 @@ def cross_entropy(
     reason = _unserved_reason(input, target, weight, ignore_index, reduction, label_smoothing)
     if reason is not None:
         return _served_or_torch(reason, lambda: torch_cross_entropy(input, target, weight, *options))
-    store_grad = input.requires_grad and torch.is_grad_enabled()
     if torch.compiler.is_compiling():
+        store_grad = input.requires_grad and torch.is_grad_enabled()
         return cross_entropy_op(input, target, weight, *options, store_grad)[0]
-    inplace = inplace_backward and input.is_contiguous()
+    store_grad = _wants_gradient(input)
+    inplace = inplace_backward and input.is_contiguous() and _device_scalable(input)
     if inplace and store_grad:
         torch.autograd.graph.increment_version(input)  # any other saved use of the logits now raises
     return CrossEntropyFunction.apply(input, target, weight, *options, store_grad, inplace)[0]

@@ -125,6 +125,35 @@ def _local_targets(target, vocab_start, width, ignore_index):
     return owned, local[owned]
 
 
+def _shard_statistics(logits, target, vocab_start, ignore_index, label_smoothing, kernels):
+    """[N, 4] in the stats' dtype: each row's (max, Σ exp(x − max), the target's logit if this
+    shard holds it else 0, Σ x with smoothing else 0) over this shard. On the kernels, one read of
+    the logits (``vocab_shard_statistics_kernel``, on the cross-entropy kernel's steps)."""
+    if kernels:
+        options = dict(vocab_start=vocab_start, ignore_index=ignore_index, smoothing=label_smoothing)
+        return _launch.vocab_shard_statistics(logits, target, **options)
+    stats = _row_stats(logits, 1, kernels)
+    owned, local_target = _local_targets(target, vocab_start, logits.shape[1], ignore_index)
+    target_logit = stats.new_zeros(len(target))
+    target_logit[owned] = logits[owned, local_target].to(stats.dtype)
+    smooth_sum = logits.sum(1, dtype=stats.dtype) if label_smoothing else torch.zeros_like(target_logit)
+    return torch.cat([stats, target_logit[:, None], smooth_sum[:, None]], 1)
+
+
+def _shard_grad(logits, target, lse, grad_loss, ctx):
+    """dlogits = (softmax − (1 − ε)·onehot − ε/V)·grad_row on this shard alone, 0 on ignored rows:
+    on the kernels one read of the logits and one write of the gradient."""
+    if ctx.kernels:
+        options = dict(vocab_start=ctx.vocab_start, classes=ctx.classes, ignore_index=ctx.ignore_index)
+        return _launch.vocab_shard_grad(logits, target, lse, grad_loss, smoothing=ctx.label_smoothing, **options)
+    grad_row = torch.where(target != ctx.ignore_index, grad_loss, 0.0)
+    grad = _normalise(logits, 1, lse, False, lse.dtype, ctx.kernels)
+    grad.mul_(grad_row[:, None]).sub_(ctx.label_smoothing / ctx.classes * grad_row[:, None])
+    owned, local_target = _local_targets(target, ctx.vocab_start, logits.shape[1], ctx.ignore_index)
+    grad[owned, local_target] -= (1 - ctx.label_smoothing) * grad_row[owned]
+    return grad.to(logits.dtype)
+
+
 def _class_count(layout):
     """The number of classes, from every rank's (start, width); raises unless the shards tile the
     classes in rank order. Every rank sees the same layout, so all raise together."""
@@ -141,21 +170,15 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
     """Per-row cross entropy (0 where ignored) of logits sharded over the classes, in the stats'
     dtype (float32, float64 for float64 logits).
 
-    Forward: one all_gather of packed per-row stats; backward: no communication. Saves the local
-    logits and the per-row log-sum-exp only: never the gathered logits, nor the probabilities.
+    Forward: one read of the local logits for the per-row stats, one all_gather of them;
+    backward: one pass writing the local gradient, no communication. Saves the local logits and
+    the per-row log-sum-exp only: never the gathered logits, nor the probabilities.
     """
 
     @staticmethod
     def forward(ctx, logits, target, group, ignore_index, label_smoothing, vocab_start):
         kernels = use_kernels(logits, logits.dtype)
-        stats = _row_stats(logits, 1, kernels)
-        owned, local_target = _local_targets(target, vocab_start, logits.shape[1], ignore_index)
-        target_logit = stats.new_zeros(len(target))
-        target_logit[owned] = logits[owned, local_target].to(stats.dtype)
-        columns = [stats, target_logit[:, None]]
-        if label_smoothing:
-            columns.append(logits.sum(1, dtype=stats.dtype)[:, None])
-        rows = torch.cat(columns, 1)
+        rows = _shard_statistics(logits, target, vocab_start, ignore_index, label_smoothing, kernels)
         # A last row carries the shard's (start, width): every rank learns the class count and can
         # check the tiling, in the same collective. Exact in float32 below 2^24 classes.
         layout = rows.new_zeros(1, rows.shape[1])
@@ -180,14 +203,8 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss):
-        """dlogits = (softmax − (1 − ε)·onehot − ε/V)·grad_row, on this shard alone."""
         logits, target, lse = ctx.saved_tensors
-        grad_row = torch.where(target != ctx.ignore_index, grad_loss, 0.0)
-        grad = _normalise(logits, 1, lse, False, lse.dtype, ctx.kernels)
-        grad.mul_(grad_row[:, None]).sub_(ctx.label_smoothing / ctx.classes * grad_row[:, None])
-        owned, local_target = _local_targets(target, ctx.vocab_start, logits.shape[1], ctx.ignore_index)
-        grad[owned, local_target] -= (1 - ctx.label_smoothing) * grad_row[owned]
-        return grad.to(logits.dtype), None, None, None, None, None
+        return _shard_grad(logits, target, lse, grad_loss, ctx), None, None, None, None, None
 
 
 def cross_entropy(

@@ -4,7 +4,8 @@
 - softmax / log-softmax forward and backward (masked_softmax's backward too): ``softmax``;
 - masked_softmax forward (scale, mask, causal diagonal, softcapping, sinks), and its backward
   under softcapping or sinks: ``attention``;
-- cross-entropy, with class-index or class-probability targets, its gradient in the same pass:
+- cross-entropy, with class-index or class-probability targets, its gradient in the same pass,
+  the backward's scaling of it, and the vocab-parallel cross-entropy's work on one shard:
   ``cross_entropy``;
 - the sharded softmax's row statistics, y from the log-sum-exp, the backward's row sums and dx
   from them: ``row_stats``;
@@ -16,7 +17,13 @@
 
 from .attention import masked_softmax_backward_kernel, masked_softmax_forward_kernel
 from .cooperative import cooperative_product_kernel, cooperative_softmax_kernel
-from .cross_entropy import cross_entropy_kernel, cross_entropy_probabilities_kernel
+from .cross_entropy import (
+    cross_entropy_kernel,
+    cross_entropy_probabilities_kernel,
+    scale_grad_kernel,
+    vocab_shard_grad_kernel,
+    vocab_shard_statistics_kernel,
+)
 from .heuristics import H100, H200, DeviceProperties, LaunchConfig, launch_config
 from .row_stats import (
     backward_row_sums_kernel,
@@ -52,8 +59,11 @@ __all__ = [
     "masked_softmax_forward_kernel",
     "normalise_with_lse_kernel",
     "row_statistics_kernel",
+    "scale_grad_kernel",
     "softmax_backward_kernel",
     "softmax_forward_kernel",
     "vocab_chunk_grad_kernel",
     "vocab_chunk_statistics_kernel",
+    "vocab_shard_grad_kernel",
+    "vocab_shard_statistics_kernel",
 ]

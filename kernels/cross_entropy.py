@@ -17,7 +17,13 @@ for a mean). Ignored rows (target == ignore_index) have loss and gradient 0; a t
 [0, C) gives a NaN loss and gradient, never an out-of-bounds read (the host raises first where it
 can check without a device synchronisation). On chip, the logits are read once and the gradient
 written once; rows longer than a block keep online statistics in one sweep and write the gradient
-in a second, in reverse (see ``tiles.normalising_sweep``).
+in a second, in reverse (see ``tiles.normalising_sweep``). The gradient's scale is read per row:
+one factor per batch entry, for vmap.
+
+The backward only scales that gradient by the upstream one (``scale_grad_kernel``). The
+vocab-parallel cross-entropy runs the same steps on one shard of the classes: its statistics for
+the all_gather (``vocab_shard_statistics_kernel``) and, given the global log-sum-exp, its
+gradient (``vocab_shard_grad_kernel``).
 """
 
 import triton
@@ -29,6 +35,7 @@ from .tiles import (
     combine_lanes,
     fp32_pair,
     load_block,
+    load_row_values,
     online_step,
     row_starts,
     store_block,
@@ -104,6 +111,75 @@ def index_block_sums(x, hit, in_bounds, u, SMOOTHING: tl.constexpr):
 
 
 @triton.jit
+def index_online_statistics(
+    x_rows,
+    x_stride_col,
+    weight_ptr,
+    target,
+    in_range,
+    row_mask,
+    n_cols,
+    softcap,
+    ROWS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SMOOTHING: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+):
+    """Rows longer than a block, in one sweep: each row's (max, Σ exp(x' - max), x'_t, S = Σ u·x')
+    and U = Σ u. x'_t is 0 where ``in_range`` is false (the target is not among the columns)."""
+    lane_max = tl.full([ROWS, BLOCK_N], float("-inf"), COMPUTE_DTYPE)
+    lane_sum = tl.zeros([ROWS, BLOCK_N], COMPUTE_DTYPE)
+    target_logit = tl.zeros([ROWS, 1], COMPUTE_DTYPE)
+    smooth_sum = tl.zeros([ROWS, 1], COMPUTE_DTYPE)
+    smooth_weight = tl.zeros([1, 1], COMPUTE_DTYPE)
+    for start in tl.range(0, n_cols, BLOCK_N):
+        col = column_block(start, BLOCK_N)
+        col_ok = col < n_cols
+        in_bounds = row_mask & col_ok
+        x = load_capped(x_rows, x_stride_col, col, in_bounds, softcap, SOFTCAP, COMPUTE_DTYPE)
+        lane_max, lane_sum = online_step(lane_max, lane_sum, x)
+        u = smoothing_weights(weight_ptr, col, col_ok, BLOCK_N, SMOOTHING, HAS_WEIGHT, COMPUTE_DTYPE)
+        block_target, block_smooth = index_block_sums(
+            x, is_target(target, in_range, start, BLOCK_N), in_bounds, u, SMOOTHING
+        )
+        target_logit += block_target
+        smooth_sum += block_smooth
+        smooth_weight += tl.sum(u, axis=1, keep_dims=True)
+    row_max, row_sum = combine_lanes(lane_max, lane_sum)
+    return row_max, row_sum, target_logit, smooth_sum, smooth_weight
+
+
+@triton.jit
+def index_block(
+    x_rows,
+    x_stride_col,
+    weight_ptr,
+    target,
+    in_range,
+    row_mask,
+    n_cols,
+    softcap,
+    BLOCK_N: tl.constexpr,
+    SMOOTHING: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+):
+    """Rows held whole in one block: the block's x' and u, kept for a gradient written from the
+    same registers, and the statistics of ``index_online_statistics``."""
+    col = column_block(0, BLOCK_N)
+    col_ok = col < n_cols
+    in_bounds = row_mask & col_ok
+    x = load_capped(x_rows, x_stride_col, col, in_bounds, softcap, SOFTCAP, COMPUTE_DTYPE)
+    row_max, row_sum = block_statistics(x)
+    u = smoothing_weights(weight_ptr, col, col_ok, BLOCK_N, SMOOTHING, HAS_WEIGHT, COMPUTE_DTYPE)
+    target_logit, smooth_sum = index_block_sums(x, is_target(target, in_range, 0, BLOCK_N), in_bounds, u, SMOOTHING)
+    return x, u, row_max, row_sum, target_logit, smooth_sum, tl.sum(u, axis=1, keep_dims=True)
+
+
+@triton.jit
 def softmax_block(x, row_max, log_sum):
     """p = exp(x' - lse), with lse = max + log Σ exp(x' - max) applied in two steps: x' - max is
     exact for the large logits, where rounding lse first would cost p its precision."""
@@ -132,6 +208,17 @@ def validated(value, valid, in_range):
 
 
 @triton.jit
+def index_grad_values(
+    x, hit, row_max, log_sum, probability_coef, target_coef, u, smooth_coef, softcap, SOFTCAP: tl.constexpr
+):
+    """(p·A - (1 - ε)·w_t·[c = t] - ε/C·u)·cap', p = exp(x' - max - log Σ): a block's gradient of
+    its rows' losses, for class-index targets."""
+    p = softmax_block(x, row_max, log_sum)
+    g = p * probability_coef - tl.where(hit, target_coef, 0.0) - smooth_coef * u
+    return g * cap_derivative(x, softcap, SOFTCAP)
+
+
+@triton.jit
 def index_grad_block(
     x,
     hit,
@@ -147,10 +234,9 @@ def index_grad_block(
     softcap,
     SOFTCAP: tl.constexpr,
 ):
-    """The gradient of a block: (p·A - (1 - ε)·w_t·[c = t] - ε/C·u)·cap'·scale, 0 on ignored rows."""
-    p = softmax_block(x, row_max, log_sum)
-    g = p * probability_coef - tl.where(hit, target_coef, 0.0) - smooth_coef * u
-    return validated(g * cap_derivative(x, softcap, SOFTCAP) * scale, valid, in_range)
+    """The gradient of a block, 0 on ignored rows (see ``index_grad_values``)."""
+    g = index_grad_values(x, hit, row_max, log_sum, probability_coef, target_coef, u, smooth_coef, softcap, SOFTCAP)
+    return validated(g * scale, valid, in_range)
 
 
 @triton.jit
@@ -161,19 +247,25 @@ def loss_options(
     z_loss_low,
     softcap_high,
     softcap_low,
-    grad_scale_ptr,
-    STORE_GRAD: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
 ):
-    """Both kernels' options from the host's fp32 pairs: (ε, z, the cap, the gradient's scale)."""
+    """Both kernels' options from the host's fp32 pairs: (ε, z, the cap)."""
     eps = fp32_pair(smoothing_high, smoothing_low, COMPUTE_DTYPE)
     z_loss = fp32_pair(z_loss_high, z_loss_low, COMPUTE_DTYPE)
     softcap = fp32_pair(softcap_high, softcap_low, COMPUTE_DTYPE)
-    if STORE_GRAD:
-        scale = tl.load(grad_scale_ptr)
-    else:
-        scale = 1.0
-    return eps, z_loss, softcap, scale
+    return eps, z_loss, softcap
+
+
+@triton.jit
+def row_grad_scales(
+    grad_scale_ptr, row, row_mask, scale_rows, grad_scale_stride, BLOCK_N: tl.constexpr, COMPUTE_DTYPE: tl.constexpr
+):
+    """Each row's gradient scale, [ROWS, 1]: the reduction's factor of the row's batch entry, an
+    entry being ``scale_rows`` consecutive rows. Outside vmap there is one entry and the stride
+    is 0. The entry is found in int32 (the host keeps vmapped rows below 2^31): an int64
+    division spills the online kernels."""
+    entry = (row.to(tl.int32) // scale_rows) * grad_scale_stride
+    return load_row_values(grad_scale_ptr + entry, row_mask, BLOCK_N, COMPUTE_DTYPE)
 
 
 @triton.jit
@@ -183,7 +275,9 @@ def cross_entropy_kernel(
     weight_ptr,  # [C] class weights (HAS_WEIGHT), else None
     loss_ptr,  # output, [rows] in COMPUTE_DTYPE: each row's loss
     grad_ptr,  # output (STORE_GRAD): the logits' gradient of Σ loss · grad_scale, else None
-    grad_scale_ptr,  # [1] in COMPUTE_DTYPE (STORE_GRAD): the reduction's factor, else None
+    grad_scale_ptr,  # [entries] in COMPUTE_DTYPE (STORE_GRAD): each batch entry's reduction factor, else None
+    scale_rows,  # rows per batch entry (STORE_GRAD)
+    grad_scale_stride,  # 1, or 0 for a single entry (STORE_GRAD)
     n_outer,
     n_cols,  # the number of classes, divided by ALIGN, as are the outer and inner strides
     n_inner,
@@ -211,16 +305,8 @@ def cross_entropy_kernel(
     STORE_GRAD: tl.constexpr,
 ):
     n_cols = n_cols * ALIGN
-    eps, z_loss, softcap, scale = loss_options(
-        smoothing_high,
-        smoothing_low,
-        z_loss_high,
-        z_loss_low,
-        softcap_high,
-        softcap_low,
-        grad_scale_ptr,
-        STORE_GRAD,
-        COMPUTE_DTYPE,
+    eps, z_loss, softcap = loss_options(
+        smoothing_high, smoothing_low, z_loss_high, z_loss_low, softcap_high, softcap_low, COMPUTE_DTYPE
     )
     for tile in tl.range(tl.program_id(0), tile_count(n_outer, n_inner, ROWS), tl.num_programs(0)):
         outer, inner, row_mask, row = tile_rows(tile, n_inner, ROWS)
@@ -232,34 +318,38 @@ def cross_entropy_kernel(
             target_weight = tl.full(target.shape, 1.0, COMPUTE_DTYPE)
         x_rows = row_starts(x_ptr, outer, inner, x_stride_outer, x_stride_inner, ALIGN)
         if ONLINE:
-            lane_max = tl.full([ROWS, BLOCK_N], float("-inf"), COMPUTE_DTYPE)
-            lane_sum = tl.zeros([ROWS, BLOCK_N], COMPUTE_DTYPE)
-            target_logit = tl.zeros([ROWS, 1], COMPUTE_DTYPE)
-            smooth_sum = tl.zeros([ROWS, 1], COMPUTE_DTYPE)
-            smooth_weight = tl.zeros([1, 1], COMPUTE_DTYPE)
-            for start in tl.range(0, n_cols, BLOCK_N):
-                col = column_block(start, BLOCK_N)
-                col_ok = col < n_cols
-                in_bounds = row_mask & col_ok
-                x = load_capped(x_rows, x_stride_col, col, in_bounds, softcap, SOFTCAP, COMPUTE_DTYPE)
-                lane_max, lane_sum = online_step(lane_max, lane_sum, x)
-                u = smoothing_weights(weight_ptr, col, col_ok, BLOCK_N, SMOOTHING, HAS_WEIGHT, COMPUTE_DTYPE)
-                hit = is_target(target, in_range, start, BLOCK_N)
-                block_target, block_smooth = index_block_sums(x, hit, in_bounds, u, SMOOTHING)
-                target_logit += block_target
-                smooth_sum += block_smooth
-                smooth_weight += tl.sum(u, axis=1, keep_dims=True)
-            row_max, row_sum = combine_lanes(lane_max, lane_sum)
+            row_max, row_sum, target_logit, smooth_sum, smooth_weight = index_online_statistics(
+                x_rows,
+                x_stride_col,
+                weight_ptr,
+                target,
+                in_range,
+                row_mask,
+                n_cols,
+                softcap,
+                ROWS,
+                BLOCK_N,
+                SMOOTHING,
+                HAS_WEIGHT,
+                SOFTCAP,
+                COMPUTE_DTYPE,
+            )
         else:
-            col = column_block(0, BLOCK_N)
-            col_ok = col < n_cols
-            in_bounds = row_mask & col_ok
-            x = load_capped(x_rows, x_stride_col, col, in_bounds, softcap, SOFTCAP, COMPUTE_DTYPE)
-            row_max, row_sum = block_statistics(x)
-            u = smoothing_weights(weight_ptr, col, col_ok, BLOCK_N, SMOOTHING, HAS_WEIGHT, COMPUTE_DTYPE)
-            hit = is_target(target, in_range, 0, BLOCK_N)
-            target_logit, smooth_sum = index_block_sums(x, hit, in_bounds, u, SMOOTHING)
-            smooth_weight = tl.sum(u, axis=1, keep_dims=True)
+            x, u, row_max, row_sum, target_logit, smooth_sum, smooth_weight = index_block(
+                x_rows,
+                x_stride_col,
+                weight_ptr,
+                target,
+                in_range,
+                row_mask,
+                n_cols,
+                softcap,
+                BLOCK_N,
+                SMOOTHING,
+                HAS_WEIGHT,
+                SOFTCAP,
+                COMPUTE_DTYPE,
+            )
         log_sum = tl.log(row_sum)
         lse = row_max + log_sum
         loss = index_row_loss(
@@ -267,6 +357,9 @@ def cross_entropy_kernel(
         )
         tl.store(loss_ptr + row, validated(loss, valid, in_range), mask=row_mask)
         if STORE_GRAD:
+            scale = row_grad_scales(
+                grad_scale_ptr, row, row_mask, scale_rows, grad_scale_stride, BLOCK_N, COMPUTE_DTYPE
+            )
             target_coef = (1.0 - eps) * target_weight
             smooth_coef = eps / n_cols
             probability_coef = target_coef + smooth_coef * smooth_weight + 2.0 * z_loss * lse
@@ -297,9 +390,11 @@ def cross_entropy_kernel(
                     )
                     store_block(grad_rows, grad_stride_col, col, in_bounds, g)
             else:
+                col = column_block(0, BLOCK_N)
+                in_bounds = row_mask & (col < n_cols)
                 g = index_grad_block(
                     x,
-                    hit,
+                    is_target(target, in_range, 0, BLOCK_N),
                     row_max,
                     log_sum,
                     probability_coef,
@@ -372,7 +467,9 @@ def cross_entropy_probabilities_kernel(
     weight_ptr,  # [C] class weights (HAS_WEIGHT), else None
     loss_ptr,  # output, [rows] in COMPUTE_DTYPE: each row's loss
     grad_ptr,  # output (STORE_GRAD): the logits' gradient of Σ loss · grad_scale, else None
-    grad_scale_ptr,  # [1] in COMPUTE_DTYPE (STORE_GRAD): the reduction's factor, else None
+    grad_scale_ptr,  # [entries] in COMPUTE_DTYPE (STORE_GRAD): each batch entry's reduction factor, else None
+    scale_rows,  # rows per batch entry (STORE_GRAD)
+    grad_scale_stride,  # 1, or 0 for a single entry (STORE_GRAD)
     n_outer,
     n_cols,  # the number of classes, divided by ALIGN, as are the outer and inner strides
     n_inner,
@@ -401,16 +498,8 @@ def cross_entropy_probabilities_kernel(
     STORE_GRAD: tl.constexpr,
 ):
     n_cols = n_cols * ALIGN
-    eps, z_loss, softcap, scale = loss_options(
-        smoothing_high,
-        smoothing_low,
-        z_loss_high,
-        z_loss_low,
-        softcap_high,
-        softcap_low,
-        grad_scale_ptr,
-        STORE_GRAD,
-        COMPUTE_DTYPE,
+    eps, z_loss, softcap = loss_options(
+        smoothing_high, smoothing_low, z_loss_high, z_loss_low, softcap_high, softcap_low, COMPUTE_DTYPE
     )
     for tile in tl.range(tl.program_id(0), tile_count(n_outer, n_inner, ROWS), tl.num_programs(0)):
         outer, inner, row_mask, row = tile_rows(tile, n_inner, ROWS)
@@ -468,6 +557,9 @@ def cross_entropy_probabilities_kernel(
         loss = weight_sum * log_sum + (weight_sum * row_max - weighted_logits) + z_loss * lse * lse
         tl.store(loss_ptr + row, loss, mask=row_mask)
         if STORE_GRAD:
+            scale = row_grad_scales(
+                grad_scale_ptr, row, row_mask, scale_rows, grad_scale_stride, BLOCK_N, COMPUTE_DTYPE
+            )
             probability_coef = weight_sum + 2.0 * z_loss * lse
             grad_rows = row_starts(grad_ptr, outer, inner, grad_stride_outer, grad_stride_inner, ALIGN)
             if ONLINE:
@@ -497,3 +589,173 @@ def cross_entropy_probabilities_kernel(
             else:
                 g = probability_grad_block(x, wr, row_max, log_sum, probability_coef, scale, row_mask, softcap, SOFTCAP)
                 store_block(grad_rows, grad_stride_col, col, in_bounds, g)
+
+
+@triton.jit
+def scale_grad_kernel(
+    grad_ptr,  # the forward's gradient, scaled in place by the upstream gradient
+    upstream_ptr,  # the upstream gradient: one value, or one per row (PER_ROW) read through its strides
+    n_outer,
+    n_cols,  # divided by ALIGN, as are the gradient's outer and inner strides
+    n_inner,
+    grad_stride_outer,
+    grad_stride_col,
+    grad_stride_inner,
+    upstream_stride_outer,  # PER_ROW: the upstream gradient's strides over (outer, inner), else None
+    upstream_stride_inner,
+    BLOCK_N: tl.constexpr,
+    ROWS: tl.constexpr,
+    ALIGN: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+    PER_ROW: tl.constexpr,
+):
+    """The backward of a cross-entropy whose forward wrote the gradient: rows whose factor is
+    exactly 1 (every row after ``loss.backward()`` on a mean or sum) are neither read nor
+    written, so that backward moves nothing but the factor, and the host never reads it."""
+    n_cols = n_cols * ALIGN
+    if not PER_ROW:
+        factor = tl.load(upstream_ptr).to(COMPUTE_DTYPE)
+    for tile in tl.range(tl.program_id(0), tile_count(n_outer, n_inner, ROWS), tl.num_programs(0)):
+        outer, inner, row_mask, row = tile_rows(tile, n_inner, ROWS)
+        if PER_ROW:
+            upstream_rows = row_starts(upstream_ptr, outer, inner, upstream_stride_outer, upstream_stride_inner, 1)
+            row_factor = load_row_values(upstream_rows, row_mask, BLOCK_N, COMPUTE_DTYPE)
+        else:
+            row_factor = tl.zeros([ROWS, 1], COMPUTE_DTYPE) + factor
+        scaled = row_mask & (row_factor != 1.0)
+        if tl.max(scaled.to(tl.int32)) > 0:
+            grad_rows = row_starts(grad_ptr, outer, inner, grad_stride_outer, grad_stride_inner, ALIGN)
+            for start in tl.range(0, n_cols, BLOCK_N):
+                col = column_block(start, BLOCK_N)
+                in_bounds = scaled & (col < n_cols)
+                g = load_block(grad_rows, grad_stride_col, col, in_bounds, 0.0, COMPUTE_DTYPE)
+                store_block(grad_rows, grad_stride_col, col, in_bounds, g * row_factor)
+
+
+@triton.jit
+def shard_target(target, valid, vocab_start, n_cols):
+    """The target's column in this shard of the classes, and whether the shard holds it (on a
+    counted row)."""
+    local = target - vocab_start
+    return local, valid & (local >= 0) & (local < n_cols)
+
+
+@triton.jit
+def vocab_shard_statistics_kernel(
+    x_ptr,  # this rank's shard of the classes' logits
+    target_ptr,  # [rows] global class indices, int64
+    stats_ptr,  # output, [rows, 4] in COMPUTE_DTYPE: max, Σ exp(x - max), x_t (0 off this shard), Σ x (SMOOTHING)
+    n_outer,
+    n_cols,  # the shard's classes, divided by ALIGN, as are the outer and inner strides
+    n_inner,
+    x_stride_outer,
+    x_stride_col,
+    x_stride_inner,
+    vocab_start,  # the shard's first class
+    ignore_index,
+    BLOCK_N: tl.constexpr,
+    ROWS: tl.constexpr,
+    ONLINE: tl.constexpr,
+    ALIGN: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+    SMOOTHING: tl.constexpr,
+):
+    """A vocab-parallel cross-entropy's forward on one shard: the statistics the ranks gather,
+    from one read of the logits, by the steps of ``cross_entropy_kernel``. A row of only -inf
+    gets a sum of 0, the identity when the shards combine."""
+    n_cols = n_cols * ALIGN
+    for tile in tl.range(tl.program_id(0), tile_count(n_outer, n_inner, ROWS), tl.num_programs(0)):
+        outer, inner, row_mask, row = tile_rows(tile, n_inner, ROWS)
+        target = tl.load(target_ptr + row, mask=row_mask, other=ignore_index)
+        local, owned = shard_target(target, row_mask & (target != ignore_index), vocab_start, n_cols)
+        x_rows = row_starts(x_ptr, outer, inner, x_stride_outer, x_stride_inner, ALIGN)
+        if ONLINE:
+            row_max, row_sum, target_logit, smooth_sum, _ = index_online_statistics(
+                x_rows,
+                x_stride_col,
+                None,
+                local,
+                owned,
+                row_mask,
+                n_cols,
+                0.0,
+                ROWS,
+                BLOCK_N,
+                SMOOTHING,
+                False,
+                False,
+                COMPUTE_DTYPE,
+            )
+        else:
+            _, _, row_max, row_sum, target_logit, smooth_sum, _ = index_block(
+                x_rows,
+                x_stride_col,
+                None,
+                local,
+                owned,
+                row_mask,
+                n_cols,
+                0.0,
+                BLOCK_N,
+                SMOOTHING,
+                False,
+                False,
+                COMPUTE_DTYPE,
+            )
+        tl.store(stats_ptr + 4 * row, row_max, mask=row_mask)
+        tl.store(stats_ptr + 4 * row + 1, tl.where(row_max == float("-inf"), 0.0, row_sum), mask=row_mask)
+        tl.store(stats_ptr + 4 * row + 2, target_logit, mask=row_mask)
+        tl.store(stats_ptr + 4 * row + 3, smooth_sum, mask=row_mask)
+
+
+@triton.jit
+def vocab_shard_grad_kernel(
+    x_ptr,  # this rank's shard of the classes' logits
+    target_ptr,  # [rows] global class indices, int64
+    lse_ptr,  # [rows] in COMPUTE_DTYPE: each row's log-sum-exp over every shard
+    grad_loss_ptr,  # [rows]: the upstream gradient of each row's loss, read through its stride
+    grad_ptr,  # output: the shard's logits' gradient
+    n_outer,
+    n_cols,  # the shard's classes, divided by ALIGN, as are the outer and inner strides
+    n_inner,
+    x_stride_outer,
+    x_stride_col,
+    x_stride_inner,
+    grad_stride_outer,
+    grad_stride_col,
+    grad_stride_inner,
+    grad_loss_stride,
+    vocab_start,  # the shard's first class
+    n_classes,  # every shard's classes
+    ignore_index,
+    smoothing_high,  # ε as an fp32 pair
+    smoothing_low,
+    BLOCK_N: tl.constexpr,
+    ROWS: tl.constexpr,
+    ALIGN: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+    SMOOTHING: tl.constexpr,
+):
+    """A vocab-parallel cross-entropy's backward on one shard, one sweep whatever the row length:
+    (exp(x - lse) - (1 - ε)·[c = t] - ε/C)·dloss, 0 on ignored rows (``index_grad_values`` with
+    the global log-sum-exp)."""
+    n_cols = n_cols * ALIGN
+    eps = fp32_pair(smoothing_high, smoothing_low, COMPUTE_DTYPE)
+    for tile in tl.range(tl.program_id(0), tile_count(n_outer, n_inner, ROWS), tl.num_programs(0)):
+        outer, inner, row_mask, row = tile_rows(tile, n_inner, ROWS)
+        target = tl.load(target_ptr + row, mask=row_mask, other=ignore_index)
+        valid = row_mask & (target != ignore_index)
+        local, owned = shard_target(target, valid, vocab_start, n_cols)
+        lse = load_row_values(lse_ptr + row, row_mask, BLOCK_N, COMPUTE_DTYPE)
+        scale = load_row_values(grad_loss_ptr + row * grad_loss_stride, valid, BLOCK_N, COMPUTE_DTYPE)
+        x_rows = row_starts(x_ptr, outer, inner, x_stride_outer, x_stride_inner, ALIGN)
+        grad_rows = row_starts(grad_ptr, outer, inner, grad_stride_outer, grad_stride_inner, ALIGN)
+        for start in tl.range(0, n_cols, BLOCK_N):
+            col = column_block(start, BLOCK_N)
+            col_ok = col < n_cols
+            in_bounds = row_mask & col_ok
+            x = load_block(x_rows, x_stride_col, col, in_bounds, float("-inf"), COMPUTE_DTYPE)
+            u = smoothing_weights(None, col, col_ok, BLOCK_N, SMOOTHING, False, COMPUTE_DTYPE)
+            hit = is_target(local, owned, start, BLOCK_N)
+            g = index_grad_values(x, hit, lse, 0.0, 1.0, 1.0 - eps, u, eps / n_classes, 0.0, False)
+            store_block(grad_rows, grad_stride_col, col, in_bounds, tl.where(valid, g * scale, 0.0))

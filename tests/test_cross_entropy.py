@@ -146,7 +146,7 @@ def test_layouts_read_through_strides(kernels, device, plans, layout, regime):
     with limit_block(REGIMES[regime]):
         loss, dx = loss_and_grad(fused_softmax.cross_entropy, x, target, "none", dy, **options)
     assert_matches_reference(x, target, "none", dy, loss, dx, **options)
-    (p,) = plans()
+    p, _ = plans()  # the forward's, and the backward's scaling of the gradient
     assert p.tensors[0].data_ptr() == x.data_ptr() and p.config.online == (regime == "online")
     assert dx.shape == x.shape
 
@@ -310,6 +310,75 @@ def test_inplace_backward_writes_the_gradient_over_the_logits(kernels, device, r
         torch.autograd.grad(loss, x, create_graph=True)
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_retained_graph_backwards_get_their_own_upstream_gradients(kernels, device, reduction):
+    """The first backward scales the forward's gradient in place; later ones through the retained
+    graph recompute it from the logits first. Through .backward() the first result becomes
+    x.grad itself (autograd steals the buffer), which the second then accumulates into."""
+    x = random((5, 9), torch.float64, device).requires_grad_()
+    target = index_targets(5, 9, device, ignored=(2,))
+    options = dict(reduction=reduction, label_smoothing=0.1, z_loss=1e-2)
+    loss = fused_softmax.cross_entropy(x, target, **options)
+    upstreams = [random(loss.shape, torch.float64, device, scale=1.0, seed=seed) for seed in (4, 5, 6)]
+    for dy in upstreams:
+        (dx,) = torch.autograd.grad(loss, x, dy, retain_graph=True)
+        assert_close(dx, reference.cross_entropy_backward(x, target, dy, **options))
+    loss = fused_softmax.cross_entropy(x, target, **options)
+    loss.backward(upstreams[0], retain_graph=True)
+    loss.backward(upstreams[1])
+    expected = sum(reference.cross_entropy_backward(x, target, dy, **options) for dy in upstreams[:2])
+    assert_close(x.grad, expected)
+
+
+def test_inplace_backward_refuses_a_second_backward(kernels, device):
+    x = random((3, 6), torch.float32, device).requires_grad_()
+    loss = fused_softmax.cross_entropy(x * 1.0, index_targets(3, 6, device), inplace_backward=True)
+    torch.autograd.grad(loss, x, torch.tensor(2.0), retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        torch.autograd.grad(loss, x, torch.tensor(3.0))
+
+
+def scaling_traffic(loss, x, upstream, launches):
+    """(traffic, the scaling launch) of the backward of ``loss`` for ``upstream``."""
+    forward = len(launches)
+    with kernel_traffic() as traffic:
+        (dx,) = torch.autograd.grad(loss, x, upstream)
+    (launch,) = launches[forward:]
+    assert launch.name == "scale_grad_kernel"
+    return traffic, launch, dx
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_backward_after_a_mean_or_sum_moves_nothing(kernels, device, launches, reduction):
+    """loss.backward(): each program reads the factor, 1, and neither reads nor writes the
+    gradient the forward wrote; the host reads nothing back."""
+    x = random((6, 40), torch.float32, device).requires_grad_()
+    target = index_targets(6, 40, device, ignored=(1,))
+    loss = fused_softmax.cross_entropy(x, target, reduction=reduction, label_smoothing=0.1)
+    traffic, launch, dx = scaling_traffic(loss, x, torch.ones((), device=device), launches)
+    assert (traffic.loaded, traffic.stored) == (launch.plan.grid[0] * 4, 0)
+    assert_close(dx, reference.cross_entropy_backward(x, target, 1.0, reduction=reduction, label_smoothing=0.1))
+
+
+def test_backward_scales_only_the_rows_whose_factor_is_not_one(kernels, device, launches):
+    """reduction='none': one factor read per row; the rows whose factor is 1 are not touched, the
+    others read and written once. A 1 broadcast (``loss.sum().backward()``) touches no row."""
+    rows, classes = 6, 40
+    x = random((rows, classes), torch.float32, device).requires_grad_()
+    target = index_targets(rows, classes, device, ignored=(1,))
+    dy = random((rows,), torch.float32, device, scale=1.0, seed=4)
+    dy[[0, 3]] = 1.0
+    loss = fused_softmax.cross_entropy(x, target, reduction="none")
+    traffic, _, dx = scaling_traffic(loss, x, dy, launches)
+    row_bytes = classes * 4
+    assert (traffic.loaded, traffic.stored) == (rows * 4 + (rows - 2) * row_bytes, (rows - 2) * row_bytes)
+    assert_close(dx, reference.cross_entropy_backward(x, target, dy, reduction="none"))
+    loss = fused_softmax.cross_entropy(x, target, reduction="none")
+    traffic, _, dx = scaling_traffic(loss, x, torch.ones(()).expand(rows), launches)
+    assert (traffic.loaded, traffic.stored) == (rows * 4, 0)
+    assert_close(dx, reference.cross_entropy_backward(x, target, torch.ones(rows), reduction="none"))
+
+
 def test_out_of_range_target_never_reads_out_of_bounds(kernels, device):
     """The kernel itself, without the host's check: a NaN loss and gradient for those rows alone,
     and no lane loads the weight of a class that does not exist (the interpreter would read
@@ -331,7 +400,7 @@ def test_out_of_range_target_never_reads_out_of_bounds(kernels, device):
         )
     assert losses[[0, 2]].isnan().all() and grad[[0, 2]].isnan().all()
     assert torch.isfinite(losses[1]) and torch.isfinite(grad[1]).all()
-    logits, targets, scale = x.numel() * 4, 3 * 8, 4
+    logits, targets, scale = x.numel() * 4, 3 * 8, 3 * 4
     assert traffic.loaded == logits + targets + 1 * 4 + scale  # one target weight: row 1's
 
 
@@ -379,7 +448,11 @@ def test_fullgraph_forward_and_backward(kernels, device, launches, compiler):
     (dx,) = torch.autograd.grad(loss, x)
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(dx, expected_dx)
-    assert len(launches) == 2 * eager, "the compiled graph runs the same kernel"
+    eager_kernels = [launch.name for launch in launches[:eager]]
+    assert eager_kernels == ["cross_entropy_kernel", "scale_grad_kernel"]
+    # The compiled graph runs the same forward; its backward scales the gradient in torch ops
+    # (the op is functional: an in-place scaling of its saved output is not offered there).
+    assert [launch.name for launch in launches[eager:]] == ["cross_entropy_kernel"]
 
 
 @pytest.mark.parametrize("probabilities", [False, True], ids=["index", "probabilities"])
@@ -390,6 +463,26 @@ def test_opcheck(kernels, device, probabilities):
     for reduction in REDUCTIONS:
         args = (x, target, weight, -100 if not probabilities else -1, reduction, 0.1, 1e-3, 3.0, True)
         torch.library.opcheck(cross_entropy_op, args)
+    # vmap's form: a leading batch dim of two entries, each with its own reduction.
+    batched = (x.detach().view(2, 2, 7).requires_grad_(), target.view(2, 2, 7) if probabilities else target.view(2, 2))
+    for reduction in REDUCTIONS:
+        options = (-100 if not probabilities else -1, reduction, 0.1, 1e-3, 3.0, True, 1)
+        torch.library.opcheck(cross_entropy_op, (*batched, weight, *options))
+
+
+def test_compiled_vmap_is_one_launch(kernels, launches):
+    """Under torch.compile the op's vmap rule makes a vmapped cross-entropy one launch too."""
+    torch._dynamo.reset()
+    x = random((3, 4, 7), torch.float32)
+    target = torch.tensor([[0, 6, -100, 3], [1, 1, 2, -100], [5, 4, 3, 2]])
+
+    def losses(x, target):
+        return torch.func.vmap(lambda x, t: fused_softmax.cross_entropy(x, t, label_smoothing=0.1))(x, target)
+
+    actual = torch.compile(losses, fullgraph=True, backend="aot_eager")(x, target)
+    assert [launch.name for launch in launches] == ["cross_entropy_kernel"]
+    expected = torch.stack([F.cross_entropy(a, t, label_smoothing=0.1) for a, t in zip(x, target, strict=True)])
+    torch.testing.assert_close(actual, expected)
 
 
 # ---- traffic
@@ -413,8 +506,9 @@ def traffic_case(probabilities, weighted_smoothing, store_grad, regime, dtype):
 @pytest.mark.parametrize("target_kind", ["index", "index-weighted-smoothing", "probabilities"])
 def test_bytes_moved(plans, target_kind, store_grad, regime, dtype):
     """Logits (and probability targets) read once on chip, twice online when the gradient is
-    written; the gradient written once; per row the target index (8 bytes) or its weight and the
-    loss; per program the gradient's scale; the weight row once per tile and sweep."""
+    written; the gradient written once; per row the target index (8 bytes) or its weight, the
+    loss and the gradient's scale (its batch entry's, under vmap); the weight row once per tile
+    and sweep."""
     probabilities, weighted = target_kind == "probabilities", target_kind.endswith("smoothing")
     x, target, weight = traffic_case(probabilities, weighted, store_grad, regime, dtype)
     rows = x.shape[0]
@@ -446,7 +540,7 @@ def test_bytes_moved(plans, target_kind, store_grad, regime, dtype):
         if weighted:
             expected_loads += (rows - 1) * weight.element_size()  # w_t of the counted rows
             expected_loads += sweeps * tiles * weight.numel() * weight.element_size()
-    expected_loads += p.grid[0] * stats_bytes if store_grad else 0
+    expected_loads += rows * stats_bytes if store_grad else 0  # each row's gradient scale
     expected_stores = rows * stats_bytes + (logits if store_grad else 0)
     assert (traffic.loaded, traffic.stored) == (expected_loads, expected_stores)
     assert torch.isfinite(losses).all() and (grad is None or torch.isfinite(grad).all())

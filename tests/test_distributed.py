@@ -32,8 +32,8 @@ from process_group import DEADLINE_S, spawn  # noqa: E402
 from support import assert_close, assert_no_less_accurate_than_torch, random  # noqa: E402
 
 import fused_softmax  # noqa: E402
-from fused_softmax import distributed  # noqa: E402
-from fused_softmax.testing import poisoned_outputs, recorded_launches  # noqa: E402
+from fused_softmax import _launch, distributed  # noqa: E402
+from fused_softmax.testing import kernel_traffic, limit_block, poisoned_outputs, recorded_launches  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Shard widths along the sharded dim, one tuple per layout: uneven with an empty shard (the first
@@ -254,3 +254,34 @@ def test_example_runs():
         os.killpg(process.pid, signal.SIGKILL)
         output, _ = process.communicate()
     assert process.returncode == 0 and "gradients match" in output, output
+
+
+@pytest.mark.parametrize("regime", ["on_chip", "online"])
+def test_shard_kernels_read_the_logits_once(regime):
+    """The vocab-parallel cross-entropy's local work, in this process: the forward reads the
+    shard's logits once for the statistics the ranks gather; the backward reads them once and
+    writes their gradient once; per row the target, and backward its log-sum-exp and upstream
+    gradient. Values against torch on the shard: the statistics, and the gradient for a given
+    log-sum-exp."""
+    rows, width, start, classes = 4, 40, 40, 120
+    x = random((rows, width), torch.float32)
+    target = torch.tensor([45, 3, -100, 79])  # in this shard, in another, ignored, in this shard
+    options = dict(vocab_start=start, ignore_index=-100)
+    with poisoned_outputs(), fused_softmax.use_backend("triton"), limit_block(16 if regime == "online" else None):
+        with kernel_traffic() as forward:
+            stats = _launch.vocab_shard_statistics(x, target, smoothing=0.1, **options)
+        lse = torch.logsumexp(x, 1) + 1.0  # as if the other shards added to it
+        dloss = random((rows,), torch.float32, seed=1, scale=1.0)
+        with kernel_traffic() as backward:
+            grad = _launch.vocab_shard_grad(x, target, lse, dloss, classes=classes, smoothing=0.1, **options)
+    logits, per_row = x.numel() * 4, rows * 4
+    assert (forward.loaded, forward.stored) == (logits + rows * 8, 4 * per_row)
+    assert (backward.loaded, backward.stored) == (logits + rows * 8 + per_row + 3 * 4, logits)
+    row_max = x.amax(1)
+    expected = [row_max, torch.exp(x - row_max[:, None]).sum(1), torch.tensor([x[0, 5], 0, 0, x[3, 39]]), x.sum(1)]
+    torch.testing.assert_close(stats, torch.stack(expected, 1))
+    onehot = torch.zeros_like(x)
+    onehot[0, 5] = onehot[3, 39] = 1
+    expected_grad = (torch.exp(x - lse[:, None]) - 0.9 * onehot - 0.1 / classes) * dloss[:, None]
+    expected_grad[2] = 0
+    torch.testing.assert_close(grad, expected_grad)

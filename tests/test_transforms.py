@@ -5,6 +5,7 @@ forward-mode check. A vmapped call is one launch per kernel; double backward in 
 is as accurate as torch's; a bf16 input with float64 output gets the GPU's gradients."""
 
 import dataclasses
+import math
 from typing import Callable
 
 import pytest
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from support import TOLERANCES, assert_no_less_accurate_than_torch, random
 
 import fused_softmax
+from fused_softmax.cross_entropy import torch_cross_entropy
 from fused_softmax.testing import limit_block
 
 SCALE = 0.7
@@ -67,6 +69,36 @@ class Case:
 
 
 KEEP = _keep_mask((4, 5))
+# Cross-entropy's targets and weights are functions of the logits' shape, so that the same case
+# runs on the whole batch (grad, jacrev, ...) and on each entry (vmap): [3, 4, 5] logits are 3
+# rows of 4 classes at 5 positions, and 3 entries of 4 rows of 5 classes.
+WEIGHTS = random((16,), torch.float64, seed=8).abs() + 0.5
+CE_OPTIONS = dict(label_smoothing=0.1, z_loss=1e-2, softcap=3.0)
+
+
+def _targets_weight(x):
+    """Class indices for the rows of logits ``x`` (one ignored), and weights for its classes."""
+    dim = 1 if x.dim() >= 2 else 0
+    classes, rows = x.shape[dim], x.shape[:dim] + x.shape[dim + 1 :]
+    target = (torch.arange(math.prod(rows)) * 3 + 1) % classes
+    target[1:2] = -100
+    return target.reshape(rows), WEIGHTS[:classes]
+
+
+def _cross_entropy_pair(reduction, **options):
+    """(fused, torch) cross-entropy of logits; torch's twin is the eager path (z-loss, softcap)."""
+    options = CE_OPTIONS | options
+
+    def fused(x):
+        return fused_softmax.cross_entropy(x, *_targets_weight(x), reduction=reduction, **options)
+
+    def torch_twin(x):
+        smoothing, z_loss, softcap = options["label_smoothing"], options["z_loss"], options["softcap"]
+        return torch_cross_entropy(x, *_targets_weight(x), -100, reduction, smoothing, z_loss, softcap)
+
+    return fused, torch_twin
+
+
 CASES = [
     Case("softmax", lambda x: fused_softmax.softmax(x, dim=-1), lambda x: F.softmax(x, dim=-1), ((3, 2, 5),)),
     Case("log_softmax", lambda x: fused_softmax.log_softmax(x, 1), lambda x: F.log_softmax(x, 1), ((3, 4, 2),)),
@@ -101,7 +133,18 @@ CASES = [
         lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
         ((3, 4, 2), (3, 4, 2), (3, 4, 2)),
     ),
+    # A mean per batch entry under vmap; per-row losses with rows longer than the block.
+    Case("cross_entropy_mean", *_cross_entropy_pair("mean"), ((3, 4, 5),)),
+    Case("cross_entropy_none_online", *_cross_entropy_pair("none", softcap=None), ((3, 4, 9),), 4),
+    # Probability targets, differentiated too.
+    Case(
+        "cross_entropy_probabilities",
+        lambda x, q: fused_softmax.cross_entropy(x, q, _targets_weight(x)[1], reduction="sum", label_smoothing=0.2),
+        lambda x, q: F.cross_entropy(x, q, _targets_weight(x)[1], reduction="sum", label_smoothing=0.2),
+        ((3, 4, 5), (3, 4, 5)),
+    ),
 ]
+CROSS_ENTROPY = [case for case in CASES if case.name.startswith("cross_entropy")]
 
 
 def _scalar(f):
@@ -109,7 +152,7 @@ def _scalar(f):
     return lambda *args: f(*args).sin().sum()
 
 
-ARGNUMS = {"masked_additive": (0, 1), "attention": (0, 1, 2)}
+ARGNUMS = {"masked_additive": (0, 1), "attention": (0, 1, 2), "cross_entropy_probabilities": (0, 1)}
 
 TRANSFORMS = {
     "vmap": lambda f, args, case: torch.func.vmap(f, in_dims=case.batch_dims(args))(*args),
@@ -162,17 +205,21 @@ def test_batched_gradients(backend, case):
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_gradcheck_with_batched_and_forward_checks(kernels, case):
+    """Cross-entropy's Jacobians are checked projected on random vectors (fast mode, which any
+    wrong entry still changes): their full numerical forms would take minutes of interpreted
+    launches."""
     args = [a.requires_grad_() for a in case.first(case.inputs())]
+    fast = dict(fast_mode=case in CROSS_ENTROPY)
     with limit_block(case.max_block):
         assert torch.autograd.gradcheck(
-            case.fused, args, check_batched_grad=True, check_forward_ad=True, check_batched_forward_grad=True
+            case.fused, args, check_batched_grad=True, check_forward_ad=True, check_batched_forward_grad=True, **fast
         )
         assert torch.autograd.gradgradcheck(
-            case.fused, args, check_batched_grad=True, check_fwd_over_rev=True, check_rev_over_rev=True
+            case.fused, args, check_batched_grad=True, check_fwd_over_rev=True, check_rev_over_rev=True, **fast
         )
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.name != "attention"], ids=str)
+@pytest.mark.parametrize("case", [c for c in CASES if c.name != "attention" and c not in CROSS_ENTROPY], ids=str)
 def test_vmap_is_one_launch_per_kernel(kernels, launches, case):
     """A vmapped call launches what one unbatched call does, whatever the batch size; so do
     per-sample gradients (a forward and a backward) and jacrev's batch of basis vectors."""
@@ -238,3 +285,46 @@ def test_bf16_input_with_float64_output_gets_its_gradient(kernels, name):
     assert dx.dtype == torch.bfloat16 and dx.abs().sum() > 0
     rtol, atol = TOLERANCES[torch.bfloat16]
     torch.testing.assert_close(dx, expected.to(torch.bfloat16), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("case", CROSS_ENTROPY, ids=str)
+def test_cross_entropy_vmap_is_one_launch(kernels, launches, case):
+    """A vmapped cross-entropy is one forward launch, whatever the batch size; per-sample
+    gradients and jacrev too (their backward under vmap scales the forward's gradient in torch
+    ops, the kernel having written it)."""
+    args = case.inputs()
+    with limit_block(case.max_block):
+        torch.func.vmap(case.fused, case.batch_dims(args))(*args)
+        assert len(launches) == 1
+        torch.func.vmap(torch.func.grad(_scalar(case.fused)), case.batch_dims(args))(*args)
+        assert len(launches) == 2
+        torch.func.jacrev(case.fused)(*args)
+        assert len(launches) == 3
+
+
+def test_cross_entropy_vmap_keeps_each_entrys_mean(backend):
+    """Batched targets, ignored a different number of times in each entry: each entry's mean
+    divides by its own count of targets, and its gradient by the same."""
+    logits = random((3, 4, 5), torch.float64)
+    targets = torch.tensor([[1, 2, 3, 4], [0, -100, 2, -100], [-100, -100, -100, 3]])
+
+    def loss(x, t):
+        return fused_softmax.cross_entropy(x, t, label_smoothing=0.1)
+
+    losses = torch.func.vmap(loss)(logits, targets)
+    grads = torch.func.vmap(torch.func.grad(loss))(logits, targets)
+    for x, t, actual, grad in zip(logits, targets, losses, grads, strict=True):
+        expected = fused_softmax.testing.reference.cross_entropy(x, t, label_smoothing=0.1)
+        torch.testing.assert_close(actual, torch.as_tensor(expected))
+        expected = fused_softmax.testing.reference.cross_entropy_backward(x, t, 1.0, label_smoothing=0.1)
+        torch.testing.assert_close(grad, torch.as_tensor(expected))
+
+
+def test_cross_entropy_vmap_over_weights_is_refused(launches):
+    """One launch reads one weight vector: vmap over the weights raises, and says so."""
+    x, weights = random((4, 5), torch.float64), random((3, 5), torch.float64).abs()
+    with (
+        fused_softmax.use_backend("triton"),
+        pytest.raises(NotImplementedError, match="class weights must be the same"),
+    ):
+        torch.func.vmap(lambda w: fused_softmax.cross_entropy(x, _targets_weight(x)[0], w))(weights)

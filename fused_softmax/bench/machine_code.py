@@ -311,7 +311,8 @@ CROSS_ENTROPY_DTYPES = ("bf16", "fp32", "fp64")  # fp16 compiles as bf16 does
 def _cross_entropy_launches(n):
     """(job, tensors, description) of the cross-entropy launches for rows of ``n`` classes: with the
     gradient, plain and with every option (weights, smoothing, z-loss, softcap); the loss alone;
-    probability targets."""
+    probability targets; the backward's scaling (one factor, one per row); the vocab-parallel
+    shard's statistics and gradient."""
     for d in CROSS_ENTROPY_DTYPES:
         x, dtype = _empty((ROWS, n), d), TORCH_DTYPES[d]
         index, probabilities = torch.zeros(ROWS, dtype=torch.int64), torch.empty(ROWS, n, dtype=dtype)
@@ -335,6 +336,27 @@ def _cross_entropy_launches(n):
             _launch.cross_entropy_forward(x, target, None, ignore_index=-100, smoothing=0.1, z_loss=0.0, softcap=None)
 
         yield loss_only, (x,), "cross entropy, loss out"
+        for upstream, name in (
+            (torch.empty((), dtype=dtype), "one factor"),
+            (torch.empty(ROWS, dtype=dtype), "per row"),
+        ):
+            yield (
+                lambda x, upstream=upstream: _launch.scale_cross_entropy_grad(x, upstream, 1),
+                (x,),
+                f"cross entropy backward, {name}",
+            )
+        shard = dict(vocab_start=n, ignore_index=-100, smoothing=0.1)
+        yield (
+            lambda x, target=index, shard=shard: _launch.vocab_shard_statistics(x, target, **shard),
+            (x,),
+            "vocab-parallel cross entropy, statistics out",
+        )
+        rows = dict(lse=torch.empty(ROWS, dtype=_launch.stats_dtype(dtype)), grad_loss=torch.empty(ROWS, dtype=dtype))
+        yield (
+            lambda x, target=index, shard=shard | rows: _launch.vocab_shard_grad(x, target, classes=2 * n, **shard),
+            (x,),
+            "vocab-parallel cross entropy, backward",
+        )
 
 
 def _vocab_chunk_launches(n):
