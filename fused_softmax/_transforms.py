@@ -72,8 +72,8 @@ def bound_quickly(function):
     torch's ``apply`` binds a setup_context Function's arguments through ``inspect.signature``
     at every call, and unwraps tensors that outlived a torch.func transform: tens of µs on a
     small call. When every argument is given, no transform is active and no argument is such a
-    tensor, neither does anything, so the C apply it ends in is called directly. Otherwise torch's
-    apply runs, with the forward's signature computed once."""
+    tensor, neither does anything, so the C apply it ends in is called directly. Otherwise (and
+    under torch.compile) torch's apply runs, with the forward's signature computed once."""
     forward = function.forward
     forward.__signature__ = inspect.signature(forward)
     arity = len(forward.__signature__.parameters)
@@ -84,6 +84,7 @@ def bound_quickly(function):
         if (
             kwargs
             or len(args) != arity
+            or torch.compiler.is_compiling()  # dynamo traces torch's apply, not this one
             or torch._C._are_functorch_transforms_active()
             or any(isinstance(a, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(a) for a in args)
         ):
