@@ -30,14 +30,15 @@ def forward_product(log):
     return "log_softmax_jvp" if log else "softmax"
 
 
-def _widened(*tensors):
+def widened(*tensors):
+    """The tensors in their common dtype, fp32 at least."""
     dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors), torch.float32)
     return [t.to(dtype) for t in tensors]
 
 
 def product(y, v, dim, kind):
     """The product ``kind`` of v with the Jacobian at y, in torch ops."""
-    y, v = _widened(y, v)
+    y, v = widened(y, v)
     if kind == "softmax":
         return y * (v - (v * y).sum(dim, keepdim=True))
     if kind == "log_softmax_vjp":
@@ -47,7 +48,7 @@ def product(y, v, dim, kind):
 
 def y_tangent(y, v, ty, dim, kind):
     """The product's derivative along y in the direction ``ty`` (v held fixed)."""
-    y, v, ty = _widened(y, v, ty)
+    y, v, ty = widened(y, v, ty)
     if kind == "softmax":
         return ty * (v - (v * y).sum(dim, keepdim=True)) - y * (v * ty).sum(dim, keepdim=True)
     if kind == "log_softmax_vjp":
@@ -57,7 +58,7 @@ def y_tangent(y, v, ty, dim, kind):
 
 def second_derivatives(y, v, grad, dim, kind):
     """The gradients of <grad, product(y, v)> for y and for v, in y's and v's dtypes."""
-    wide_y, wide_v, wide_grad = _widened(y, v, grad)
+    wide_y, wide_v, wide_grad = widened(y, v, grad)
     if kind == "softmax":
         grad_y = wide_grad * (wide_v - (wide_v * wide_y).sum(dim, keepdim=True)) - wide_v * (wide_grad * wide_y).sum(
             dim, keepdim=True

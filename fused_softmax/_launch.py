@@ -375,6 +375,8 @@ def masking(scores, mask, scale, causal_offset, softcap=None, sinks=None, bias=N
         views["mask"], views["mask_strides"], views["n_heads"] = mask_view(mask, scores)
     if bias is not None:
         views["bias"], views["bias_strides"], views["bias_n_heads"] = mask_view(bias, scores)
+    if sinks is not None:  # read as sinks_ptr + head
+        sinks = sinks.contiguous()
     return Masking(scale, causal_offset, n_queries, softcap=softcap, sinks=sinks, **views)
 
 
@@ -405,7 +407,7 @@ def masked_softmax_backward(y, dy, lse, out_dtype, masking, scale):
     if dx.numel():
         p = plan((y, dy, dx), y.dim() - 1, backward=True, masking=masking)
         args = p.arguments("y", "dy", "dx") | masking.backward_arguments(p.align, scale)
-        args |= dict(lse_ptr=lse, sinks_grad_ptr=sinks_grad, ONLINE=p.config.online)
+        args |= dict(lse_ptr=lse.contiguous(), sinks_grad_ptr=sinks_grad, ONLINE=p.config.online)
         _run(kernels().masked_softmax_backward_kernel, p, args)
     elif sinks_grad is not None:
         sinks_grad.zero_()
