@@ -437,24 +437,26 @@ def normalise_with_lse(x, dim, out_dtype, log, lse):
     return y
 
 
-def backward_row_sums(y, dy, dim, log=False):
-    """The backward's row sums along ``dim``: of dy * y (softmax) or of dy (log_softmax)."""
-    sums = empty(_rows_shape(y, dim), stats_dtype(y.dtype, dy.dtype), y.device)
+def backward_row_sums(y, v, dim, kind="softmax"):
+    """The row sums along ``dim`` of the product ``kind`` (see ``_jacobian``): of v * y (softmax),
+    of v (log-softmax's vjp) or of exp(y) * v (its jvp)."""
+    sums = empty(_rows_shape(y, dim), stats_dtype(y.dtype, v.dtype), y.device)
     if y.shape[dim] == 0:
         sums.zero_()
     elif sums.numel():
-        p = plan((y, dy), dim, backward=True)
-        args = p.arguments("y", "dy") | dict(row_sums_ptr=sums, ONLINE=p.config.online, PRODUCT=backward_product(log))
+        p = plan((y, v), dim, backward=True)
+        args = p.arguments("y", "dy") | dict(row_sums_ptr=sums, ONLINE=p.config.online, PRODUCT=kind)
         _run(kernels().backward_row_sums_kernel, p, args)
     return sums
 
 
-def backward_with_row_sums(y, dy, dim, out_dtype, log, row_sums):
-    """Input gradient from y and dy along ``dim``, given each row's sum (over other shards too)."""
+def backward_with_row_sums(y, v, dim, out_dtype, kind, row_sums):
+    """The product ``kind`` of v with softmax's Jacobian at y along ``dim``, given each row's sum
+    (over other shards too)."""
     dx = empty(y.shape, out_dtype, y.device)
     if dx.numel():
-        p = plan((y, dy, dx), dim, backward=True)
-        args = p.arguments("y", "dy", "dx") | dict(row_sums_ptr=row_sums.contiguous(), PRODUCT=backward_product(log))
+        p = plan((y, v, dx), dim, backward=True)
+        args = p.arguments("y", "dy", "dx") | dict(row_sums_ptr=row_sums.contiguous(), PRODUCT=kind)
         _run(kernels().backward_with_row_sums_kernel, p, args)
     return dx
 
