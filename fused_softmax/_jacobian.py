@@ -30,40 +30,49 @@ def forward_product(log):
     return "log_softmax_jvp" if log else "softmax"
 
 
-def _widened(*tensors):
+def widened(*tensors):
+    """The tensors in their common dtype, fp32 at least."""
     dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors), torch.float32)
     return [t.to(dtype) for t in tensors]
 
 
-def product(y, v, dim, kind):
-    """The product ``kind`` of v with the Jacobian at y, in torch ops."""
-    y, v = _widened(y, v)
+def local_sum(dim):
+    """Row sums along ``dim``, kept as a dim of size 1: over the tensor itself (see ``distributed``
+    for rows sharded across processes)."""
+    return lambda t: t.sum(dim, keepdim=True)
+
+
+def product(y, v, dim, kind, row_sum=None):
+    """The product ``kind`` of v with the Jacobian at y, in torch ops; ``row_sum`` sums a row
+    (default: ``local_sum(dim)``)."""
+    row_sum = row_sum or local_sum(dim)
+    y, v = widened(y, v)
     if kind == "softmax":
-        return y * (v - (v * y).sum(dim, keepdim=True))
+        return y * (v - row_sum(v * y))
     if kind == "log_softmax_vjp":
-        return v - y.exp() * v.sum(dim, keepdim=True)
-    return v - (y.exp() * v).sum(dim, keepdim=True)
+        return v - y.exp() * row_sum(v)
+    return v - row_sum(y.exp() * v)
 
 
-def y_tangent(y, v, ty, dim, kind):
+def y_tangent(y, v, ty, dim, kind, row_sum=None):
     """The product's derivative along y in the direction ``ty`` (v held fixed)."""
-    y, v, ty = _widened(y, v, ty)
+    row_sum = row_sum or local_sum(dim)
+    y, v, ty = widened(y, v, ty)
     if kind == "softmax":
-        return ty * (v - (v * y).sum(dim, keepdim=True)) - y * (v * ty).sum(dim, keepdim=True)
+        return ty * (v - row_sum(v * y)) - y * row_sum(v * ty)
     if kind == "log_softmax_vjp":
-        return -y.exp() * ty * v.sum(dim, keepdim=True)
-    return -(y.exp() * ty * v).sum(dim, keepdim=True)
+        return -y.exp() * ty * row_sum(v)
+    return -row_sum(y.exp() * ty * v)
 
 
-def second_derivatives(y, v, grad, dim, kind):
+def second_derivatives(y, v, grad, dim, kind, row_sum=None):
     """The gradients of <grad, product(y, v)> for y and for v, in y's and v's dtypes."""
-    wide_y, wide_v, wide_grad = _widened(y, v, grad)
+    row_sum = row_sum or local_sum(dim)
+    wide_y, wide_v, wide_grad = widened(y, v, grad)
     if kind == "softmax":
-        grad_y = wide_grad * (wide_v - (wide_v * wide_y).sum(dim, keepdim=True)) - wide_v * (wide_grad * wide_y).sum(
-            dim, keepdim=True
-        )
+        grad_y = wide_grad * (wide_v - row_sum(wide_v * wide_y)) - wide_v * row_sum(wide_grad * wide_y)
     elif kind == "log_softmax_vjp":
-        grad_y = -wide_grad * wide_y.exp() * wide_v.sum(dim, keepdim=True)
+        grad_y = -wide_grad * wide_y.exp() * row_sum(wide_v)
     else:
-        grad_y = -wide_grad.sum(dim, keepdim=True) * wide_y.exp() * wide_v
-    return grad_y.to(y.dtype), product(wide_y, wide_grad, dim, TRANSPOSED[kind]).to(v.dtype)
+        grad_y = -row_sum(wide_grad) * wide_y.exp() * wide_v
+    return grad_y.to(y.dtype), product(wide_y, wide_grad, dim, TRANSPOSED[kind], row_sum).to(v.dtype)

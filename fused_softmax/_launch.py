@@ -471,6 +471,8 @@ def masking(scores, mask, scale, causal_offset, softcap=None, sinks=None, bias=N
         views["mask"], views["mask_strides"], views["n_heads"] = mask_view(mask, scores)
     if bias is not None:
         views["bias"], views["bias_strides"], views["bias_n_heads"] = mask_view(bias, scores)
+    if sinks is not None:  # read as sinks_ptr + head
+        sinks = sinks.contiguous()
     return Masking(scale, causal_offset, n_queries, softcap=softcap, sinks=sinks, **views)
 
 
@@ -504,7 +506,7 @@ def masked_softmax_backward(y, dy, lse, out_dtype, masking, scale):
     if dx.numel():
         p = plan((y, dy, dx), y.dim() - 1, backward=True, masking=masking, split=True)
         args = p.arguments("y", "dy", "dx") | masking.backward_arguments(p.align, scale)
-        args |= dict(lse_ptr=lse, sinks_grad_ptr=sinks_grad)
+        args |= dict(lse_ptr=lse.contiguous(), sinks_grad_ptr=sinks_grad)
         if p.config.chunks > 1:
             chunks = dict(sums_ptr=_chunk_row_sums(p, "softmax"), CHUNKS=p.config.chunk_slots)
             _run(kernels().masked_chunk_grad_kernel, p, args | p.chunk_arguments() | chunks)
@@ -555,24 +557,26 @@ def normalise_with_lse(x, dim, out_dtype, log, lse):
     return y
 
 
-def backward_row_sums(y, dy, dim, log=False):
-    """The backward's row sums along ``dim``: of dy * y (softmax) or of dy (log_softmax)."""
-    sums = empty(_rows_shape(y, dim), stats_dtype(y.dtype, dy.dtype), y.device)
+def backward_row_sums(y, v, dim, kind="softmax"):
+    """The row sums along ``dim`` of the product ``kind`` (see ``_jacobian``): of v * y (softmax),
+    of v (log-softmax's vjp) or of exp(y) * v (its jvp)."""
+    sums = empty(_rows_shape(y, dim), stats_dtype(y.dtype, v.dtype), y.device)
     if y.shape[dim] == 0:
         sums.zero_()
     elif sums.numel():
-        p = plan((y, dy), dim, backward=True)
-        args = p.arguments("y", "dy") | dict(row_sums_ptr=sums, ONLINE=p.config.online, PRODUCT=backward_product(log))
+        p = plan((y, v), dim, backward=True)
+        args = p.arguments("y", "dy") | dict(row_sums_ptr=sums, ONLINE=p.config.online, PRODUCT=kind)
         _run(kernels().backward_row_sums_kernel, p, args)
     return sums
 
 
-def backward_with_row_sums(y, dy, dim, out_dtype, log, row_sums):
-    """Input gradient from y and dy along ``dim``, given each row's sum (over other shards too)."""
+def backward_with_row_sums(y, v, dim, out_dtype, kind, row_sums):
+    """The product ``kind`` of v with softmax's Jacobian at y along ``dim``, given each row's sum
+    (over other shards too)."""
     dx = empty_like(y, out_dtype)
     if dx.numel():
-        p = plan((y, dy, dx), dim, backward=True)
-        args = p.arguments("y", "dy", "dx") | dict(row_sums_ptr=row_sums.contiguous(), PRODUCT=backward_product(log))
+        p = plan((y, v, dx), dim, backward=True)
+        args = p.arguments("y", "dy", "dx") | dict(row_sums_ptr=row_sums.contiguous(), PRODUCT=kind)
         _run(kernels().backward_with_row_sums_kernel, p, args)
     return dx
 

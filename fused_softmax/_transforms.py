@@ -32,20 +32,55 @@ def vmapped(apply, info, in_dims, tensors, dim, *rest):
     return apply(*tensors, dim % ndim + 1, *rest), 0
 
 
+def batched_scores(info, in_dims, *tensors):
+    """(``tensors``, shaped like the scores, batch first, with at least one dim after the batch;
+    whether they were 0-d, each a softmax over one key, now a row of one)."""
+    tensors = batch_first(info, in_dims, *tensors)
+    point = tensors[0].dim() == 1
+    return [t.unsqueeze(1) for t in tensors] if point else tensors, point
+
+
+def broadcast_batched(t, in_dim, ndim):
+    """An operand that broadcasts to (each example's) scores of ``ndim`` dims, such as a mask:
+    vmapped, its batch first with unit dims after it, so that it still broadcasts to the batched
+    scores; unbatched (in_dim None), as it is."""
+    if t is None or in_dim is None:
+        return t
+    t = t.movedim(in_dim, 0)
+    return t.reshape(t.shape[:1] + (1,) * (ndim + 1 - t.dim()) + t.shape[1:])
+
+
+def per_head_batched(sinks, in_dim, heads):
+    """Sinks, one logit per head [H], for batched scores whose dims before [Lq, Lk] are ``heads``
+    [B, ..., H]: vmapped, one per (batch entry, ..., head), flattened, since the kernels give row
+    i the sink (i // Lq) % sinks.numel(); unbatched, as they are."""
+    if in_dim is None:
+        return sinks
+    sinks = sinks.movedim(in_dim, 0)
+    return sinks.reshape(sinks.shape[:1] + (1,) * (len(heads) - 2) + sinks.shape[1:]).expand(heads).reshape(-1)
+
+
 def vmapped_masked_softmax(apply, info, in_dims, scores, mask, scale, causal_offset, dtype):
     """A vmap rule's (output, out_dims) for masked_softmax's ``apply``: the batch is one more
-    leading dim of the scores and of a vmapped mask (given unit dims after it, so that it still
-    broadcasts to the scores); an unbatched mask broadcasts as it is. One call."""
-    scores, mask = batch_first(info, in_dims[:2], scores, mask)
-    ndim = scores.dim() - 1
-    if mask is not None and in_dims[1] is not None:
-        mask = mask.reshape(mask.shape[:1] + (1,) * (ndim + 1 - mask.dim()) + mask.shape[1:])
-    if ndim > 0:
-        return apply(scores, mask, scale, causal_offset, dtype), 0
-    # 0-d scores: each is a softmax over one key
-    if mask is not None and mask.dim():
-        mask = mask.unsqueeze(1)
-    return apply(scores.unsqueeze(1), mask, scale, causal_offset, dtype).squeeze(1), 0
+    leading dim of the scores and of a vmapped mask (see ``broadcast_batched``). One call."""
+    (scores,), point = batched_scores(info, in_dims[:1], scores)
+    y = apply(scores, broadcast_batched(mask, in_dims[1], scores.dim() - 1), scale, causal_offset, dtype)
+    return y.squeeze(1) if point else y, 0
+
+
+def refuse_nested_forward_mode(name):
+    """Raise for forward-mode AD nested in forward-mode AD (``jacfwd(jacfwd(f))``, a jvp of a jvp)
+    around a Function whose jvp computes in torch ops: torch runs a jvp with forward AD off, so
+    those ops would drop the outer level's tangents and the result would be silently wrong."""
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    levels = [i.key() for i in retrieve_all_functorch_interpreters()]
+    if levels.count(torch._C._functorch.TransformType.Jvp) > 1:
+        raise NotImplementedError(
+            f"{name} on the kernels does not support forward-mode AD over forward-mode AD (jacfwd(jacfwd(f)), "
+            "jvp of jvp): use reverse mode for one of them, e.g. torch.func.hessian (jacfwd(jacrev(f))), "
+            "or the 'torch' backend"
+        )
 
 
 def legacy_batched(*tensors):

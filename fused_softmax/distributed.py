@@ -16,8 +16,10 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
-from . import _launch
+from . import _jacobian, _launch
 from ._backend import use_kernels
+from ._jacobian import backward_product, forward_product
+from ._transforms import batch_first, vmapped
 from .functional import _wrap_dim
 
 
@@ -61,46 +63,128 @@ def _normalise(x, dim, lse, log, out_dtype, kernels):
     return (shifted if log else torch.exp(shifted)).to(out_dtype)
 
 
-def _backward_row_sums(y, dy, dim, log, kernels):
-    """This shard's part of Σ dy·y (softmax) or Σ dy (log_softmax), per row."""
-    if kernels:
-        return _launch.backward_row_sums(y, dy, dim, log)
-    dy = dy.to(_launch.stats_dtype(y.dtype))
-    return (dy if log else dy * y.to(dy.dtype)).sum(dim)
+class _AllReduced(torch.autograd.Function):
+    """The sum over the ranks of ``group``, every rank receiving it: linear, so its derivative in
+    either mode is the same sum (every rank differentiates in step)."""
+
+    @staticmethod
+    def forward(t, group):
+        t = t.clone()
+        dist.all_reduce(t, group=group)
+        return t
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.group = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _AllReduced.apply(grad, ctx.group), None
+
+    @staticmethod
+    def jvp(ctx, tangent, _):
+        return _AllReduced.apply(tangent, ctx.group)
+
+    @staticmethod
+    def vmap(info, in_dims, t, group):
+        (t,) = batch_first(info, in_dims[:1], t)
+        return _AllReduced.apply(t, group), 0
 
 
-def _input_grad(y, dy, dim, log, row_sums, kernels):
-    """dx = y·(dy − Σ dy·y) (softmax) or dy − exp(y)·Σ dy (log_softmax), given the global sums."""
+def _global_sum(dim, group):
+    """Row sums along a sharded ``dim``, over every shard, differentiable: the row sum of
+    ``_jacobian``'s formulas for ``ShardedJacobianProductFunction``."""
+    local = _jacobian.local_sum(dim)
+    return lambda t: _AllReduced.apply(local(t), group)
+
+
+def _sharded_product(y, v, dim, group, kind, kernels):
+    """The product ``kind`` of v with softmax's Jacobian at y along a sharded ``dim``: this shard's
+    row sums, one all_reduce, then this shard's slice."""
     if kernels:
-        return _launch.backward_with_row_sums(y, dy, dim, y.dtype, log, row_sums)
-    sums = row_sums.unsqueeze(dim)
-    y_wide, dy = y.to(sums.dtype), dy.to(sums.dtype)
-    return (dy - torch.exp(y_wide) * sums if log else y_wide * (dy - sums)).to(y.dtype)
+        row_sums = _launch.backward_row_sums(y, v, dim, kind)
+        dist.all_reduce(row_sums, group=group)
+        return _launch.backward_with_row_sums(y, v, dim, y.dtype, kind, row_sums)
+    return _jacobian.product(y, v, dim, kind, _global_sum(dim, group)).to(y.dtype)
+
+
+class ShardedJacobianProductFunction(torch.autograd.Function):
+    """The product ``kind`` (see ``_jacobian``) of v with softmax's Jacobian at y, along a dim
+    sharded across ``group``, this rank's slice: the backward (v = dy) and forward-mode tangent
+    (v = the input's) of ``ShardedSoftmaxFunction``, one all_reduce of the row sums. Its own
+    derivatives are ``_jacobian``'s torch ops, their row sums all_reduced: double backward,
+    hessians and the like, every rank in step."""
+
+    @staticmethod
+    def forward(y, v, dim, group, kind, kernels):
+        return _sharded_product(y, v, dim, group, kind, kernels)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        y, v, dim, group, kind, kernels = inputs
+        ctx.dim, ctx.group, ctx.kind, ctx.kernels = dim, group, kind, kernels
+        ctx.save_for_backward(y, v)
+        ctx.save_for_forward(y, v)
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, v = ctx.saved_tensors
+        row_sum = _global_sum(ctx.dim, ctx.group)
+        grad_y, grad_v = _jacobian.second_derivatives(y, v, grad, ctx.dim, ctx.kind, row_sum)
+        return grad_y, grad_v, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, y_tangent, v_tangent, *_):
+        y, v = ctx.saved_tensors
+        tangent = 0
+        if v_tangent is not None:  # linear in v: the product itself
+            tangent = ShardedJacobianProductFunction.apply(y, v_tangent, ctx.dim, ctx.group, ctx.kind, ctx.kernels)
+        if y_tangent is not None:
+            row_sum = _global_sum(ctx.dim, ctx.group)
+            tangent = tangent + _jacobian.y_tangent(y, v, y_tangent, ctx.dim, ctx.kind, row_sum)
+        return tangent.to(y.dtype)
+
+    @staticmethod
+    def vmap(info, in_dims, y, v, dim, group, kind, kernels):
+        return vmapped(ShardedJacobianProductFunction.apply, info, in_dims, (y, v), dim, group, kind, kernels)
 
 
 class ShardedSoftmaxFunction(torch.autograd.Function):
     """Softmax (or log-softmax, ``log``) of a dim sharded across ``group``, this rank's slice.
 
-    Forward: one all_gather of the packed row stats; backward: one all_reduce of the row sums.
-    Saves only y. The kernels or eager PyTorch are chosen once, in the forward.
-    """
+    Forward: one all_gather of the packed row stats; backward and forward-mode tangent: one
+    all_reduce of the row sums (``ShardedJacobianProductFunction``, itself differentiable).
+    Saves only y. The kernels or eager PyTorch are chosen once, in the forward. Under vmap the
+    batch is more rows of the same collectives: every rank must vmap alike."""
 
     @staticmethod
-    def forward(ctx, x, dim, group, log):
+    def forward(x, dim, group, log):
         kernels = use_kernels(x, x.dtype)
         stats = _all_gather(_row_stats(x, dim, kernels), group)
-        y = _normalise(x, dim, _log_sum_exp(stats[..., 0], stats[..., 1]), log, x.dtype, kernels)
-        ctx.dim, ctx.group, ctx.log, ctx.kernels = dim, group, log, kernels
-        ctx.save_for_backward(y)
-        return y
+        return _normalise(x, dim, _log_sum_exp(stats[..., 0], stats[..., 1]), log, x.dtype, kernels)
 
     @staticmethod
-    @once_differentiable
+    def setup_context(ctx, inputs, output):
+        x, dim, group, log = inputs
+        ctx.dim, ctx.group, ctx.log, ctx.kernels = dim, group, log, use_kernels(x, x.dtype)
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
+
+    @staticmethod
     def backward(ctx, dy):
         (y,) = ctx.saved_tensors
-        row_sums = _backward_row_sums(y, dy, ctx.dim, ctx.log, ctx.kernels)
-        dist.all_reduce(row_sums, group=ctx.group)
-        return _input_grad(y, dy, ctx.dim, ctx.log, row_sums, ctx.kernels), None, None, None
+        kind = backward_product(ctx.log)
+        return ShardedJacobianProductFunction.apply(y, dy, ctx.dim, ctx.group, kind, ctx.kernels), None, None, None
+
+    @staticmethod
+    def jvp(ctx, tangent, *_):
+        (y,) = ctx.saved_tensors
+        kind = forward_product(ctx.log)
+        return ShardedJacobianProductFunction.apply(y, tangent, ctx.dim, ctx.group, kind, ctx.kernels)
+
+    @staticmethod
+    def vmap(info, in_dims, x, dim, group, log):
+        return vmapped(ShardedSoftmaxFunction.apply, info, in_dims, (x,), dim, group, log)
 
 
 def softmax(x_local, dim=-1, group=None):
@@ -108,7 +192,7 @@ def softmax(x_local, dim=-1, group=None):
 
     ``x_local`` is this rank's contiguous shard of ``dim`` (ranks in order; sizes may differ, and
     be 0); the other dims must match across ranks. ``group=None`` is the default group. The result
-    has ``x_local``'s shape and dtype, and is differentiable (first derivatives).
+    has ``x_local``'s shape and dtype, and is differentiable in both modes, to any order.
     """
     return ShardedSoftmaxFunction.apply(x_local, _wrap_dim("softmax", dim, x_local.dim()), group, False)
 

@@ -190,12 +190,37 @@ def _(y, dy, lse, mask, sinks, scale, softcap, dtype):
     return _empty_like(y, dtype), lse.new_empty(lse.shape if sinks is not None else (0,))
 
 
-def _softcap_sinks_grad(ctx, dy, _):
-    y, lse, mask, sinks, bias = ctx.saved_tensors
-    backward = masked_softmax_with_lse_backward
-    grads = _softcap_sinks.score_mask_and_sink_grads(ctx, y, dy, lse, mask, sinks, bias, backward)
-    scores_grad, mask_grad, sinks_grad, bias_grad = grads
-    return scores_grad, mask_grad, None, None, None, None, sinks_grad, bias_grad
+def _softcap_sinks_grad(ctx, dy, lse_grad):
+    return _softcap_sinks.softcap_sinks_grads(ctx, dy, lse_grad, masked_softmax_with_lse_backward)
+
+
+def _setup_softcap_sinks_backward(ctx, inputs, output):
+    y, dy, lse, mask, sinks, scale, softcap, _ = inputs
+    ctx.scale, ctx.softcap = scale, softcap
+    ctx.save_for_backward(y, dy, lse, mask, sinks)
+
+
+def _softcap_sinks_second_derivatives(ctx, dx_grad, rows_grad):
+    y, dy, lse, mask, sinks = ctx.saved_tensors
+    rows_grad = rows_grad if sinks is not None else None
+    grads = _softcap_sinks.backward_second_derivatives(
+        y, dy, lse, mask, sinks, ctx.scale, ctx.softcap, dx_grad, rows_grad
+    )
+    grad_y, grad_dy, grad_lse, grad_sinks = grads
+    return grad_y, grad_dy, grad_lse, None, grad_sinks, None, None, None
+
+
+def _softcap_sinks_vmap(info, in_dims, *inputs):
+    return _softcap_sinks.vmapped_forward(masked_softmax_with_lse, info, in_dims, *inputs)
+
+
+def _softcap_sinks_backward_vmap(info, in_dims, *inputs):
+    return _softcap_sinks.vmapped_backward(masked_softmax_with_lse_backward, info, in_dims, *inputs)
 
 
 masked_softmax_with_lse.register_autograd(_softcap_sinks_grad, setup_context=_softcap_sinks.save_context)
+masked_softmax_with_lse.register_vmap(_softcap_sinks_vmap)
+masked_softmax_with_lse_backward.register_autograd(
+    _softcap_sinks_second_derivatives, setup_context=_setup_softcap_sinks_backward
+)
+masked_softmax_with_lse_backward.register_vmap(_softcap_sinks_backward_vmap)

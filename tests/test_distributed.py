@@ -128,7 +128,7 @@ def check_errors(rank, widths):
 
 class Replicated(torch.autograd.Function):
     """Identity forward, all_reduce backward: each rank's gradient, nonzero on its shard only,
-    summed into the full one."""
+    summed into the full one. Differentiable in both modes."""
 
     @staticmethod
     def forward(ctx, x):
@@ -136,13 +136,16 @@ class Replicated(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
+        return Summed.apply(grad)
+
+    @staticmethod
+    def jvp(ctx, tangent):
+        return tangent.clone()
 
 
 class Summed(torch.autograd.Function):
-    """all_reduce forward, identity backward: the ranks' zero-padded slices summed into the full output."""
+    """all_reduce forward, identity backward: the ranks' zero-padded slices summed into the full output.
+    The two are each other's adjoints, so double backward sees the same function on every rank."""
 
     @staticmethod
     def forward(ctx, x):
@@ -152,34 +155,68 @@ class Summed(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return grad
+        return Replicated.apply(grad)
+
+    @staticmethod
+    def jvp(ctx, tangent):
+        return Summed.apply(tangent)
+
+
+def full_softmax(full, op, widths, rank):
+    """``op`` (sharded) of this rank's shard of ``full``, as a function of the full input and
+    output: the same on every rank, so the ranks' evaluations stay in step."""
+    classes, start = sum(widths), sum(widths[:rank])
+    local = Replicated.apply(full).narrow(1, start, widths[rank])
+    return Summed.apply(F.pad(op(local), (start, classes - start - widths[rank])))
 
 
 def check_gradcheck(rank, widths):
-    """gradcheck, in float64, of the whole sharded computation as a function of the full input:
-    the same function of the same input on every rank, so the ranks' evaluations stay in step.
+    """gradcheck, in float64, of the whole sharded computation as a function of the full input.
     Fast mode (a random projection of the Jacobian) keeps the interpreter's launches few; the
     same seed on every rank draws the same projection."""
     classes, start = sum(widths), sum(widths[:rank])
     x = random((2, classes), torch.float64, DEVICE, seed=6).requires_grad_()
     target = torch.tensor([classes - 1, -100], device=DEVICE)
 
-    def local(full):
-        return Replicated.apply(full).narrow(1, start, widths[rank])
-
-    def full_softmax(full, op):
-        return Summed.apply(F.pad(op(local(full)), (start, classes - start - widths[rank])))
-
     def cross_entropy(full):
-        return distributed.cross_entropy(local(full), target, reduction="none", label_smoothing=0.1, vocab_start=start)
+        local = Replicated.apply(full).narrow(1, start, widths[rank])
+        return distributed.cross_entropy(local, target, reduction="none", label_smoothing=0.1, vocab_start=start)
 
     for fn in (
-        functools.partial(full_softmax, op=distributed.softmax),
-        functools.partial(full_softmax, op=distributed.log_softmax),
+        functools.partial(full_softmax, op=distributed.softmax, widths=widths, rank=rank),
+        functools.partial(full_softmax, op=distributed.log_softmax, widths=widths, rank=rank),
         cross_entropy,
     ):
         torch.manual_seed(7)
         assert torch.autograd.gradcheck(fn, (x,), fast_mode=True)
+    return widths[rank]
+
+
+def check_higher_derivatives(rank, widths, log):
+    """Forward mode and double backward of the sharded softmax through the kernels: gradcheck
+    with forward AD and gradgradcheck with forward over reverse, in float64, fast mode; and the
+    torch.func transforms every rank runs alike (vmap, jvp, per-sample gradients) against torch
+    on the whole tensor."""
+    op = distributed.log_softmax if log else distributed.softmax
+    reference = F.log_softmax if log else F.softmax
+    classes = sum(widths)
+    x = random((2, classes), torch.float64, DEVICE, seed=8).requires_grad_()
+    fn = functools.partial(full_softmax, op=op, widths=widths, rank=rank)
+    torch.manual_seed(9)
+    assert torch.autograd.gradcheck(fn, (x,), fast_mode=True, check_forward_ad=True)
+    torch.manual_seed(9)
+    assert torch.autograd.gradgradcheck(fn, (x,), fast_mode=True, check_fwd_over_rev=True)
+
+    batch = random((3, 2, classes), torch.float64, DEVICE, seed=10)
+    tangent = random(batch.shape, torch.float64, DEVICE, seed=11)
+    local, local_tangent = (shard(t, -1, widths, rank) for t in (batch, tangent))
+    torch.testing.assert_close(torch.func.vmap(op)(local), shard(reference(batch, -1), -1, widths, rank))
+    _, actual = torch.func.jvp(op, (local,), (local_tangent,))
+    _, expected = torch.func.jvp(lambda t: reference(t, -1), (batch,), (tangent,))
+    torch.testing.assert_close(actual, shard(expected, -1, widths, rank))
+    per_sample = torch.func.vmap(torch.func.grad(lambda t: op(t).sin().sum()))(local)
+    expected = torch.func.vmap(torch.func.grad(lambda t: reference(t, -1).sin().sum()))(batch)
+    torch.testing.assert_close(per_sample, shard(expected, -1, widths, rank))
     return widths[rank]
 
 
@@ -210,6 +247,9 @@ def cases(world_size):
     uneven = WIDTHS[world_size][0]
     yield "errors", "torch", functools.partial(check_errors, widths=uneven)
     yield "gradcheck", "triton", functools.partial(check_gradcheck, widths=uneven)
+    for log in (False, True):
+        name = f"higher_derivatives-{'log_softmax' if log else 'softmax'}"
+        yield name, "triton", functools.partial(check_higher_derivatives, widths=uneven, log=log)
 
 
 def run_cases(rank, world_size):

@@ -197,6 +197,38 @@ def test_ops_pass_opcheck(kernels):
     torch.library.opcheck(
         ops.masked_softmax_with_lse_backward, (y, dy, lse, additive, sinks.detach(), 0.5, 2.0, y.dtype)
     )
+    # Differentiable (double backward under compile): its autograd formula.
+    differentiated = [t.detach().requires_grad_() for t in (y, dy, lse, sinks)]
+    y, dy, lse, sinks = differentiated
+    torch.library.opcheck(ops.masked_softmax_with_lse_backward, (y, dy, lse, additive, sinks, 0.5, 2.0, y.dtype))
+
+
+@pytest.mark.parametrize("op", ["forward", "backward"])
+def test_ops_vmap_is_one_launch(kernels, launches, op):
+    """The ops' vmap rules (a compiled vmap keeps them): one launch for the batch, against a loop."""
+    scores = torch.randn(3, *SHAPE, dtype=torch.float64)
+    sinks = torch.randn(2, dtype=torch.float64)
+    additive = torch.randn(3, 5, dtype=torch.float64)
+    if op == "forward":
+        function = lambda s: ops.masked_softmax_with_lse(s, additive, 0.5, 0, None, 2.0, sinks, None)  # noqa: E731
+        args = (scores,)
+    else:
+        y, lse = ops.masked_softmax_with_lse(scores[0], additive, 0.5, 0, None, 2.0, sinks, None)
+        function = lambda dy: ops.masked_softmax_with_lse_backward(y, dy, lse, additive, sinks, 0.5, 2.0, y.dtype)  # noqa: E731
+        args = (torch.randn_like(scores),)
+        launches.clear()
+    batched = torch.func.vmap(function)(*args)
+    assert len(launches) == 1
+    for out, expected in zip(batched, zip(*(function(a) for a in args[0]), strict=True), strict=True):
+        torch.testing.assert_close(out, torch.stack(expected))
+
+
+def test_strided_sinks(backend):
+    """Sinks that are a strided view are read through a contiguous copy: the kernels index them as sinks_ptr + head."""
+    scores = torch.randn(SHAPE, dtype=torch.float64)
+    sinks = torch.randn(4, dtype=torch.float64)[::2]
+    expected = reference.masked_softmax(scores, None, SCALE, sinks=sinks.contiguous())
+    assert_close(fused_softmax.masked_softmax(scores, scale=SCALE, sinks=sinks), expected)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)

@@ -24,15 +24,21 @@ def _causal_bool(n_queries, n_keys):
     return torch.ones(n_queries, n_keys, dtype=torch.bool).tril()
 
 
-def _torch_masked(scores, mask=None, causal=False, scale=1.0):
+def _torch_masked(scores, mask=None, causal=False, scale=1.0, softcap=None, sinks=None, bias=None):
     z = scores * scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
     if causal:
         z = z.masked_fill(~_causal_bool(*z.shape[-2:]), float("-inf"))
     if mask is not None and mask.dtype == torch.bool:
         z = z.masked_fill(~mask, float("-inf"))
     elif mask is not None:
         z = z + mask
-    return torch.softmax(z, -1)
+    if bias is not None:
+        z = z + bias
+    if sinks is None:
+        return torch.softmax(z, -1)
+    return torch.softmax(torch.cat([z, sinks[:, None, None].expand(*z.shape[:-1], 1)], -1), -1)[..., :-1]
 
 
 def _keep_mask(shape):
@@ -99,6 +105,9 @@ def _cross_entropy_pair(reduction, **options):
     return fused, torch_twin
 
 
+SOFTCAP = 1.5
+# A constant additive mask under softcapping: the backward recovers the capped scores past it.
+ADDITIVE = random((1, 5), torch.float64, seed=11, scale=1.0)
 CASES = [
     Case("softmax", lambda x: fused_softmax.softmax(x, dim=-1), lambda x: F.softmax(x, dim=-1), ((3, 2, 5),)),
     Case("log_softmax", lambda x: fused_softmax.log_softmax(x, 1), lambda x: F.log_softmax(x, 1), ((3, 4, 2),)),
@@ -127,6 +136,37 @@ CASES = [
         ((3, 4, 5), (4, 5)),
         in_dims=(0, None),
     ),
+    # Softcapping (Gemma 2) and sinks (gpt-oss), one per head of [B, H, Lq, Lk] scores, each
+    # differentiated; the batch is B for vmap, the sinks shared by the batch.
+    Case(
+        "softcap_sinks_causal",
+        lambda s, k: fused_softmax.masked_softmax(s, scale=SCALE, causal=True, softcap=SOFTCAP, sinks=k),
+        lambda s, k: _torch_masked(s, causal=True, scale=SCALE, softcap=SOFTCAP, sinks=k),
+        ((3, 2, 2, 3), (2,)),
+        in_dims=(0, None),
+    ),
+    Case(
+        "softcap_additive_online",
+        lambda s: fused_softmax.masked_softmax(s, ADDITIVE, scale=SCALE, softcap=SOFTCAP),
+        lambda s: _torch_masked(s, ADDITIVE, scale=SCALE, softcap=SOFTCAP),
+        ((3, 1, 5),),
+        max_block=4,
+    ),
+    # A learned bias beside a bool mask, with sinks (statistics kept) and alone (softmax's backward).
+    Case(
+        "bias_sinks",
+        lambda s, b, k: fused_softmax.masked_softmax(s, KEEP[:1], scale=SCALE, sinks=k, bias=b),
+        lambda s, b, k: _torch_masked(s, KEEP[:1], scale=SCALE, sinks=k, bias=b),
+        ((3, 2, 1, 5), (1, 5), (2,)),
+        in_dims=(0, None, None),
+    ),
+    Case(
+        "bias",
+        lambda s, b: fused_softmax.masked_softmax(s, KEEP[:2], scale=SCALE, causal=True, bias=b),
+        lambda s, b: _torch_masked(s, KEEP[:2], causal=True, scale=SCALE, bias=b),
+        ((3, 2, 5), (2, 5)),
+        in_dims=(0, None),
+    ),
     Case(
         "attention",
         lambda q, k, v: fused_softmax.attention(q, k, v, is_causal=True),
@@ -152,7 +192,14 @@ def _scalar(f):
     return lambda *args: f(*args).sin().sum()
 
 
-ARGNUMS = {"masked_additive": (0, 1), "attention": (0, 1, 2), "cross_entropy_probabilities": (0, 1)}
+ARGNUMS = {
+    "masked_additive": (0, 1),
+    "softcap_sinks_causal": (0, 1),
+    "bias_sinks": (0, 1, 2),
+    "bias": (0, 1),
+    "attention": (0, 1, 2),
+    "cross_entropy_probabilities": (0, 1),
+}
 
 TRANSFORMS = {
     "vmap": lambda f, args, case: torch.func.vmap(f, in_dims=case.batch_dims(args))(*args),
@@ -328,3 +375,40 @@ def test_cross_entropy_vmap_over_weights_is_refused(launches):
         pytest.raises(NotImplementedError, match="class weights must be the same"),
     ):
         torch.func.vmap(lambda w: fused_softmax.cross_entropy(x, _targets_weight(x)[0], w))(weights)
+
+
+def test_vmap_over_per_example_sinks(backend, launches):
+    """Sinks batched with the scores (a sink per example and head, as in per-sample gradients of
+    gpt-oss's s_aux): one logit per (batch entry, head) in one call; their per-sample gradients."""
+    scores, sinks = random((3, 2, 2, 3), torch.float64), random((3, 2), torch.float64, seed=1)
+
+    def fused(s, k):
+        return fused_softmax.masked_softmax(s, scale=SCALE, softcap=SOFTCAP, sinks=k)
+
+    def twin(s, k):
+        return _torch_masked(s, scale=SCALE, softcap=SOFTCAP, sinks=k)
+
+    torch.testing.assert_close(torch.func.vmap(fused)(scores, sinks), torch.func.vmap(twin)(scores, sinks))
+    assert len(launches) == (backend == "triton")
+    shared = torch.func.vmap(fused, (None, 0))(scores[0], sinks)
+    torch.testing.assert_close(shared, torch.stack([twin(scores[0], k) for k in sinks]))
+    per_sample = torch.func.vmap(torch.func.grad(_scalar(fused), argnums=(0, 1)))(scores, sinks)
+    torch.testing.assert_close(
+        per_sample, torch.func.vmap(torch.func.grad(_scalar(twin), argnums=(0, 1)))(scores, sinks)
+    )
+
+
+def test_forward_over_forward_mode_is_refused_under_softcapping_and_sinks(kernels):
+    """torch runs a Function's jvp with forward-mode AD off: a jvp of the jvp would silently drop
+    the torch ops' tangents, so it raises; reverse over forward and forward over reverse work."""
+    scores, sinks = random((1, 2, 2, 3), torch.float64), random((2,), torch.float64, seed=1)
+
+    def f(s):
+        return fused_softmax.masked_softmax(s, softcap=SOFTCAP, sinks=sinks).sin().sum()
+
+    with pytest.raises(NotImplementedError, match=r"forward-mode AD over forward-mode AD .*torch.func.hessian"):
+        torch.func.jacfwd(torch.func.jacfwd(f))(scores)
+    with fused_softmax.use_backend("torch"):
+        expected = torch.func.jacfwd(torch.func.jacfwd(f))(scores)
+    torch.testing.assert_close(torch.func.jacrev(torch.func.jacfwd(f))(scores), expected)
+    torch.testing.assert_close(torch.func.hessian(f)(scores), expected)

@@ -298,7 +298,7 @@ def _mode_launches(n):
         yield lambda x, lse=stats: _launch.normalise_with_lse(x, 1, x.dtype, False, lse), (x,), "row lse in"
         yield lambda y, dy: _launch.backward_row_sums(y, dy, 1), (x, x), "row sums out"
         yield (
-            lambda y, dy, sums=stats: _launch.backward_with_row_sums(y, dy, 1, y.dtype, False, sums),
+            lambda y, dy, sums=stats: _launch.backward_with_row_sums(y, dy, 1, y.dtype, "softmax", sums),
             (x, x),
             "row sums in",
         )
