@@ -68,18 +68,18 @@ def vmapped_masked_softmax(apply, info, in_dims, scores, mask, scale, causal_off
     return y.squeeze(1) if point else y, 0
 
 
-def refuse_nested_forward_mode(name):
-    """Raise for forward-mode AD nested in forward-mode AD (``jacfwd(jacfwd(f))``, a jvp of a jvp)
-    around a Function whose jvp computes in torch ops: torch runs a jvp with forward AD off, so
-    those ops would drop the outer level's tangents and the result would be silently wrong."""
+def refuse_nested_forward_mode(name, nesting="forward-mode AD over forward-mode AD (jacfwd(jacfwd(f)), jvp of jvp)"):
+    """Raise, called from a jvp that computes in torch ops, when more forward-mode levels than
+    the one being computed are open: torch runs a jvp with forward AD off, so those ops would
+    drop the outer levels' tangents and the result would be silently wrong. ``nesting`` says
+    what the caller was asked (a Function whose jvp is itself a Function's sees one level fewer)."""
     from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
     levels = [i.key() for i in retrieve_all_functorch_interpreters()]
     if levels.count(torch._C._functorch.TransformType.Jvp) > 1:
         raise NotImplementedError(
-            f"{name} on the kernels does not support forward-mode AD over forward-mode AD (jacfwd(jacfwd(f)), "
-            "jvp of jvp): use reverse mode for one of them, e.g. torch.func.hessian (jacfwd(jacrev(f))), "
-            "or the 'torch' backend"
+            f"{name} on the kernels does not support {nesting}: use reverse mode for one of them, e.g. "
+            "torch.func.hessian (jacfwd(jacrev(f))), or the 'torch' backend"
         )
 
 

@@ -10,7 +10,7 @@ from torch.overrides import handle_torch_function, has_torch_function_unary
 from . import _jacobian, _launch, ops
 from ._backend import KERNEL_DTYPES, use_kernels
 from ._jacobian import backward_product, forward_product
-from ._transforms import bound_quickly, legacy_batched, needs_autograd, vmapped
+from ._transforms import bound_quickly, legacy_batched, needs_autograd, refuse_nested_forward_mode, vmapped
 
 
 def _implicit_dim(name, ndim, stacklevel):
@@ -142,7 +142,8 @@ class JacobianProductFunction(torch.autograd.Function):
         tangent = 0
         if v_tangent is not None:  # linear in v: the product itself
             tangent = JacobianProductFunction.apply(y, v_tangent, ctx.dim, ctx.dtype, ctx.kind, ctx.scale)
-        if y_tangent is not None:
+        if y_tangent is not None:  # torch ops: a third forward-mode level would lose its tangents here
+            refuse_nested_forward_mode("softmax", "a third forward-mode level (jacfwd(jacfwd(jacfwd(f))))")
             tangent = tangent + _jacobian.y_tangent(y, v, y_tangent, ctx.dim, ctx.kind) * ctx.scale
         return tangent.to(ctx.dtype)
 

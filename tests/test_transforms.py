@@ -412,3 +412,20 @@ def test_forward_over_forward_mode_is_refused_under_softcapping_and_sinks(kernel
         expected = torch.func.jacfwd(torch.func.jacfwd(f))(scores)
     torch.testing.assert_close(torch.func.jacrev(torch.func.jacfwd(f))(scores), expected)
     torch.testing.assert_close(torch.func.hessian(f)(scores), expected)
+
+
+@pytest.mark.parametrize("name", ["softmax", "log_softmax"])
+def test_third_forward_mode_level_is_refused(kernels, name):
+    """jacfwd of jacfwd runs through the kernels and matches torch; a third forward-mode level
+    would reach the Jacobian product's y-tangent in torch ops, which drop it: it raises."""
+    x = random((2, 4), torch.float64)
+
+    def f(x):
+        return getattr(fused_softmax, name)(x, -1).sin().sum()
+
+    jacfwd = torch.func.jacfwd
+    with fused_softmax.use_backend("torch"):
+        expected = jacfwd(jacfwd(f))(x)
+    torch.testing.assert_close(jacfwd(jacfwd(f))(x), expected)
+    with pytest.raises(NotImplementedError, match="a third forward-mode level"):
+        jacfwd(jacfwd(jacfwd(f)))(x)
