@@ -43,6 +43,19 @@ def _all_gather(t, group):
     return torch.stack(parts)
 
 
+def _batched_alike(info, group, like):
+    """Under vmap the batch is more rows of every collective, so every rank must batch alike:
+    the batch sizes are compared (one small all_gather) and every rank raises together where they
+    differ (jacrev or jacfwd over uneven shards vmap over each rank's own elements), instead of
+    collectives of mismatched sizes hanging or mixing rows."""
+    sizes = _all_gather(torch.tensor([info.batch_size], device=like.device), group).flatten().tolist()
+    if len(set(sizes)) > 1:
+        raise RuntimeError(
+            f"fused_softmax.distributed under vmap: the ranks batch {sizes} times; every rank must vmap "
+            "alike (jacrev/jacfwd vmap over each rank's own elements: use shards of one size, or vjp/jvp)"
+        )
+
+
 def _log_sum_exp(maxes, sums):
     """Each row's log-sum-exp from every rank's (max m_r, sumexp s_r), ranks along dim 0, exactly:
     M + log Σ_r s_r·exp(m_r − M) with M = max_r m_r.
@@ -87,6 +100,7 @@ class _AllReduced(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, t, group):
+        _batched_alike(info, group, t)
         (t,) = batch_first(info, in_dims[:1], t)
         return _AllReduced.apply(t, group), 0
 
@@ -146,6 +160,7 @@ class ShardedJacobianProductFunction(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, y, v, dim, group, kind, kernels):
+        _batched_alike(info, group, y)
         return vmapped(ShardedJacobianProductFunction.apply, info, in_dims, (y, v), dim, group, kind, kernels)
 
 
@@ -184,6 +199,7 @@ class ShardedSoftmaxFunction(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, x, dim, group, log):
+        _batched_alike(info, group, x)
         return vmapped(ShardedSoftmaxFunction.apply, info, in_dims, (x,), dim, group, log)
 
 

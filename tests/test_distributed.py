@@ -217,6 +217,9 @@ def check_higher_derivatives(rank, widths, log):
     per_sample = torch.func.vmap(torch.func.grad(lambda t: op(t).sin().sum()))(local)
     expected = torch.func.vmap(torch.func.grad(lambda t: reference(t, -1).sin().sum()))(batch)
     torch.testing.assert_close(per_sample, shard(expected, -1, widths, rank))
+    if len(set(widths)) > 1:  # jacrev vmaps over each rank's own outputs: every rank raises, none hangs
+        with pytest.raises(RuntimeError, match="every rank must vmap alike"):
+            torch.func.jacrev(op)(local[0])
     return widths[rank]
 
 
