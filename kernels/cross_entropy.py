@@ -762,10 +762,12 @@ def vocab_slice_grad_kernel(
         target = tl.load(target_ptr + row, mask=row_mask, other=ignore_index)
         valid, in_range = row_validity(target, row_mask, ignore_index, n_classes)
         local, owned = slice_target(target, valid, vocab_start, n_cols)
-        row_max = load_row_values(lse_ptr + 2 * row, row_mask, BLOCK_N, COMPUTE_DTYPE)
-        log_sum = load_row_values(lse_ptr + 2 * row + 1, row_mask, BLOCK_N, COMPUTE_DTYPE)
+        # Plain [ROWS, 1] loads: three of load_row_values' block-wide ones spilled the 16-warp fp32
+        # configuration of 8192 classes (compile report).
+        row_max = tl.load(lse_ptr + 2 * row, mask=row_mask, other=0.0)
+        log_sum = tl.load(lse_ptr + 2 * row + 1, mask=row_mask, other=0.0)
         probability_coef = 1.0 + 2.0 * z_loss * (row_max + log_sum)
-        scale = load_row_values(scale_ptr + row * scale_stride, valid, BLOCK_N, COMPUTE_DTYPE)
+        scale = tl.load(scale_ptr + row * scale_stride, mask=valid, other=0.0).to(COMPUTE_DTYPE)
         x_rows = row_starts(x_ptr, outer, inner, x_stride_outer, x_stride_inner, ALIGN)
         grad_rows = row_starts(grad_ptr, outer, inner, grad_stride_outer, grad_stride_inner, ALIGN)
         for start in tl.range(0, n_cols, BLOCK_N):
