@@ -627,32 +627,6 @@ def cross_entropy_forward(
     return losses
 
 
-def vocab_chunk_statistics(x, target, stats, *, vocab_start, smoothing, softcap):
-    """Merge the chunk of logits ``x`` [rows, n] (classes ``vocab_start`` on) into each row's
-    running ``stats`` [rows, 4] (max, Σ exp(x' - max), x'_t, Σ x'), in place."""
-    if x.numel():
-        p = plan((x,), 1, backward=False, cross_entropy=True)
-        args = p.arguments("x") | dict(target_ptr=target, stats_ptr=stats, vocab_start=vocab_start)
-        args["softcap_high"], args["softcap_low"] = fp32_pair(float(softcap or 0.0))
-        args |= dict(SMOOTHING=smoothing > 0, SOFTCAP=softcap is not None)
-        _run(kernels().vocab_chunk_statistics_kernel, p, args)
-    return stats
-
-
-def vocab_chunk_grad(x, target, stats, scale, *, vocab_start, n_classes, ignore_index, smoothing, z_loss, softcap):
-    """The gradient of Σ loss · ``scale`` (per row) over the chunk of logits ``x`` [rows, n]
-    (classes ``vocab_start`` on), from the rows' ``stats`` over every chunk, written over x."""
-    if x.numel():
-        p = plan((x, x), 1, backward=False, cross_entropy=True)
-        args = p.arguments("x", "grad") | dict(target_ptr=target, stats_ptr=stats, scale_ptr=scale)
-        args |= dict(vocab_start=vocab_start, n_classes=n_classes, ignore_index=ignore_index)
-        for name, value in (("smoothing", smoothing), ("z_loss", z_loss), ("softcap", softcap or 0.0)):
-            args[f"{name}_high"], args[f"{name}_low"] = fp32_pair(float(value))
-        args |= dict(SMOOTHING=smoothing > 0, SOFTCAP=softcap is not None)
-        _run(kernels().vocab_chunk_grad_kernel, p, args)
-    return x
-
-
 def _grad_scale_arguments(rows, entries):
     """How the cross-entropy kernels find a row's gradient scale: ``entries`` equal runs of rows
     (None: no gradient). The kernels divide in int32."""
@@ -684,10 +658,11 @@ def scale_cross_entropy_grad(grad, upstream, dim):
     return grad
 
 
-def vocab_shard_statistics(x, target, *, vocab_start, ignore_index, smoothing):
-    """[rows, 4] in the compute dtype: each row's (max, Σ exp(x − max), the target's logit if this
-    shard of the classes holds it else 0, Σ x with smoothing else 0), from [rows, C_local]
-    logits ``x`` and [rows] global class indices."""
+def vocab_slice_statistics(x, target, *, vocab_start, ignore_index, smoothing, softcap=None):
+    """[rows, 4] in the compute dtype: each row's (max, Σ exp(x' − max), the target's x' if this
+    slice of the classes holds it else 0, Σ x' with smoothing else 0), from [rows, n] logits
+    ``x`` (classes ``vocab_start`` on; x' capped by ``softcap``) and [rows] global class indices.
+    The host combines the slices' statistics (``_slices.log_sum_exp_parts``)."""
     stats = empty((x.shape[0], 4), stats_dtype(x.dtype), x.device)
     if x.shape[1] == 0:
         stats.zero_()[:, 0] = float("-inf")
@@ -700,29 +675,35 @@ def vocab_shard_statistics(x, target, *, vocab_start, ignore_index, smoothing):
             ignore_index=ignore_index,
             ONLINE=p.config.online,
             SMOOTHING=smoothing > 0,
+            SOFTCAP=softcap is not None,
         )
-        _run(kernels().vocab_shard_statistics_kernel, p, args)
+        args["softcap_high"], args["softcap_low"] = fp32_pair(float(softcap or 0.0))
+        _run(kernels().vocab_slice_statistics_kernel, p, args)
     return stats
 
 
-def vocab_shard_grad(x, target, lse, grad_loss, *, vocab_start, classes, ignore_index, smoothing):
-    """The gradient of [rows, C_local] logits ``x``, a shard of ``classes`` classes, given each
-    row's log-sum-exp over every shard and the upstream gradient of each row's loss."""
-    grad = empty(x.shape, x.dtype, x.device)
+def vocab_slice_grad(
+    x, target, lse, scale, *, vocab_start, n_classes, ignore_index, smoothing, z_loss=0.0, softcap=None, grad=None
+):
+    """The gradient of Σ loss · ``scale`` (one factor per row, any stride) over [rows, n] logits
+    ``x``, a slice of ``n_classes`` classes starting at ``vocab_start``, given each row's
+    log-sum-exp over every slice as [rows, 2] (max, log Σ exp(x' − max)); written into ``grad``
+    (x itself to overwrite the logits), or a new tensor."""
+    grad = empty_like(x, x.dtype) if grad is None else grad
     if grad.numel():
         p = plan((x, grad), 1, backward=True, cross_entropy=True)
-        high, low = fp32_pair(float(smoothing))
         args = p.arguments("x", "grad") | dict(
             target_ptr=target,
             lse_ptr=lse.contiguous(),
-            grad_loss_ptr=grad_loss,
-            grad_loss_stride=grad_loss.stride(0),
+            scale_ptr=scale,
+            scale_stride=scale.stride(0),
             vocab_start=vocab_start,
-            n_classes=classes,
+            n_classes=n_classes,
             ignore_index=ignore_index,
-            smoothing_high=high,
-            smoothing_low=low,
             SMOOTHING=smoothing > 0,
+            SOFTCAP=softcap is not None,
         )
-        _run(kernels().vocab_shard_grad_kernel, p, args)
+        for name, value in (("smoothing", smoothing), ("z_loss", z_loss), ("softcap", softcap or 0.0)):
+            args[f"{name}_high"], args[f"{name}_low"] = fp32_pair(float(value))
+        _run(kernels().vocab_slice_grad_kernel, p, args)
     return grad

@@ -20,6 +20,7 @@ from . import _jacobian, _launch
 from ._backend import use_kernels
 from ._jacobian import backward_product, forward_product
 from ._transforms import batch_first, vmapped
+from ._slices import log_sum_exp_parts
 from .functional import _wrap_dim
 
 
@@ -57,15 +58,9 @@ def _batched_alike(info, group, like):
 
 
 def _log_sum_exp(maxes, sums):
-    """Each row's log-sum-exp from every rank's (max m_r, sumexp s_r), ranks along dim 0, exactly:
-    M + log Σ_r s_r·exp(m_r − M) with M = max_r m_r.
-
-    Shards with m_r = −inf (only −inf, or nothing) add nothing, whatever their sum; a row of −inf
-    on every shard gets −inf, so its softmax is NaN, as torch's.
-    """
-    row_max = maxes.amax(0)
-    terms = torch.where(maxes == float("-inf"), 0.0, sums * torch.exp(maxes - row_max))
-    return row_max + torch.log(terms.sum(0))
+    """Each row's log-sum-exp from every rank's (max, sumexp), ranks along dim 0, exactly (see
+    ``_slices.log_sum_exp_parts``)."""
+    return log_sum_exp_parts(maxes, sums).sum(-1)
 
 
 def _normalise(x, dim, lse, log, out_dtype, kernels):
@@ -228,10 +223,10 @@ def _local_targets(target, vocab_start, width, ignore_index):
 def _shard_statistics(logits, target, vocab_start, ignore_index, label_smoothing, kernels):
     """[N, 4] in the stats' dtype: each row's (max, Σ exp(x − max), the target's logit if this
     shard holds it else 0, Σ x with smoothing else 0) over this shard. On the kernels, one read of
-    the logits (``vocab_shard_statistics_kernel``, on the cross-entropy kernel's steps)."""
+    the logits (``vocab_slice_statistics_kernel``, on the cross-entropy kernel's steps)."""
     if kernels:
         options = dict(vocab_start=vocab_start, ignore_index=ignore_index, smoothing=label_smoothing)
-        return _launch.vocab_shard_statistics(logits, target, **options)
+        return _launch.vocab_slice_statistics(logits, target, **options)
     stats = _row_stats(logits, 1, kernels)
     owned, local_target = _local_targets(target, vocab_start, logits.shape[1], ignore_index)
     target_logit = stats.new_zeros(len(target))
@@ -241,13 +236,14 @@ def _shard_statistics(logits, target, vocab_start, ignore_index, label_smoothing
 
 
 def _shard_grad(logits, target, lse, grad_loss, ctx):
-    """dlogits = (softmax − (1 − ε)·onehot − ε/V)·grad_row on this shard alone, 0 on ignored rows:
-    on the kernels one read of the logits and one write of the gradient."""
+    """dlogits = (softmax − (1 − ε)·onehot − ε/V)·grad_row on this shard alone, 0 on ignored rows,
+    ``lse`` [N, 2] in two parts (``_slices.log_sum_exp_parts``): on the kernels one read of the
+    logits and one write of the gradient (``vocab_slice_grad_kernel``)."""
     if ctx.kernels:
-        options = dict(vocab_start=ctx.vocab_start, classes=ctx.classes, ignore_index=ctx.ignore_index)
-        return _launch.vocab_shard_grad(logits, target, lse, grad_loss, smoothing=ctx.label_smoothing, **options)
+        options = dict(vocab_start=ctx.vocab_start, n_classes=ctx.classes, ignore_index=ctx.ignore_index)
+        return _launch.vocab_slice_grad(logits, target, lse, grad_loss, smoothing=ctx.label_smoothing, **options)
     grad_row = torch.where(target != ctx.ignore_index, grad_loss, 0.0)
-    grad = _normalise(logits, 1, lse, False, lse.dtype, ctx.kernels)
+    grad = _normalise(logits, 1, lse.sum(-1), False, lse.dtype, ctx.kernels)
     grad.mul_(grad_row[:, None]).sub_(ctx.label_smoothing / ctx.classes * grad_row[:, None])
     owned, local_target = _local_targets(target, ctx.vocab_start, logits.shape[1], ctx.ignore_index)
     grad[owned, local_target] -= (1 - ctx.label_smoothing) * grad_row[owned]
@@ -290,9 +286,9 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
         if out_of_range.any():
             raise IndexError(f"Target {target[out_of_range][0].item()} is out of bounds.")
         gathered = gathered[:, :-1]
-        lse = _log_sum_exp(gathered[..., 0], gathered[..., 1])
+        lse = log_sum_exp_parts(gathered[..., 0], gathered[..., 1])
         # The target logit is non-zero on the one rank holding it: the sum over ranks is that logit.
-        loss = lse - (1 - label_smoothing) * gathered[..., 2].sum(0)
+        loss = lse.sum(-1) - (1 - label_smoothing) * gathered[..., 2].sum(0)
         if label_smoothing:
             loss = loss - label_smoothing / classes * gathered[..., 3].sum(0)
         ctx.group, ctx.ignore_index, ctx.label_smoothing = group, ignore_index, label_smoothing

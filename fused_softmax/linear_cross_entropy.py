@@ -11,8 +11,9 @@ gradients and the backward only scales them by the upstream gradient (nothing, f
 again. Eager PyTorch takes the kernel's place where the backend says so, chunked the same way.
 
 When even one chunk of tokens' logits over the whole vocabulary is too large (``chunk_shape``),
-the vocabulary is cut into parts too: each part's logits are merged into the rows' statistics
-(``kernels.vocab_chunks``), then, the log-sum-exp known, each part's logits are formed again and
+the vocabulary is cut into parts too: each part's logits give the rows' statistics over it
+(``kernels.cross_entropy``'s slice kernels, as the vocab-parallel cross-entropy's shards), which
+the host combines (``_slices``); then, the log-sum-exp known, each part's logits are formed again and
 its gradient written over them; one part of logits is held at a time, for one more matmul.
 Under torch.compile the same code runs as the custom ops ``fused_softmax::linear_cross_entropy``
 and ``::linear_cross_entropy_backward`` (reduction='none''s backward).
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 
 from . import _launch
 from ._backend import use_kernels
+from ._slices import log_sum_exp_parts
 from .cross_entropy import _capped, _check_targets, _index_denominator, _is_one, torch_cross_entropy
 
 # The chunk's logits are at most the size of the input's activations [tokens, H], and a chunk
@@ -89,32 +91,35 @@ def _chunk_losses_and_grad(logits, target, options, grad_scale, kernels):
     return losses.detach(), grad.to(logits.dtype)
 
 
-def _initial_statistics(rows, dtype, device):
-    """Each row's (max, Σ exp(x' - max), x'_t, Σ x') before any chunk of classes: (-inf, 0, 0, 0)."""
-    stats = torch.zeros(rows, 4, dtype=dtype, device=device)
-    stats[:, 0] = float("-inf")
-    return stats
-
-
-def _merge_vocab_chunk(logits, target, stats, vocab_start, options, kernels):
-    """Merge the chunk of classes [vocab_start, vocab_start + n) into the rows' ``stats``, in place."""
-    _, label_smoothing, _, softcap = options
+def _vocab_chunk_statistics(logits, target, vocab_start, options, kernels):
+    """[rows, 4]: the chunk of classes [vocab_start, vocab_start + n)'s (max, Σ exp(x' - max),
+    x'_t if the chunk holds the target else 0, Σ x' with smoothing else 0), for the host to
+    combine over the chunks."""
+    ignore_index, label_smoothing, _, softcap = options
     if kernels:
-        return _launch.vocab_chunk_statistics(
-            logits, target, stats, vocab_start=vocab_start, smoothing=label_smoothing, softcap=softcap
+        return _launch.vocab_slice_statistics(
+            logits,
+            target,
+            vocab_start=vocab_start,
+            ignore_index=ignore_index,
+            smoothing=label_smoothing,
+            softcap=softcap,
         )
-    x = _capped(logits.to(stats.dtype), softcap)
+    x = _capped(logits.to(_launch.stats_dtype(logits.dtype)), softcap)
     local, in_chunk = _local_targets(target, vocab_start, x.shape[1])
-    chunk_max = x.amax(1)
-    row_max = torch.maximum(stats[:, 0], chunk_max)
+    row_max = x.amax(1)
     shift = torch.where(row_max == float("-inf"), 0.0, row_max)
-    chunk_sum = torch.exp(x - shift[:, None]).sum(1)
-    stats[:, 1] = stats[:, 1] * torch.exp(stats[:, 0] - shift) + chunk_sum
-    stats[:, 0] = row_max
-    stats[:, 2] += torch.where(in_chunk, x.gather(1, local[:, None]).squeeze(1), 0.0)
-    if label_smoothing:
-        stats[:, 3] += x.sum(1)
-    return stats
+    row_sum = torch.exp(x - shift[:, None]).sum(1)
+    target_logit = torch.where(in_chunk, x.gather(1, local[:, None]).squeeze(1), 0.0)
+    smooth_sum = x.sum(1) if label_smoothing else torch.zeros_like(row_sum)
+    return torch.stack([row_max, row_sum, target_logit, smooth_sum], 1)
+
+
+def _combined_statistics(chunk_statistics):
+    """Each row's log-sum-exp in two parts [rows, 2] (``_slices``), x'_t and Σ x' over every
+    class, from the chunks' [rows, 4] statistics; the chunks' own are not kept."""
+    stats = torch.stack(chunk_statistics)
+    return log_sum_exp_parts(stats[..., 0], stats[..., 1]), stats[..., 2].sum(0), stats[..., 3].sum(0)
 
 
 def _local_targets(target, vocab_start, width):
@@ -125,30 +130,31 @@ def _local_targets(target, vocab_start, width):
     return torch.where(in_chunk, local, 0), in_chunk
 
 
-def _losses_from_statistics(stats, target, n_classes, options):
-    """Each row's loss from its statistics over every class: (1 - ε)·(lse - x'_t) + ε/C·(C·lse
-    - Σ x') + z·lse², 0 where ignored, NaN where the target is not a class (lse - x'_t as
-    (max - x'_t) + log Σ, exact for large logits)."""
+def _losses_from_statistics(lse, target_logit, smooth_sum, target, n_classes, options):
+    """Each row's loss from its log-sum-exp in two parts ``lse`` [rows, 2] (``_slices``), x'_t
+    and Σ x' over every class: (1 - ε)·(lse - x'_t) + ε/C·(C·lse - Σ x') + z·lse², 0 where
+    ignored, NaN where the target is not a class (lse - x'_t as (max - x'_t) + log Σ, exact for
+    large logits)."""
     ignore_index, label_smoothing, z_loss, _ = options
-    row_max, row_sum, target_logit, smooth_sum = stats.unbind(1)
-    log_sum = torch.log(row_sum)
-    lse = row_max + log_sum
-    loss = (1 - label_smoothing) * ((row_max - target_logit) + log_sum) + z_loss * lse * lse
+    row_max, log_sum = lse.unbind(1)
+    full_lse = row_max + log_sum
+    loss = (1 - label_smoothing) * ((row_max - target_logit) + log_sum) + z_loss * full_lse * full_lse
     if label_smoothing:
-        loss = loss + label_smoothing / n_classes * (n_classes * lse - smooth_sum)
+        loss = loss + label_smoothing / n_classes * (n_classes * full_lse - smooth_sum)
     in_range = (target >= 0) & (target < n_classes)
     return torch.where(target == ignore_index, 0.0, torch.where(in_range, loss, float("nan")))
 
 
-def _vocab_chunk_grad(logits, target, stats, row_scale, vocab_start, n_classes, options, kernels):
+def _vocab_chunk_grad(logits, target, lse, row_scale, vocab_start, n_classes, options, kernels):
     """The gradient of Σ loss · ``row_scale`` over the chunk of classes at ``vocab_start``, from
-    the rows' statistics over every class: written over the logits (kernels) or in a new buffer."""
+    the rows' log-sum-exp over every class in two parts ``lse`` [rows, 2]: written over the
+    logits (kernels) or in a new buffer."""
     ignore_index, label_smoothing, z_loss, softcap = options
     if kernels:
-        return _launch.vocab_chunk_grad(
+        return _launch.vocab_slice_grad(
             logits,
             target,
-            stats,
+            lse,
             row_scale,
             vocab_start=vocab_start,
             n_classes=n_classes,
@@ -156,9 +162,10 @@ def _vocab_chunk_grad(logits, target, stats, row_scale, vocab_start, n_classes, 
             smoothing=label_smoothing,
             z_loss=z_loss,
             softcap=softcap,
+            grad=logits,
         )
-    x = _capped(logits.to(stats.dtype), softcap)
-    row_max, log_sum = stats[:, :1], torch.log(stats[:, 1:2])
+    x = _capped(logits.to(lse.dtype), softcap)
+    row_max, log_sum = lse[:, :1], lse[:, 1:]
     grad = torch.exp((x - row_max) - log_sum) * (1 + 2 * z_loss * (row_max + log_sum)) - label_smoothing / n_classes
     local, in_chunk = _local_targets(target, vocab_start, x.shape[1])
     grad[in_chunk, local[in_chunk]] -= 1 - label_smoothing
@@ -209,7 +216,7 @@ def chunked_cross_entropy(input, weight, bias, target, options, rows, cols, grad
 
     With the whole vocabulary in a chunk, the cross-entropy kernel writes the chunk's losses and
     gradient in one pass. Otherwise the chunk's classes are swept twice: each part's logits
-    merged into the rows' statistics, then (when gradients are wanted) each part's logits again,
+    taken into statistics the host combines, then (when gradients are wanted) each part's logits again,
     its gradient formed from the rows' final log-sum-exp; one part of logits is held at a time."""
     kernels = use_kernels(input, input.dtype)
     n_tokens, vocab = input.shape[0], weight.shape[0]
@@ -231,24 +238,29 @@ def chunked_cross_entropy(input, weight, bias, target, options, rows, cols, grad
             del logits, grad
             continue
         parts = [slice(v, v + cols) for v in range(0, vocab, cols)]
-        stats = _initial_statistics(chunk.shape[0], _launch.stats_dtype(input.dtype), input.device)
-        for classes in parts:
-            part_bias = None if bias is None else bias[classes]
-            _merge_vocab_chunk(
-                F.linear(chunk, weight[classes], part_bias), chunk_target, stats, classes.start, options, kernels
-            )
-        losses.append(_losses_from_statistics(stats, chunk_target, vocab, options))
+        lse, target_logit, smooth_sum = _combined_statistics(
+            [
+                _vocab_chunk_statistics(
+                    F.linear(chunk, weight[classes], None if bias is None else bias[classes]),
+                    chunk_target,
+                    classes.start,
+                    options,
+                    kernels,
+                )
+                for classes in parts
+            ]
+        )
+        losses.append(_losses_from_statistics(lse, target_logit, smooth_sum, chunk_target, vocab, options))
         if not wanted:
             continue
-        row_scale = grad_scale.to(stats.dtype).expand(chunk.shape[0])
+        row_scale = grad_scale.to(lse.dtype).expand(chunk.shape[0])
         if upstream is not None:
-            row_scale = row_scale * upstream[tokens].to(stats.dtype)
-        row_scale = row_scale.contiguous()
+            row_scale = row_scale * upstream[tokens].to(lse.dtype)
         input_part = None
         for classes in parts:
             part_bias = None if bias is None else bias[classes]
             logits = F.linear(chunk, weight[classes], part_bias)
-            grad = _vocab_chunk_grad(logits, chunk_target, stats, row_scale, classes.start, vocab, options, kernels)
+            grad = _vocab_chunk_grad(logits, chunk_target, lse, row_scale, classes.start, vocab, options, kernels)
             input_part = grads.add(grad, chunk, weight, tokens, classes, input_part)
             del logits, grad
         if input_part is not None:

@@ -5,14 +5,14 @@
 - masked_softmax forward (scale, mask, causal diagonal, softcapping, sinks), and its backward
   under softcapping or sinks: ``attention``;
 - cross-entropy, with class-index or class-probability targets, its gradient in the same pass,
-  the backward's scaling of it, and the vocab-parallel cross-entropy's work on one shard:
+  the backward's scaling of it, and its work on one slice of the classes (a vocab-parallel
+  shard, or a chunk of linear_cross_entropy's vocabulary), statistics then gradient:
   ``cross_entropy``;
 - the sharded softmax's row statistics, y from the log-sum-exp, the backward's row sums and dx
   from them: ``row_stats``;
 - the split-row regime, rows too few to fill the GPU cut into chunks: ``split_row``; its
   cooperative form, each chunk read once and held on chip across a barrier: ``cooperative``;
-  for masked_softmax's scores (a decoding step's few long rows): ``split_attention``;
-- cross-entropy a chunk of the vocabulary at a time, statistics then gradient: ``vocab_chunks``.
+  for masked_softmax's scores (a decoding step's few long rows): ``split_attention``.
 """
 
 from .attention import masked_softmax_backward_kernel, masked_softmax_forward_kernel
@@ -21,8 +21,8 @@ from .cross_entropy import (
     cross_entropy_kernel,
     cross_entropy_probabilities_kernel,
     scale_grad_kernel,
-    vocab_shard_grad_kernel,
-    vocab_shard_statistics_kernel,
+    vocab_slice_grad_kernel,
+    vocab_slice_statistics_kernel,
 )
 from .heuristics import H100, H200, DeviceProperties, LaunchConfig, launch_config
 from .row_stats import (
@@ -34,7 +34,6 @@ from .row_stats import (
 from .softmax import softmax_backward_kernel, softmax_forward_kernel
 from .split_attention import masked_chunk_grad_kernel, masked_chunk_normalise_kernel, masked_chunk_statistics_kernel
 from .split_row import chunk_normalise_kernel, chunk_product_kernel, chunk_row_sums_kernel, chunk_statistics_kernel
-from .vocab_chunks import vocab_chunk_grad_kernel, vocab_chunk_statistics_kernel
 
 __all__ = [
     "H100",
@@ -62,8 +61,6 @@ __all__ = [
     "scale_grad_kernel",
     "softmax_backward_kernel",
     "softmax_forward_kernel",
-    "vocab_chunk_grad_kernel",
-    "vocab_chunk_statistics_kernel",
-    "vocab_shard_grad_kernel",
-    "vocab_shard_statistics_kernel",
+    "vocab_slice_grad_kernel",
+    "vocab_slice_statistics_kernel",
 ]

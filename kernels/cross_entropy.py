@@ -20,10 +20,14 @@ written once; rows longer than a block keep online statistics in one sweep and w
 in a second, in reverse (see ``tiles.normalising_sweep``). The gradient's scale is read per row:
 one factor per batch entry, for vmap.
 
-The backward only scales that gradient by the upstream one (``scale_grad_kernel``). The
-vocab-parallel cross-entropy runs the same steps on one shard of the classes: its statistics for
-the all_gather (``vocab_shard_statistics_kernel``) and, given the global log-sum-exp, its
-gradient (``vocab_shard_grad_kernel``).
+The backward only scales that gradient by the upstream one (``scale_grad_kernel``).
+
+The same steps run on one slice of the classes, whether the other slices live on other ranks
+(the vocab-parallel cross-entropy) or come later in a loop (``linear_cross_entropy``'s chunks of
+the vocabulary): the slice's fresh statistics (``vocab_slice_statistics_kernel``), which the host
+combines over the slices with torch ops on [rows, 4] tensors, and, given each row's log-sum-exp
+over every slice, the slice's gradient (``vocab_slice_grad_kernel``). The slice kernels never
+read what other slices produced but those per-row values, so one pair serves both callers.
 """
 
 import triton
@@ -633,41 +637,46 @@ def scale_grad_kernel(
 
 
 @triton.jit
-def shard_target(target, valid, vocab_start, n_cols):
-    """The target's column in this shard of the classes, and whether the shard holds it (on a
+def slice_target(target, valid, vocab_start, n_cols):
+    """The target's column in this slice of the classes, and whether the slice holds it (on a
     counted row)."""
     local = target - vocab_start
     return local, valid & (local >= 0) & (local < n_cols)
 
 
 @triton.jit
-def vocab_shard_statistics_kernel(
-    x_ptr,  # this rank's shard of the classes' logits
-    target_ptr,  # [rows] global class indices, int64
-    stats_ptr,  # output, [rows, 4] in COMPUTE_DTYPE: max, Σ exp(x - max), x_t (0 off this shard), Σ x (SMOOTHING)
+def vocab_slice_statistics_kernel(
+    x_ptr,  # one slice of the logits: classes [vocab_start, vocab_start + n_cols) of each row
+    target_ptr,  # [rows] class indices over the whole vocabulary, int64
+    stats_ptr,  # output, [rows, 4] in COMPUTE_DTYPE: max, Σ exp(x' - max), x'_t (0 off this slice), Σ x' (SMOOTHING)
     n_outer,
-    n_cols,  # the shard's classes, divided by ALIGN, as are the outer and inner strides
+    n_cols,  # the slice's classes, divided by ALIGN, as are the outer and inner strides
     n_inner,
     x_stride_outer,
     x_stride_col,
     x_stride_inner,
-    vocab_start,  # the shard's first class
+    vocab_start,  # the slice's first class
     ignore_index,
+    softcap_high,  # the cap as an fp32 pair (see tiles.fp32_pair)
+    softcap_low,
     BLOCK_N: tl.constexpr,
     ROWS: tl.constexpr,
     ONLINE: tl.constexpr,
     ALIGN: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
     SMOOTHING: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
-    """A vocab-parallel cross-entropy's forward on one shard: the statistics the ranks gather,
-    from one read of the logits, by the steps of ``cross_entropy_kernel``. A row of only -inf
-    gets a sum of 0, the identity when the shards combine."""
+    """The statistics of one slice of the classes (a rank's shard, or one of linear_cross_entropy's
+    chunks), from one read of its logits, by the steps of ``cross_entropy_kernel``; the host
+    combines the slices' (``_slices``). A row of only -inf gets a sum of 0, the identity when
+    they combine."""
     n_cols = n_cols * ALIGN
+    softcap = fp32_pair(softcap_high, softcap_low, COMPUTE_DTYPE)
     for tile in tl.range(tl.program_id(0), tile_count(n_outer, n_inner, ROWS), tl.num_programs(0)):
         outer, inner, row_mask, row = tile_rows(tile, n_inner, ROWS)
         target = tl.load(target_ptr + row, mask=row_mask, other=ignore_index)
-        local, owned = shard_target(target, row_mask & (target != ignore_index), vocab_start, n_cols)
+        local, owned = slice_target(target, row_mask & (target != ignore_index), vocab_start, n_cols)
         x_rows = row_starts(x_ptr, outer, inner, x_stride_outer, x_stride_inner, ALIGN)
         if ONLINE:
             row_max, row_sum, target_logit, smooth_sum, _ = index_online_statistics(
@@ -678,12 +687,12 @@ def vocab_shard_statistics_kernel(
                 owned,
                 row_mask,
                 n_cols,
-                0.0,
+                softcap,
                 ROWS,
                 BLOCK_N,
                 SMOOTHING,
                 False,
-                False,
+                SOFTCAP,
                 COMPUTE_DTYPE,
             )
         else:
@@ -695,11 +704,11 @@ def vocab_shard_statistics_kernel(
                 owned,
                 row_mask,
                 n_cols,
-                0.0,
+                softcap,
                 BLOCK_N,
                 SMOOTHING,
                 False,
-                False,
+                SOFTCAP,
                 COMPUTE_DTYPE,
             )
         tl.store(stats_ptr + 4 * row, row_max, mask=row_mask)
@@ -709,14 +718,14 @@ def vocab_shard_statistics_kernel(
 
 
 @triton.jit
-def vocab_shard_grad_kernel(
-    x_ptr,  # this rank's shard of the classes' logits
-    target_ptr,  # [rows] global class indices, int64
-    lse_ptr,  # [rows] in COMPUTE_DTYPE: each row's log-sum-exp over every shard
-    grad_loss_ptr,  # [rows]: the upstream gradient of each row's loss, read through its stride
-    grad_ptr,  # output: the shard's logits' gradient
+def vocab_slice_grad_kernel(
+    x_ptr,  # one slice of the logits, as in vocab_slice_statistics_kernel
+    target_ptr,  # [rows] class indices over the whole vocabulary, int64
+    lse_ptr,  # [rows, 2] in COMPUTE_DTYPE: each row's log-sum-exp over every slice, as (max, log Σ exp(x' - max))
+    scale_ptr,  # [rows]: each row's factor (upstream gradient, reduction), read through its stride
+    grad_ptr,  # output, shaped like the slice (x_ptr itself to overwrite it): its logits' gradient
     n_outer,
-    n_cols,  # the shard's classes, divided by ALIGN, as are the outer and inner strides
+    n_cols,  # the slice's classes, divided by ALIGN, as are the outer and inner strides
     n_inner,
     x_stride_outer,
     x_stride_col,
@@ -724,38 +733,61 @@ def vocab_shard_grad_kernel(
     grad_stride_outer,
     grad_stride_col,
     grad_stride_inner,
-    grad_loss_stride,
-    vocab_start,  # the shard's first class
-    n_classes,  # every shard's classes
+    scale_stride,
+    vocab_start,  # the slice's first class
+    n_classes,  # every slice's classes
     ignore_index,
-    smoothing_high,  # ε as an fp32 pair
+    smoothing_high,  # ε, z and the cap as fp32 pairs, as in cross_entropy_kernel
     smoothing_low,
+    z_loss_high,
+    z_loss_low,
+    softcap_high,
+    softcap_low,
     BLOCK_N: tl.constexpr,
     ROWS: tl.constexpr,
     ALIGN: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
     SMOOTHING: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
-    """A vocab-parallel cross-entropy's backward on one shard, one sweep whatever the row length:
-    (exp(x - lse) - (1 - ε)·[c = t] - ε/C)·dloss, 0 on ignored rows (``index_grad_values`` with
-    the global log-sum-exp)."""
+    """A slice's gradient from the rows' log-sum-exp over every slice, one sweep whatever the row
+    length: (p·(1 + 2z·lse) - (1 - ε)·[c = t] - ε/C)·cap'·scale (``index_grad_block``), 0 on
+    ignored rows, NaN on rows whose target is not a class, as ``cross_entropy_kernel``."""
     n_cols = n_cols * ALIGN
-    eps = fp32_pair(smoothing_high, smoothing_low, COMPUTE_DTYPE)
+    eps, z_loss, softcap = loss_options(
+        smoothing_high, smoothing_low, z_loss_high, z_loss_low, softcap_high, softcap_low, COMPUTE_DTYPE
+    )
     for tile in tl.range(tl.program_id(0), tile_count(n_outer, n_inner, ROWS), tl.num_programs(0)):
         outer, inner, row_mask, row = tile_rows(tile, n_inner, ROWS)
         target = tl.load(target_ptr + row, mask=row_mask, other=ignore_index)
-        valid = row_mask & (target != ignore_index)
-        local, owned = shard_target(target, valid, vocab_start, n_cols)
-        lse = load_row_values(lse_ptr + row, row_mask, BLOCK_N, COMPUTE_DTYPE)
-        scale = load_row_values(grad_loss_ptr + row * grad_loss_stride, valid, BLOCK_N, COMPUTE_DTYPE)
+        valid, in_range = row_validity(target, row_mask, ignore_index, n_classes)
+        local, owned = slice_target(target, valid, vocab_start, n_cols)
+        # Plain [ROWS, 1] loads: three of load_row_values' block-wide ones spilled the 16-warp fp32
+        # configuration of 8192 classes (compile report).
+        row_max = tl.load(lse_ptr + 2 * row, mask=row_mask, other=0.0)
+        log_sum = tl.load(lse_ptr + 2 * row + 1, mask=row_mask, other=0.0)
+        probability_coef = 1.0 + 2.0 * z_loss * (row_max + log_sum)
+        scale = tl.load(scale_ptr + row * scale_stride, mask=valid, other=0.0).to(COMPUTE_DTYPE)
         x_rows = row_starts(x_ptr, outer, inner, x_stride_outer, x_stride_inner, ALIGN)
         grad_rows = row_starts(grad_ptr, outer, inner, grad_stride_outer, grad_stride_inner, ALIGN)
         for start in tl.range(0, n_cols, BLOCK_N):
             col = column_block(start, BLOCK_N)
             col_ok = col < n_cols
             in_bounds = row_mask & col_ok
-            x = load_block(x_rows, x_stride_col, col, in_bounds, float("-inf"), COMPUTE_DTYPE)
-            u = smoothing_weights(None, col, col_ok, BLOCK_N, SMOOTHING, False, COMPUTE_DTYPE)
-            hit = is_target(local, owned, start, BLOCK_N)
-            g = index_grad_values(x, hit, lse, 0.0, 1.0, 1.0 - eps, u, eps / n_classes, 0.0, False)
-            store_block(grad_rows, grad_stride_col, col, in_bounds, tl.where(valid, g * scale, 0.0))
+            x = load_capped(x_rows, x_stride_col, col, in_bounds, softcap, SOFTCAP, COMPUTE_DTYPE)
+            g = index_grad_block(
+                x,
+                is_target(local, owned, start, BLOCK_N),
+                row_max,
+                log_sum,
+                probability_coef,
+                1.0 - eps,
+                smoothing_weights(None, col, col_ok, BLOCK_N, SMOOTHING, False, COMPUTE_DTYPE),
+                eps / n_classes,
+                scale,
+                valid,
+                in_range,
+                softcap,
+                SOFTCAP,
+            )
+            store_block(grad_rows, grad_stride_col, col, in_bounds, g)

@@ -303,28 +303,29 @@ def test_example_runs():
 def test_shard_kernels_read_the_logits_once(regime):
     """The vocab-parallel cross-entropy's local work, in this process: the forward reads the
     shard's logits once for the statistics the ranks gather; the backward reads them once and
-    writes their gradient once; per row the target, and backward its log-sum-exp and upstream
-    gradient. Values against torch on the shard: the statistics, and the gradient for a given
-    log-sum-exp."""
+    writes their gradient once; per row the target, and backward its log-sum-exp (two parts) and
+    upstream gradient. Values against torch on the shard: the statistics, and the gradient for a
+    given log-sum-exp."""
     rows, width, start, classes = 4, 40, 40, 120
     x = random((rows, width), torch.float32)
     target = torch.tensor([45, 3, -100, 79])  # in this shard, in another, ignored, in this shard
-    options = dict(vocab_start=start, ignore_index=-100)
+    options = dict(vocab_start=start, ignore_index=-100, smoothing=0.1)
+    row_max = x.amax(1)
+    # As if the other shards added to the row's sum: (max, log Σ exp(x - max) + 1).
+    lse = torch.stack([row_max, torch.log(torch.exp(x - row_max[:, None]).sum(1)) + 1.0], 1)
     with poisoned_outputs(), fused_softmax.use_backend("triton"), limit_block(16 if regime == "online" else None):
         with kernel_traffic() as forward:
-            stats = _launch.vocab_shard_statistics(x, target, smoothing=0.1, **options)
-        lse = torch.logsumexp(x, 1) + 1.0  # as if the other shards added to it
+            stats = _launch.vocab_slice_statistics(x, target, **options)
         dloss = random((rows,), torch.float32, seed=1, scale=1.0)
         with kernel_traffic() as backward:
-            grad = _launch.vocab_shard_grad(x, target, lse, dloss, classes=classes, smoothing=0.1, **options)
+            grad = _launch.vocab_slice_grad(x, target, lse, dloss, n_classes=classes, **options)
     logits, per_row = x.numel() * 4, rows * 4
     assert (forward.loaded, forward.stored) == (logits + rows * 8, 4 * per_row)
-    assert (backward.loaded, backward.stored) == (logits + rows * 8 + per_row + 3 * 4, logits)
-    row_max = x.amax(1)
+    assert (backward.loaded, backward.stored) == (logits + rows * 8 + 2 * per_row + 3 * 4, logits)
     expected = [row_max, torch.exp(x - row_max[:, None]).sum(1), torch.tensor([x[0, 5], 0, 0, x[3, 39]]), x.sum(1)]
     torch.testing.assert_close(stats, torch.stack(expected, 1))
     onehot = torch.zeros_like(x)
     onehot[0, 5] = onehot[3, 39] = 1
-    expected_grad = (torch.exp(x - lse[:, None]) - 0.9 * onehot - 0.1 / classes) * dloss[:, None]
+    expected_grad = (torch.exp(x - lse.sum(1)[:, None]) - 0.9 * onehot - 0.1 / classes) * dloss[:, None]
     expected_grad[2] = 0
     torch.testing.assert_close(grad, expected_grad)

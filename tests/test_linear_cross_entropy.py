@@ -67,7 +67,7 @@ def expected_launches(reduction, vocab_parts):
     each part's statistics, then each part's gradient; for 'none' the backward runs them again."""
     if not vocab_parts:
         return ["cross_entropy_kernel"] * (3 if reduction != "none" else 6)
-    statistics, grads = ["vocab_chunk_statistics_kernel"] * vocab_parts, ["vocab_chunk_grad_kernel"] * vocab_parts
+    statistics, grads = ["vocab_slice_statistics_kernel"] * vocab_parts, ["vocab_slice_grad_kernel"] * vocab_parts
     return (statistics * 3 if reduction == "none" else []) + (statistics + grads) * 3
 
 
@@ -186,7 +186,7 @@ def test_vocab_chunks_never_hold_a_chunk_of_tokens_logits(device, name):
             loss = fused_softmax.linear_cross_entropy(x, w, target, chunk_size=chunk, vocab_chunk_size=vocab_chunk)
             grads = torch.autograd.grad(loss, (x, w))
     parts = (tokens // chunk) * (vocab // vocab_chunk)
-    want = ["vocab_chunk_statistics_kernel"] * parts + ["vocab_chunk_grad_kernel"] * parts
+    want = ["vocab_slice_statistics_kernel"] * parts + ["vocab_slice_grad_kernel"] * parts
     assert sorted(launched) == (sorted(want) if name == "triton" else [])
     torch.testing.assert_close(loss, F.cross_entropy(F.linear(x, w), target))
     torch.testing.assert_close(grads, torch.autograd.grad(F.cross_entropy(F.linear(x, w), target), (x, w)))

@@ -311,8 +311,7 @@ CROSS_ENTROPY_DTYPES = ("bf16", "fp32", "fp64")  # fp16 compiles as bf16 does
 def _cross_entropy_launches(n):
     """(job, tensors, description) of the cross-entropy launches for rows of ``n`` classes: with the
     gradient, plain and with every option (weights, smoothing, z-loss, softcap); the loss alone;
-    probability targets; the backward's scaling (one factor, one per row); the vocab-parallel
-    shard's statistics and gradient."""
+    probability targets; the backward's scaling (one factor, one per row)."""
     for d in CROSS_ENTROPY_DTYPES:
         x, dtype = _empty((ROWS, n), d), TORCH_DTYPES[d]
         index, probabilities = torch.zeros(ROWS, dtype=torch.int64), torch.empty(ROWS, n, dtype=dtype)
@@ -345,40 +344,29 @@ def _cross_entropy_launches(n):
                 (x,),
                 f"cross entropy backward, {name}",
             )
-        shard = dict(vocab_start=n, ignore_index=-100, smoothing=0.1)
-        yield (
-            lambda x, target=index, shard=shard: _launch.vocab_shard_statistics(x, target, **shard),
-            (x,),
-            "vocab-parallel cross entropy, statistics out",
-        )
-        rows = dict(lse=torch.empty(ROWS, dtype=_launch.stats_dtype(dtype)), grad_loss=torch.empty(ROWS, dtype=dtype))
-        yield (
-            lambda x, target=index, shard=shard | rows: _launch.vocab_shard_grad(x, target, classes=2 * n, **shard),
-            (x,),
-            "vocab-parallel cross entropy, backward",
-        )
 
 
-def _vocab_chunk_launches(n):
-    """(job, tensors, description) of linear_cross_entropy's vocabulary-chunk kernels for chunks of
-    ``n`` classes: the statistics' merge and the gradient written over the logits, plain and with
-    label smoothing and softcapping. bf16 and fp32: in fp64 (gradcheck's dtype here, never a
-    model's) ptxas keeps a few bytes of stack around the calls of fp64 division's slow path."""
-    for d in ("bf16", "fp32"):
+def _vocab_slice_launches(n):
+    """(job, tensors, description) of the kernels on one slice of ``n`` classes (a vocab-parallel
+    shard, a chunk of linear_cross_entropy's vocabulary): the statistics and the gradient, plain
+    and with label smoothing, z-loss and softcapping."""
+    for d in CROSS_ENTROPY_DTYPES:
         x, dtype = _empty((ROWS, n), d), TORCH_DTYPES[d]
         stats_dtype = _launch.stats_dtype(dtype)
-        target, stats = torch.zeros(ROWS, dtype=torch.int64), torch.empty(ROWS, 4, dtype=stats_dtype)
+        target, lse = torch.zeros(ROWS, dtype=torch.int64), torch.empty(ROWS, 2, dtype=stats_dtype)
         scale = torch.empty(ROWS, dtype=stats_dtype)
-        for smoothing, softcap, name in ((0.0, None, "vocabulary chunk"), (0.1, 30.0, "vocabulary chunk, all options")):
-            options = dict(vocab_start=0, smoothing=smoothing, softcap=softcap)
+        for options, name in (
+            (dict(smoothing=0.0), "vocabulary slice"),
+            (dict(smoothing=0.1, z_loss=1e-4, softcap=30.0), "vocabulary slice, all options"),
+        ):
+            options |= dict(vocab_start=n, ignore_index=-100)
+            statistics_options = {k: v for k, v in options.items() if k != "z_loss"}
 
-            def statistics(x, target=target, stats=stats, options=options):
-                _launch.vocab_chunk_statistics(x, target, stats, **options)
+            def statistics(x, target=target, options=statistics_options):
+                _launch.vocab_slice_statistics(x, target, **options)
 
-            def grad(x, target=target, stats=stats, scale=scale, options=options):
-                _launch.vocab_chunk_grad(
-                    x, target, stats, scale, n_classes=x.shape[1], ignore_index=-100, z_loss=1e-4, **options
-                )
+            def grad(x, target=target, lse=lse, scale=scale, options=options):
+                _launch.vocab_slice_grad(x, target, lse, scale, n_classes=2 * n, grad=x, **options)
 
             yield statistics, (x,), f"{name}, statistics out"
             yield grad, (x,), f"{name}, gradient"
@@ -418,12 +406,12 @@ def _softcap_sinks_launches(n, d):
 
 def mode_kernels():
     """The masked-softmax and row-statistics kernels at ``MODE_LENGTHS``, the cross-entropy and
-    vocabulary-chunk kernels at ``CROSS_ENTROPY_LENGTHS`` and the split-row kernels
+    vocabulary-slice kernels at ``CROSS_ENTROPY_LENGTHS`` and the split-row kernels
     (``split_kernels``, ``masked_split_kernels``, ``cooperative_kernels``), deduplicated."""
     found = {}
     launches = [(n, _mode_launches(n)) for n in MODE_LENGTHS]
     launches += [(n, _cross_entropy_launches(n)) for n in CROSS_ENTROPY_LENGTHS]
-    launches += [(n, _vocab_chunk_launches(n)) for n in CROSS_ENTROPY_LENGTHS]
+    launches += [(n, _vocab_slice_launches(n)) for n in CROSS_ENTROPY_LENGTHS]
     for n, jobs in launches:
         for job, tensors, name in jobs:
             kernel = launched(job, *tensors, layout=name, n=n)
