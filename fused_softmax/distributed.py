@@ -19,8 +19,8 @@ from torch.autograd.function import once_differentiable
 from . import _jacobian, _launch
 from ._backend import use_kernels
 from ._jacobian import backward_product, forward_product
-from ._transforms import batch_first, vmapped
 from ._slices import log_sum_exp_parts
+from ._transforms import batch_first, vmapped
 from .functional import _wrap_dim
 
 
