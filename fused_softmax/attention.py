@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import _launch, ops
+from . import _launch, _softcap_sinks_ops, ops
 from ._backend import KERNEL_DTYPES, use_kernels
 from ._softcap_sinks import SoftcapSinksFunction
 from ._transforms import bound_quickly, needs_autograd, vmapped_masked_softmax
@@ -223,7 +223,9 @@ def _softcap_sinks(scores, mask, scale, causal_offset, dtype, softcap, sinks, bi
             "detach the mask, or use the 'torch' backend"
         )
     if torch.compiler.is_compiling():
-        return ops.masked_softmax_with_lse(scores, mask, scale, causal_offset, dtype, softcap, sinks, bias)[0]
+        return _softcap_sinks_ops.masked_softmax_with_lse(
+            scores, mask, scale, causal_offset, dtype, softcap, sinks, bias
+        )[0]
     return SoftcapSinksFunction.apply(scores, mask, scale, causal_offset, dtype, softcap, sinks, bias)[0]
 
 

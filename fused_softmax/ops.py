@@ -2,7 +2,8 @@
 
 ``fused_softmax::softmax`` / ``log_softmax`` run the forward kernel, ``softmax_backward`` /
 ``log_softmax_backward`` the backward kernel, ``masked_softmax`` the attention forward (its
-backward is ``softmax_backward`` with the scale). Each has a fake (meta) implementation for
+backward is ``softmax_backward`` with the scale); masked_softmax's with softcapping, sinks or a
+bias are ``_softcap_sinks_ops``'s. Each has a fake (meta) implementation for
 tracing, an autograd formula (the backward ops too, so double backward compiles) and a vmap
 rule that makes a vmapped call one launch. The dispatcher boundary costs tens of microseconds
 a call, so eager code calls the autograd Functions directly and only code being compiled goes
@@ -15,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from . import _jacobian, _launch, _softcap_sinks
+from . import _jacobian, _launch
 from ._transforms import vmapped, vmapped_masked_softmax
 
 
@@ -144,83 +145,3 @@ def _masked_vmap(info, in_dims, scores, mask, scale, causal_offset, dtype=None):
 
 masked_softmax.register_autograd(_masked_grad, setup_context=_setup_masked)
 masked_softmax.register_vmap(_masked_vmap)
-
-
-# masked_softmax with softcapping, sinks or a bias: the forward also returns each row's log-sum-exp, the
-# backward op is the kernel alone (the reductions to the mask's and sinks' shapes stay in torch).
-@torch.library.custom_op("fused_softmax::masked_softmax_with_lse", mutates_args=())
-def masked_softmax_with_lse(
-    scores: torch.Tensor,
-    mask: Optional[torch.Tensor],
-    scale: float,
-    causal_offset: Optional[int],
-    dtype: Optional[torch.dtype],
-    softcap: Optional[float],
-    sinks: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    masking = _launch.masking(scores, mask, scale, causal_offset, softcap, sinks, bias)
-    return _launch.masked_softmax_forward_with_lse(scores, dtype or scores.dtype, masking)
-
-
-@masked_softmax_with_lse.register_fake
-def _(scores, mask, scale, causal_offset, dtype, softcap, sinks, bias):
-    rows = scores.shape[:-1] if softcap is not None or sinks is not None else (0,)
-    lse = torch.empty(rows, dtype=_launch.stats_dtype(scores.dtype), device=scores.device)
-    return _empty_like(scores, dtype or scores.dtype), lse
-
-
-@torch.library.custom_op("fused_softmax::masked_softmax_with_lse_backward", mutates_args=())
-def masked_softmax_with_lse_backward(
-    y: torch.Tensor,
-    dy: torch.Tensor,
-    lse: torch.Tensor,
-    mask: Optional[torch.Tensor],
-    sinks: Optional[torch.Tensor],
-    scale: float,
-    softcap: Optional[float],
-    dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    dx, rows = _softcap_sinks.kernel_backward(y, dy, lse, mask, sinks, scale, softcap, dtype)
-    return dx, rows if rows is not None else lse.new_empty(0)
-
-
-@masked_softmax_with_lse_backward.register_fake
-def _(y, dy, lse, mask, sinks, scale, softcap, dtype):
-    return _empty_like(y, dtype), lse.new_empty(lse.shape if sinks is not None else (0,))
-
-
-def _softcap_sinks_grad(ctx, dy, lse_grad):
-    return _softcap_sinks.softcap_sinks_grads(ctx, dy, lse_grad, masked_softmax_with_lse_backward)
-
-
-def _setup_softcap_sinks_backward(ctx, inputs, output):
-    y, dy, lse, mask, sinks, scale, softcap, _ = inputs
-    ctx.scale, ctx.softcap = scale, softcap
-    ctx.save_for_backward(y, dy, lse, mask, sinks)
-
-
-def _softcap_sinks_second_derivatives(ctx, dx_grad, rows_grad):
-    y, dy, lse, mask, sinks = ctx.saved_tensors
-    rows_grad = rows_grad if sinks is not None else None
-    grads = _softcap_sinks.backward_second_derivatives(
-        y, dy, lse, mask, sinks, ctx.scale, ctx.softcap, dx_grad, rows_grad
-    )
-    grad_y, grad_dy, grad_lse, grad_sinks = grads
-    return grad_y, grad_dy, grad_lse, None, grad_sinks, None, None, None
-
-
-def _softcap_sinks_vmap(info, in_dims, *inputs):
-    return _softcap_sinks.vmapped_forward(masked_softmax_with_lse, info, in_dims, *inputs)
-
-
-def _softcap_sinks_backward_vmap(info, in_dims, *inputs):
-    return _softcap_sinks.vmapped_backward(masked_softmax_with_lse_backward, info, in_dims, *inputs)
-
-
-masked_softmax_with_lse.register_autograd(_softcap_sinks_grad, setup_context=_softcap_sinks.save_context)
-masked_softmax_with_lse.register_vmap(_softcap_sinks_vmap)
-masked_softmax_with_lse_backward.register_autograd(
-    _softcap_sinks_second_derivatives, setup_context=_setup_softcap_sinks_backward
-)
-masked_softmax_with_lse_backward.register_vmap(_softcap_sinks_backward_vmap)

@@ -10,7 +10,7 @@ import torch
 from support import INTERPRETED, assert_close, assert_no_less_accurate_than_torch
 
 import fused_softmax
-from fused_softmax import ops
+from fused_softmax import _softcap_sinks_ops as ops
 from fused_softmax.testing import limit_block, reference
 
 SHAPE = (2, 2, 3, 5)
