@@ -299,3 +299,14 @@ def test_first_derivatives_only(kernels, device):
         torch.func.vmap(loss)(x.detach().expand(2, *x.shape))
     with pytest.raises(NotImplementedError, match="must implement the jvp function"):
         torch.func.jvp(loss, (x.detach(),), (torch.ones_like(x),))
+
+
+def test_memory_table_script_runs():
+    """``python -m fused_softmax.bench.memory`` (the README's table) on a tiny case: the chunked
+    loss's peak is below torch's, and the vocabulary chunks' below the token chunks'."""
+    from fused_softmax.bench import memory
+
+    cases = [(64, 8, 512, 16, None, "torch"), (64, 8, 512, 16, 64, "torch")]
+    token_chunks, vocab_chunks = memory.records(cases)
+    assert token_chunks["fused"] < token_chunks["torch"]
+    assert vocab_chunks["fused"] < token_chunks["fused"]
