@@ -125,6 +125,8 @@ def main():
 
     if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
         raise SystemExit("run with TRITON_INTERPRET=1 (no GPU: the launches are stubbed on CPU)")
+    if not torch.cuda.is_available():
+        torch.set_num_threads(1)  # torch's CPU softmax of a few KiB, on a shared machine, waits on its thread pool
     records = host_times({"float32": torch.float32}, torch.device("cuda")) if torch.cuda.is_available() else None
     records = records or stubbed_host_times()
     print(f"| shape | mode | fused_softmax µs | torch µs | {YARDSTICK} µs | fused / {YARDSTICK} |")
