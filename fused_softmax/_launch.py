@@ -105,11 +105,15 @@ class Plan:
         )
 
     def chunk_arguments(self):
-        """A split row's chunking, for the kernels that take one (chunk_cols divided by ALIGN): one
-        chunk of the whole row where the plan does not split it."""
-        split = self.config.chunks > 1
-        cols = self.config.chunk_cols if split else self.sizes[1]
-        return dict(chunk_cols=cols // self.align, n_chunks=self.config.chunks)
+        """A split row's chunking, for the split-row kernels (chunk_cols divided by ALIGN)."""
+        return dict(chunk_cols=self.config.chunk_cols // self.align, n_chunks=self.config.chunks)
+
+    def slice_chunk_arguments(self):
+        """The vocabulary-slice kernels' chunking: ``chunk_arguments`` and SPLIT, or one chunk of
+        the whole row where the plan does not split it."""
+        if self.config.chunks > 1:
+            return self.chunk_arguments() | dict(SPLIT=True)
+        return dict(chunk_cols=self.sizes[1] // self.align, n_chunks=1, SPLIT=False)
 
     def with_tensors(self, tensors):
         """This plan over other tensors of the same layout: a cached plan's copy for one call,
@@ -710,7 +714,7 @@ def vocab_slice_statistics(x, target, *, vocab_start, ignore_index, smoothing, s
     if x.shape[dim] == 0:
         stats.zero_()[..., 0] = float("-inf")
     elif p is not None:
-        args = p.arguments("x") | p.chunk_arguments()
+        args = p.arguments("x") | p.slice_chunk_arguments()
         args |= dict(
             target_ptr=target,
             stats_ptr=stats,
@@ -749,7 +753,7 @@ def vocab_slice_grad(
     grad = empty_like(x, x.dtype) if grad is None else grad
     if grad.numel():
         p = plan((x, grad), dim, backward=True, cross_entropy=True, split=split)
-        args = p.arguments("x", "grad") | p.chunk_arguments()
+        args = p.arguments("x", "grad") | p.slice_chunk_arguments()
         args |= dict(
             target_ptr=target,
             lse_ptr=lse.contiguous(),

@@ -649,6 +649,19 @@ def slice_target(target, valid, vocab_start, n_cols):
 
 
 @triton.jit
+def work_item(item, n_chunks, n_inner, n_cols, chunk_cols, ROWS: tl.constexpr, SPLIT: tl.constexpr):
+    """Work item ``item``'s tile (``tiles.tile_rows``), chunk and columns [first, stop). SPLIT: a
+    (row tile, chunk) pair (``split_row.chunk_of``), numbered in int32: a split launch has too few
+    rows to fill the GPU, so fewer than 2^31 items, and the int64 division spilled the kernels
+    with softcapping (compile report). Else a tile of whole rows, numbered in int64."""
+    if SPLIT:
+        return chunk_of(tl.cast(item, tl.int32), n_chunks, n_inner, n_cols, chunk_cols, ROWS)
+    else:
+        outer, inner, row_mask, row = tile_rows(item, n_inner, ROWS)
+        return outer, inner, row_mask, row, 0, 0, n_cols
+
+
+@triton.jit
 def chunk_starts(ptr, outer, inner, stride_outer, stride_col, stride_inner, first, ALIGN: tl.constexpr):
     """Pointers to column ``first`` of each of the tile's rows: a chunk of a slice is a slice of
     its own, starting there."""
@@ -679,6 +692,7 @@ def vocab_slice_statistics_kernel(
     COMPUTE_DTYPE: tl.constexpr,
     SMOOTHING: tl.constexpr,
     SOFTCAP: tl.constexpr,
+    SPLIT: tl.constexpr,  # n_chunks > 1 (see work_item)
 ):
     """The statistics of each chunk of one slice of the classes (a rank's shard, one of
     linear_cross_entropy's chunks, or a split row's chunk: ``split_row.chunk_of``), from one read of
@@ -689,7 +703,9 @@ def vocab_slice_statistics_kernel(
     softcap = fp32_pair(softcap_high, softcap_low, COMPUTE_DTYPE)
     n_items = tile_count(n_outer, n_inner, ROWS) * n_chunks
     for item in tl.range(tl.program_id(0), n_items, tl.num_programs(0)):
-        outer, inner, row_mask, row, chunk, first, stop = chunk_of(item, n_chunks, n_inner, n_cols, chunk_cols, ROWS)
+        outer, inner, row_mask, row, chunk, first, stop = work_item(
+            item, n_chunks, n_inner, n_cols, chunk_cols, ROWS, SPLIT
+        )
         n_chunk_cols = stop - first
         target = tl.load(target_ptr + row, mask=row_mask, other=ignore_index)
         local, owned = slice_target(target, row_mask & (target != ignore_index), vocab_start + first, n_chunk_cols)
@@ -768,6 +784,7 @@ def vocab_slice_grad_kernel(
     COMPUTE_DTYPE: tl.constexpr,
     SMOOTHING: tl.constexpr,
     SOFTCAP: tl.constexpr,
+    SPLIT: tl.constexpr,  # n_chunks > 1 (see work_item)
 ):
     """A slice's gradient from the rows' log-sum-exp over every slice, one sweep whatever the row
     length: (p·(1 + 2z·lse) - (1 - ε)·[c = t] - ε/C)·cap'·scale (``index_grad_block``), 0 on
@@ -780,7 +797,9 @@ def vocab_slice_grad_kernel(
     )
     n_items = tile_count(n_outer, n_inner, ROWS) * n_chunks
     for item in tl.range(tl.program_id(0), n_items, tl.num_programs(0)):
-        outer, inner, row_mask, row, _, first, stop = chunk_of(item, n_chunks, n_inner, n_cols, chunk_cols, ROWS)
+        outer, inner, row_mask, row, _, first, stop = work_item(
+            item, n_chunks, n_inner, n_cols, chunk_cols, ROWS, SPLIT
+        )
         n_chunk_cols = stop - first
         target = tl.load(target_ptr + row, mask=row_mask, other=ignore_index)
         valid, in_range = row_validity(target, row_mask, ignore_index, n_classes)
