@@ -659,12 +659,8 @@ def _split_cross_entropy(x, target, grad, grad_scale, dim, *, ignore_index, smoo
     loss_options = (ignore_index, smoothing, z_loss, softcap)
     losses = losses_from_statistics(lse, target_logit, smooth_sum, target, classes, loss_options)
     if grad is not None:
-        rows = len(target)
-        scale = (
-            grad_scale.expand(rows)
-            if grad_scale.numel() == 1
-            else grad_scale.repeat_interleave(rows // grad_scale.numel())
-        )
+        rows, entries = len(target), grad_scale.numel()
+        scale = grad_scale.expand(rows) if entries == 1 else grad_scale.repeat_interleave(rows // entries)
         options |= dict(n_classes=classes, z_loss=z_loss, grad=grad, dim=dim, split=True)
         vocab_slice_grad(x, target, lse, scale, vocab_start=0, **options)
     return losses.reshape(_rows_shape(x, dim))
