@@ -20,6 +20,7 @@ import torch
 from ._jacobian import backward_product
 from ._layout import alignment, mask_view, row_views
 from ._runtime import device_properties, kernels, kernels_interpreted
+from ._slices import combined_statistics, losses_from_statistics
 
 # The cooperative split-row regime (``kernels.cooperative``: a split row read once, its programs
 # meeting at a barrier) is off until a GPU run has checked it: FUSED_SOFTMAX_COOPERATIVE=1 turns
@@ -106,6 +107,13 @@ class Plan:
     def chunk_arguments(self):
         """A split row's chunking, for the split-row kernels (chunk_cols divided by ALIGN)."""
         return dict(chunk_cols=self.config.chunk_cols // self.align, n_chunks=self.config.chunks)
+
+    def slice_chunk_arguments(self):
+        """The vocabulary-slice kernels' chunking: ``chunk_arguments`` and SPLIT, or one chunk of
+        the whole row where the plan does not split it."""
+        if self.config.chunks > 1:
+            return self.chunk_arguments() | dict(SPLIT=True)
+        return dict(chunk_cols=self.sizes[1] // self.align, n_chunks=1, SPLIT=False)
 
     def with_tensors(self, tensors):
         """This plan over other tensors of the same layout: a cached plan's copy for one call,
@@ -602,6 +610,9 @@ def cross_entropy_forward(
     logits' gradient of Σ loss · ``grad_scale``: a tensor in the compute dtype holding one factor
     per batch entry, the entries splitting the rows, in order, into equal runs (one entry: a
     1-element tensor)."""
+    if not probabilities and weight is None and x.numel() and _splits_cross_entropy(x, dim):
+        options = dict(ignore_index=ignore_index, smoothing=smoothing, z_loss=z_loss, softcap=softcap)
+        return _split_cross_entropy(x, target, grad, grad_scale, dim, **options)
     losses = empty(_rows_shape(x, dim), stats_dtype(x.dtype), x.device)
     if not losses.numel():
         return losses
@@ -625,6 +636,34 @@ def cross_entropy_forward(
         args |= dict(target_ptr=target, ignore_index=ignore_index, SMOOTHING=smoothing > 0)
         _run(kernels().cross_entropy_kernel, p, args)
     return losses
+
+
+def _splits_cross_entropy(x, dim):
+    """Whether the split-row regime serves a cross-entropy of ``x``: the plan of its statistics
+    launch cuts the rows into chunks (rows too few to fill the GPU)."""
+    return plan((x,), dim, backward=False, cross_entropy=True, split=True).config.chunks > 1
+
+
+def _split_cross_entropy(x, target, grad, grad_scale, dim, *, ignore_index, smoothing, z_loss, softcap):
+    """``cross_entropy_forward``'s split-row regime, for class-index targets without class
+    weights: the whole row is one slice of the classes, cut into chunks. Each chunk's statistics
+    (``vocab_slice_statistics_kernel``, every chunk of every row in one launch), the rows' losses
+    combined from them with torch ops on [rows, chunks, 4] (``_slices``), then, with ``grad``,
+    each chunk's gradient (``vocab_slice_grad_kernel``), scaled by its row's batch entry's
+    factor: the logits read twice and the gradient written once, as the one-program kernel's
+    online regime does."""
+    classes = x.shape[dim]
+    options = dict(ignore_index=ignore_index, smoothing=smoothing, softcap=softcap)
+    stats = vocab_slice_statistics(x, target, vocab_start=0, dim=dim, split=True, **options)
+    lse, target_logit, smooth_sum = combined_statistics(stats.transpose(0, 1))
+    loss_options = (ignore_index, smoothing, z_loss, softcap)
+    losses = losses_from_statistics(lse, target_logit, smooth_sum, target, classes, loss_options)
+    if grad is not None:
+        rows, entries = len(target), grad_scale.numel()
+        scale = grad_scale.expand(rows) if entries == 1 else grad_scale.repeat_interleave(rows // entries)
+        options |= dict(n_classes=classes, z_loss=z_loss, grad=grad, dim=dim, split=True)
+        vocab_slice_grad(x, target, lse, scale, vocab_start=0, **options)
+    return losses.reshape(_rows_shape(x, dim))
 
 
 def _grad_scale_arguments(rows, entries):
@@ -658,17 +697,21 @@ def scale_cross_entropy_grad(grad, upstream, dim):
     return grad
 
 
-def vocab_slice_statistics(x, target, *, vocab_start, ignore_index, smoothing, softcap=None):
+def vocab_slice_statistics(x, target, *, vocab_start, ignore_index, smoothing, softcap=None, dim=1, split=False):
     """[rows, 4] in the compute dtype: each row's (max, Σ exp(x' − max), the target's x' if this
-    slice of the classes holds it else 0, Σ x' with smoothing else 0), from [rows, n] logits
-    ``x`` (classes ``vocab_start`` on; x' capped by ``softcap``) and [rows] global class indices.
-    The host combines the slices' statistics (``_slices.log_sum_exp_parts``)."""
-    stats = empty((x.shape[0], 4), stats_dtype(x.dtype), x.device)
-    if x.shape[1] == 0:
-        stats.zero_()[:, 0] = float("-inf")
-    elif stats.numel():
-        p = plan((x,), 1, backward=False, cross_entropy=True)
-        args = p.arguments("x") | dict(
+    slice of the classes holds it else 0, Σ x' with smoothing else 0), from logits ``x`` with
+    the slice's classes along ``dim`` (``vocab_start`` on; x' capped by ``softcap``) and global
+    class indices in the rows' row-major order. With ``split`` the launch may cut the rows into
+    chunks (the split-row regime) and the statistics are each chunk's, [rows, chunks, 4]. The
+    host combines them (``_slices.combined_statistics``)."""
+    rows = math.prod(_rows_shape(x, dim % x.dim()))
+    p = plan((x,), dim, backward=False, cross_entropy=True, split=split) if x.shape[dim] and rows else None
+    stats = empty((rows, p.config.chunks if p else 1, 4), stats_dtype(x.dtype), x.device)
+    if x.shape[dim] == 0:
+        stats.zero_()[..., 0] = float("-inf")
+    elif p is not None:
+        args = p.arguments("x") | p.slice_chunk_arguments()
+        args |= dict(
             target_ptr=target,
             stats_ptr=stats,
             vocab_start=vocab_start,
@@ -679,20 +722,35 @@ def vocab_slice_statistics(x, target, *, vocab_start, ignore_index, smoothing, s
         )
         args["softcap_high"], args["softcap_low"] = fp32_pair(float(softcap or 0.0))
         _run(kernels().vocab_slice_statistics_kernel, p, args)
-    return stats
+    return stats if split else stats[:, 0]
 
 
 def vocab_slice_grad(
-    x, target, lse, scale, *, vocab_start, n_classes, ignore_index, smoothing, z_loss=0.0, softcap=None, grad=None
+    x,
+    target,
+    lse,
+    scale,
+    *,
+    vocab_start,
+    n_classes,
+    ignore_index,
+    smoothing,
+    z_loss=0.0,
+    softcap=None,
+    grad=None,
+    dim=1,
+    split=False,
 ):
-    """The gradient of Σ loss · ``scale`` (one factor per row, any stride) over [rows, n] logits
-    ``x``, a slice of ``n_classes`` classes starting at ``vocab_start``, given each row's
+    """The gradient of Σ loss · ``scale`` (one factor per row, any stride) over logits ``x``, a
+    slice of ``n_classes`` classes starting at ``vocab_start`` along ``dim``, given each row's
     log-sum-exp over every slice as [rows, 2] (max, log Σ exp(x' − max)); written into ``grad``
-    (x itself to overwrite the logits), or a new tensor."""
+    (x itself to overwrite the logits), or a new tensor. With ``split`` the launch may cut the
+    rows into chunks (the split-row regime), each a work item."""
     grad = empty_like(x, x.dtype) if grad is None else grad
     if grad.numel():
-        p = plan((x, grad), 1, backward=True, cross_entropy=True)
-        args = p.arguments("x", "grad") | dict(
+        p = plan((x, grad), dim, backward=True, cross_entropy=True, split=split)
+        args = p.arguments("x", "grad") | p.slice_chunk_arguments()
+        args |= dict(
             target_ptr=target,
             lse_ptr=lse.contiguous(),
             scale_ptr=scale,

@@ -1,7 +1,8 @@
-"""A row's log-sum-exp from the statistics of its slices: the shards of a dim sharded across
-ranks (``distributed``), or the chunks of a vocabulary taken a chunk at a time
-(``linear_cross_entropy``). The kernels write each slice's statistics fresh; the host combines
-them with a few torch ops on [slices, rows] tensors, negligible beside the logits."""
+"""A row's log-sum-exp, and its cross-entropy, from the statistics of its slices: the shards of a
+dim sharded across ranks (``distributed``), the chunks of a vocabulary taken a chunk at a time
+(``linear_cross_entropy``), or the chunks of a split row (``cross_entropy`` of few long rows).
+The kernels write each slice's statistics fresh; the host combines them with a few torch ops on
+[slices, rows] tensors, negligible beside the logits."""
 
 import torch
 
@@ -18,3 +19,25 @@ def log_sum_exp_parts(maxes, sums):
     row_max = maxes.amax(0)
     terms = torch.where(maxes == float("-inf"), 0.0, sums * torch.exp(maxes - row_max))
     return torch.stack([row_max, torch.log(terms.sum(0))], -1)
+
+
+def combined_statistics(stats):
+    """Each row's log-sum-exp in two parts [rows, 2] (``log_sum_exp_parts``), x'_t and Σ x' over
+    every class, from the slices' [slices, rows, 4] statistics (max, Σ exp(x' − max), x'_t where
+    the slice holds the target else 0, Σ x'), as ``vocab_slice_statistics_kernel`` writes them."""
+    return log_sum_exp_parts(stats[..., 0], stats[..., 1]), stats[..., 2].sum(0), stats[..., 3].sum(0)
+
+
+def losses_from_statistics(lse, target_logit, smooth_sum, target, n_classes, options):
+    """Each row's loss from its log-sum-exp in two parts ``lse`` [rows, 2], x'_t and Σ x' over
+    every class, ``options`` being (ignore_index, ε, z, softcap): (1 - ε)·(lse - x'_t) +
+    ε/C·(C·lse - Σ x') + z·lse², 0 where ignored, NaN where the target is not a class (lse - x'_t
+    as (max - x'_t) + log Σ, exact for large logits), as ``cross_entropy_kernel`` computes it."""
+    ignore_index, label_smoothing, z_loss, _ = options
+    row_max, log_sum = lse.unbind(1)
+    full_lse = row_max + log_sum
+    loss = (1 - label_smoothing) * ((row_max - target_logit) + log_sum) + z_loss * full_lse * full_lse
+    if label_smoothing:
+        loss = loss + label_smoothing / n_classes * (n_classes * full_lse - smooth_sum)
+    in_range = (target >= 0) & (target < n_classes)
+    return torch.where(target == ignore_index, 0.0, torch.where(in_range, loss, float("nan")))

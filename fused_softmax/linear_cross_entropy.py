@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from . import _launch
 from ._backend import use_kernels
-from ._slices import log_sum_exp_parts
+from ._slices import combined_statistics, losses_from_statistics
 from .cross_entropy import _capped, _check_targets, _index_denominator, _is_one, torch_cross_entropy
 
 # The chunk's logits are at most the size of the input's activations [tokens, H], and a chunk
@@ -116,10 +116,8 @@ def _vocab_chunk_statistics(logits, target, vocab_start, options, kernels):
 
 
 def _combined_statistics(chunk_statistics):
-    """Each row's log-sum-exp in two parts [rows, 2] (``_slices``), x'_t and Σ x' over every
-    class, from the chunks' [rows, 4] statistics; the chunks' own are not kept."""
-    stats = torch.stack(chunk_statistics)
-    return log_sum_exp_parts(stats[..., 0], stats[..., 1]), stats[..., 2].sum(0), stats[..., 3].sum(0)
+    """``_slices.combined_statistics`` of the chunks' [rows, 4] statistics; theirs are not kept."""
+    return combined_statistics(torch.stack(chunk_statistics))
 
 
 def _local_targets(target, vocab_start, width):
@@ -128,21 +126,6 @@ def _local_targets(target, vocab_start, width):
     local = target - vocab_start
     in_chunk = (local >= 0) & (local < width)
     return torch.where(in_chunk, local, 0), in_chunk
-
-
-def _losses_from_statistics(lse, target_logit, smooth_sum, target, n_classes, options):
-    """Each row's loss from its log-sum-exp in two parts ``lse`` [rows, 2] (``_slices``), x'_t
-    and Σ x' over every class: (1 - ε)·(lse - x'_t) + ε/C·(C·lse - Σ x') + z·lse², 0 where
-    ignored, NaN where the target is not a class (lse - x'_t as (max - x'_t) + log Σ, exact for
-    large logits)."""
-    ignore_index, label_smoothing, z_loss, _ = options
-    row_max, log_sum = lse.unbind(1)
-    full_lse = row_max + log_sum
-    loss = (1 - label_smoothing) * ((row_max - target_logit) + log_sum) + z_loss * full_lse * full_lse
-    if label_smoothing:
-        loss = loss + label_smoothing / n_classes * (n_classes * full_lse - smooth_sum)
-    in_range = (target >= 0) & (target < n_classes)
-    return torch.where(target == ignore_index, 0.0, torch.where(in_range, loss, float("nan")))
 
 
 def _vocab_chunk_grad(logits, target, lse, row_scale, vocab_start, n_classes, options, kernels):
@@ -250,7 +233,7 @@ def chunked_cross_entropy(input, weight, bias, target, options, rows, cols, grad
                 for classes in parts
             ]
         )
-        losses.append(_losses_from_statistics(lse, target_logit, smooth_sum, chunk_target, vocab, options))
+        losses.append(losses_from_statistics(lse, target_logit, smooth_sum, chunk_target, vocab, options))
         if not wanted:
             continue
         row_scale = grad_scale.to(lse.dtype).expand(chunk.shape[0])

@@ -27,12 +27,16 @@ The same steps run on one slice of the classes, whether the other slices live on
 the vocabulary): the slice's fresh statistics (``vocab_slice_statistics_kernel``), which the host
 combines over the slices with torch ops on [rows, 4] tensors, and, given each row's log-sum-exp
 over every slice, the slice's gradient (``vocab_slice_grad_kernel``). The slice kernels never
-read what other slices produced but those per-row values, so one pair serves both callers.
+read what other slices produced but those per-row values, so one pair serves both callers, and
+a third: the split-row regime of ``cross_entropy`` (few rows of many classes), where a launch
+cuts its slice into chunks (``split_row.chunk_of``), every (row tile, chunk) a work item, one
+chunk a slice of its own; an uncut slice is one chunk.
 """
 
 import triton
 import triton.language as tl
 
+from .split_row import chunk_of
 from .tiles import (
     block_statistics,
     column_block,
@@ -645,10 +649,30 @@ def slice_target(target, valid, vocab_start, n_cols):
 
 
 @triton.jit
+def work_item(item, n_chunks, n_inner, n_cols, chunk_cols, ROWS: tl.constexpr, SPLIT: tl.constexpr):
+    """Work item ``item``'s tile (``tiles.tile_rows``), chunk and columns [first, stop). SPLIT: a
+    (row tile, chunk) pair (``split_row.chunk_of``), numbered in int32: a split launch has too few
+    rows to fill the GPU, so fewer than 2^31 items, and the int64 division spilled the kernels
+    with softcapping (compile report). Else a tile of whole rows, numbered in int64."""
+    if SPLIT:
+        return chunk_of(tl.cast(item, tl.int32), n_chunks, n_inner, n_cols, chunk_cols, ROWS)
+    else:
+        outer, inner, row_mask, row = tile_rows(item, n_inner, ROWS)
+        return outer, inner, row_mask, row, 0, 0, n_cols
+
+
+@triton.jit
+def chunk_starts(ptr, outer, inner, stride_outer, stride_col, stride_inner, first, ALIGN: tl.constexpr):
+    """Pointers to column ``first`` of each of the tile's rows: a chunk of a slice is a slice of
+    its own, starting there."""
+    return row_starts(ptr, outer, inner, stride_outer, stride_inner, ALIGN) + tl.cast(first, tl.int64) * stride_col
+
+
+@triton.jit
 def vocab_slice_statistics_kernel(
     x_ptr,  # one slice of the logits: classes [vocab_start, vocab_start + n_cols) of each row
     target_ptr,  # [rows] class indices over the whole vocabulary, int64
-    stats_ptr,  # output, [rows, 4] in COMPUTE_DTYPE: max, Σ exp(x' - max), x'_t (0 off this slice), Σ x' (SMOOTHING)
+    stats_ptr,  # output, [rows, n_chunks, 4] in COMPUTE_DTYPE: max, Σ exp(x' - max), x'_t (0 off it), Σ x' (SMOOTHING)
     n_outer,
     n_cols,  # the slice's classes, divided by ALIGN, as are the outer and inner strides
     n_inner,
@@ -659,6 +683,8 @@ def vocab_slice_statistics_kernel(
     ignore_index,
     softcap_high,  # the cap as an fp32 pair (see tiles.fp32_pair)
     softcap_low,
+    chunk_cols,  # each chunk's classes, divided by ALIGN (n_cols for one chunk)
+    n_chunks,
     BLOCK_N: tl.constexpr,
     ROWS: tl.constexpr,
     ONLINE: tl.constexpr,
@@ -666,18 +692,24 @@ def vocab_slice_statistics_kernel(
     COMPUTE_DTYPE: tl.constexpr,
     SMOOTHING: tl.constexpr,
     SOFTCAP: tl.constexpr,
+    SPLIT: tl.constexpr,  # n_chunks > 1 (see work_item)
 ):
-    """The statistics of one slice of the classes (a rank's shard, or one of linear_cross_entropy's
-    chunks), from one read of its logits, by the steps of ``cross_entropy_kernel``; the host
-    combines the slices' (``_slices``). A row of only -inf gets a sum of 0, the identity when
-    they combine."""
+    """The statistics of each chunk of one slice of the classes (a rank's shard, one of
+    linear_cross_entropy's chunks, or a split row's chunk: ``split_row.chunk_of``), from one read of
+    its logits, by the steps of ``cross_entropy_kernel``; the host combines them (``_slices``). A
+    chunk of only -inf gets a sum of 0, the identity when they combine."""
     n_cols = n_cols * ALIGN
+    chunk_cols = chunk_cols * ALIGN
     softcap = fp32_pair(softcap_high, softcap_low, COMPUTE_DTYPE)
-    for tile in tl.range(tl.program_id(0), tile_count(n_outer, n_inner, ROWS), tl.num_programs(0)):
-        outer, inner, row_mask, row = tile_rows(tile, n_inner, ROWS)
+    n_items = tile_count(n_outer, n_inner, ROWS) * n_chunks
+    for item in tl.range(tl.program_id(0), n_items, tl.num_programs(0)):
+        outer, inner, row_mask, row, chunk, first, stop = work_item(
+            item, n_chunks, n_inner, n_cols, chunk_cols, ROWS, SPLIT
+        )
+        n_chunk_cols = stop - first
         target = tl.load(target_ptr + row, mask=row_mask, other=ignore_index)
-        local, owned = slice_target(target, row_mask & (target != ignore_index), vocab_start, n_cols)
-        x_rows = row_starts(x_ptr, outer, inner, x_stride_outer, x_stride_inner, ALIGN)
+        local, owned = slice_target(target, row_mask & (target != ignore_index), vocab_start + first, n_chunk_cols)
+        x_rows = chunk_starts(x_ptr, outer, inner, x_stride_outer, x_stride_col, x_stride_inner, first, ALIGN)
         if ONLINE:
             row_max, row_sum, target_logit, smooth_sum, _ = index_online_statistics(
                 x_rows,
@@ -686,7 +718,7 @@ def vocab_slice_statistics_kernel(
                 local,
                 owned,
                 row_mask,
-                n_cols,
+                n_chunk_cols,
                 softcap,
                 ROWS,
                 BLOCK_N,
@@ -703,7 +735,7 @@ def vocab_slice_statistics_kernel(
                 local,
                 owned,
                 row_mask,
-                n_cols,
+                n_chunk_cols,
                 softcap,
                 BLOCK_N,
                 SMOOTHING,
@@ -711,10 +743,11 @@ def vocab_slice_statistics_kernel(
                 SOFTCAP,
                 COMPUTE_DTYPE,
             )
-        tl.store(stats_ptr + 4 * row, row_max, mask=row_mask)
-        tl.store(stats_ptr + 4 * row + 1, tl.where(row_max == float("-inf"), 0.0, row_sum), mask=row_mask)
-        tl.store(stats_ptr + 4 * row + 2, target_logit, mask=row_mask)
-        tl.store(stats_ptr + 4 * row + 3, smooth_sum, mask=row_mask)
+        at = stats_ptr + 4 * (row * n_chunks + chunk)
+        tl.store(at, row_max, mask=row_mask)
+        tl.store(at + 1, tl.where(row_max == float("-inf"), 0.0, row_sum), mask=row_mask)
+        tl.store(at + 2, target_logit, mask=row_mask)
+        tl.store(at + 3, smooth_sum, mask=row_mask)
 
 
 @triton.jit
@@ -743,36 +776,47 @@ def vocab_slice_grad_kernel(
     z_loss_low,
     softcap_high,
     softcap_low,
+    chunk_cols,  # each chunk's classes, divided by ALIGN (n_cols for one chunk)
+    n_chunks,
     BLOCK_N: tl.constexpr,
     ROWS: tl.constexpr,
     ALIGN: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
     SMOOTHING: tl.constexpr,
     SOFTCAP: tl.constexpr,
+    SPLIT: tl.constexpr,  # n_chunks > 1 (see work_item)
 ):
     """A slice's gradient from the rows' log-sum-exp over every slice, one sweep whatever the row
     length: (p·(1 + 2z·lse) - (1 - ε)·[c = t] - ε/C)·cap'·scale (``index_grad_block``), 0 on
-    ignored rows, NaN on rows whose target is not a class, as ``cross_entropy_kernel``."""
+    ignored rows, NaN on rows whose target is not a class, as ``cross_entropy_kernel``; each
+    chunk of the slice a work item of its own, as in ``vocab_slice_statistics_kernel``."""
     n_cols = n_cols * ALIGN
+    chunk_cols = chunk_cols * ALIGN
     eps, z_loss, softcap = loss_options(
         smoothing_high, smoothing_low, z_loss_high, z_loss_low, softcap_high, softcap_low, COMPUTE_DTYPE
     )
-    for tile in tl.range(tl.program_id(0), tile_count(n_outer, n_inner, ROWS), tl.num_programs(0)):
-        outer, inner, row_mask, row = tile_rows(tile, n_inner, ROWS)
+    n_items = tile_count(n_outer, n_inner, ROWS) * n_chunks
+    for item in tl.range(tl.program_id(0), n_items, tl.num_programs(0)):
+        outer, inner, row_mask, row, _, first, stop = work_item(
+            item, n_chunks, n_inner, n_cols, chunk_cols, ROWS, SPLIT
+        )
+        n_chunk_cols = stop - first
         target = tl.load(target_ptr + row, mask=row_mask, other=ignore_index)
         valid, in_range = row_validity(target, row_mask, ignore_index, n_classes)
-        local, owned = slice_target(target, valid, vocab_start, n_cols)
+        local, owned = slice_target(target, valid, vocab_start + first, n_chunk_cols)
         # Plain [ROWS, 1] loads: three of load_row_values' block-wide ones spilled the 16-warp fp32
         # configuration of 8192 classes (compile report).
         row_max = tl.load(lse_ptr + 2 * row, mask=row_mask, other=0.0)
         log_sum = tl.load(lse_ptr + 2 * row + 1, mask=row_mask, other=0.0)
         probability_coef = 1.0 + 2.0 * z_loss * (row_max + log_sum)
         scale = tl.load(scale_ptr + row * scale_stride, mask=valid, other=0.0).to(COMPUTE_DTYPE)
-        x_rows = row_starts(x_ptr, outer, inner, x_stride_outer, x_stride_inner, ALIGN)
-        grad_rows = row_starts(grad_ptr, outer, inner, grad_stride_outer, grad_stride_inner, ALIGN)
-        for start in tl.range(0, n_cols, BLOCK_N):
+        x_rows = chunk_starts(x_ptr, outer, inner, x_stride_outer, x_stride_col, x_stride_inner, first, ALIGN)
+        grad_rows = chunk_starts(
+            grad_ptr, outer, inner, grad_stride_outer, grad_stride_col, grad_stride_inner, first, ALIGN
+        )
+        for start in tl.range(0, n_chunk_cols, BLOCK_N):
             col = column_block(start, BLOCK_N)
-            col_ok = col < n_cols
+            col_ok = col < n_chunk_cols
             in_bounds = row_mask & col_ok
             x = load_capped(x_rows, x_stride_col, col, in_bounds, softcap, SOFTCAP, COMPUTE_DTYPE)
             g = index_grad_block(

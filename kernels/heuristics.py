@@ -229,8 +229,9 @@ def launch_config(
     it reaches 16 bytes). ``contiguous_rows``: how many neighbouring rows lie at unit stride (1
     when the columns are unit-stride). ``max_block`` caps the on-chip row, a power of two; tests
     use it to reach the online regime with tiny rows. ``n_rows``: how many rows the launch has,
-    given by the jobs that have a split-row regime (softmax and its products, attention scores;
-    not cross-entropy): it decides that regime, unless the tensor is under ``min_split_bytes``.
+    given by the jobs that have a split-row regime (softmax and its products, attention scores,
+    cross-entropy's slice kernels): it decides that regime, unless the tensor is under
+    ``min_split_bytes``.
     ``cooperative``: a split row of softmax or its products whose chunks fit on chip at once
     takes the cooperative regime (``_cooperative``; attention scores stay phased).
     """

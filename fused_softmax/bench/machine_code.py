@@ -407,7 +407,8 @@ def _softcap_sinks_launches(n, d):
 def mode_kernels():
     """The masked-softmax and row-statistics kernels at ``MODE_LENGTHS``, the cross-entropy and
     vocabulary-slice kernels at ``CROSS_ENTROPY_LENGTHS`` and the split-row kernels
-    (``split_kernels``, ``masked_split_kernels``, ``cooperative_kernels``), deduplicated."""
+    (``split_kernels``, ``masked_split_kernels``, ``split_cross_entropy_kernels``,
+    ``cooperative_kernels``), deduplicated."""
     found = {}
     launches = [(n, _mode_launches(n)) for n in MODE_LENGTHS]
     launches += [(n, _cross_entropy_launches(n)) for n in CROSS_ENTROPY_LENGTHS]
@@ -416,7 +417,8 @@ def mode_kernels():
         for job, tensors, name in jobs:
             kernel = launched(job, *tensors, layout=name, n=n)
             found.setdefault(kernel, kernel)
-    return list(found.values()) + split_kernels() + masked_split_kernels() + cooperative_kernels()
+    split = split_kernels() + masked_split_kernels() + split_cross_entropy_kernels()
+    return list(found.values()) + split + cooperative_kernels()
 
 
 # Decoding-sized tensors, the split-row regime's: (rows, row length).
@@ -437,13 +439,13 @@ def split_kernels():
     return list(found.values())
 
 
-def _split_phases(jobs, n, found):
-    """The two launches of each split job into ``found``, named by phase as ``split_kernels`` names
-    them; jobs whose rows do not split (one launch) add nothing."""
+def _split_phases(jobs, n, found, phases=("chunks out", "chunks in")):
+    """The two launches of each split job into ``found``, named by ``phases`` (as ``split_kernels``
+    names them by default); jobs whose rows do not split (one launch) add nothing."""
     for job, tensors in jobs:
         kernels = launched_all(job, *tensors, n=n)
         if len(kernels) == 2:
-            for kernel, phase in zip(kernels, ("chunks out", "chunks in"), strict=True):
+            for kernel, phase in zip(kernels, phases, strict=True):
                 kernel = dataclasses.replace(kernel, layout=phase)
                 found.setdefault(kernel, kernel)
 
@@ -472,6 +474,29 @@ def masked_split_kernels():
             (lambda y, dy, o=backward: _softcap_sinks.kernel_backward(y, dy, out_dtype=y.dtype, **o), (scores, scores))
         )
         _split_phases(jobs, n, found)
+    return list(found.values())
+
+
+def split_cross_entropy_kernels():
+    """The slice kernels of cross_entropy's split-row regime the heuristic gives ``SPLIT_SHAPES``
+    in each dtype, with the gradient, plain and with smoothing, z-loss and softcapping,
+    deduplicated: the statistics named "cross entropy, chunks out", the gradient "cross entropy,
+    split gradient"."""
+    found = {}
+    for (m, n), d in itertools.product(SPLIT_SHAPES, CROSS_ENTROPY_DTYPES):
+        x, scale = _empty((m, n), d), torch.empty(1, dtype=_launch.stats_dtype(TORCH_DTYPES[d]))
+        target = torch.zeros(m, dtype=torch.int64)
+        jobs = []
+        for options in (dict(smoothing=0.0, z_loss=0.0, softcap=None), dict(smoothing=0.1, z_loss=1e-4, softcap=30.0)):
+
+            def job(x, target=target, scale=scale, options=options):
+                grad = torch.empty_like(x)
+                _launch.cross_entropy_forward(
+                    x, target, None, ignore_index=-100, grad=grad, grad_scale=scale, **options
+                )
+
+            jobs.append((job, (x,)))
+        _split_phases(jobs, n, found, ("cross entropy, chunks out", "cross entropy, split gradient"))
     return list(found.values())
 
 
