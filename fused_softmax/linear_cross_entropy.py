@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from . import _launch
 from ._backend import use_kernels
-from ._transforms import batch_first, legacy_batched
+from ._transforms import DerivativesRefused, batch_first, legacy_batched
 from .cross_entropy import (
     _capped,
     _check_targets,
@@ -434,7 +434,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     the chunks again, ``PerTokenGradsFunction``); the tangent of a mean or sum is the precomputed
     gradients' dot with the tangents, that of reduction='none' each chunk's gradient dotted with
     its logits' tangent (``token_tangents``). vmap is more tokens of the same chunks
-    (``_batched``). A second derivative raises (``FirstDerivativesOnly``): through torch ops it
+    (``_batched``). A second derivative raises (``DerivativesRefused``): through torch ops it
     would keep every chunk's logits in the graph, the memory this function exists to save."""
 
     @staticmethod
@@ -460,7 +460,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             elif not (_device_scalable(grad_loss) and _is_one(grad_loss)):
                 grads = [None if g is None else _times_upstream(g, grad_loss) for g in grads]
         if torch.is_grad_enabled():  # create_graph=True: gradients that raise if differentiated
-            grads = FirstDerivativesOnly.apply(input, weight, bias, *grads)
+            grads = DerivativesRefused.apply(NO_DOUBLE_BACKWARD, input, weight, bias, *grads)[3:]
         grad_input, grad_weight, grad_bias = grads
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
 
@@ -477,7 +477,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 for name, g, t in zip(_GRADIENT_NAMES, grads, tangents, strict=True)
                 if t is not None
             )
-            (tangent,) = FirstDerivativesOnly.apply(input, weight, bias, tangent)
+            tangent = DerivativesRefused.apply(NO_DOUBLE_BACKWARD, input, weight, bias, tangent)[3]
         return tangent.to(input.dtype), None, None, None
 
     @staticmethod
@@ -490,7 +490,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 class PerTokenGradsFunction(torch.autograd.Function):
     """reduction='none''s backward, ``per_token_grads``: a Function so that torch.func can batch
     it (jacrev, per-sample gradients: more tokens of the same chunks, see ``_batched``). Its
-    gradients are not differentiable (``FirstDerivativesOnly``)."""
+    gradients are not differentiable (``DerivativesRefused``)."""
 
     @staticmethod
     def forward(input, weight, bias, target, grad_loss, options, rows, cols, wanted):
@@ -551,30 +551,6 @@ class TokenTangentsFunction(torch.autograd.Function):
     @staticmethod
     def vmap(info, in_dims, *args):
         return _batched(TokenTangentsFunction.apply, info, in_dims, args, False, parameter_tangents=(5, 6))
-
-
-class FirstDerivativesOnly(torch.autograd.Function):
-    """``values`` (gradients or a tangent) as they are, tied to the input, weight and bias (None
-    where absent) so that differentiating them, in either mode, raises a clear error instead of
-    finding them constant."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(input, weight, bias, *values):
-        return tuple(None if v is None else v.view_as(v) for v in values)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, *_):
-        raise RuntimeError(NO_DOUBLE_BACKWARD)
-
-    @staticmethod
-    def jvp(ctx, *_):
-        raise RuntimeError(NO_DOUBLE_BACKWARD)
 
 
 _GRADIENT_NAMES = ("input", "weight", "bias")
