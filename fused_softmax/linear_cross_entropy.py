@@ -380,7 +380,7 @@ def token_tangents(input, weight, bias, target, tangents, options, rows, cols):
     return dots.input.view(target.shape)
 
 
-def _times_upstream(grad, grad_loss):
+def _scaled_by_upstream(grad, grad_loss):
     """A precomputed gradient of a mean or sum times its upstream gradient: one value per batch
     entry, the leading dims of ``grad``."""
     return grad * grad_loss.reshape(grad_loss.shape + (1,) * (grad.dim() - grad_loss.dim()))
@@ -458,7 +458,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             if ctx.reduction == "none":
                 grads = _per_token_backward(*arguments)
             elif not (_device_scalable(grad_loss) and _is_one(grad_loss)):
-                grads = [None if g is None else _times_upstream(g, grad_loss) for g in grads]
+                grads = [None if g is None else _scaled_by_upstream(g, grad_loss) for g in grads]
         if torch.is_grad_enabled():  # create_graph=True: gradients that raise if differentiated
             grads = DerivativesRefused.apply(NO_DOUBLE_BACKWARD, input, weight, bias, *grads)[3:]
         grad_input, grad_weight, grad_bias = grads
@@ -684,35 +684,34 @@ def _op_grad(ctx, grad_loss, *_):
         input, weight, bias, target = ctx.saved_tensors
         grads = linear_cross_entropy_backward_op(input, weight, bias, target, grad_loss, *ctx.arguments)
     else:
-        grads = [_times_upstream(g, grad_loss) for g in ctx.saved_tensors]
+        grads = ctx.saved_tensors
     grads = [g if want else None for g, want in zip(grads, ctx.wants, strict=True)]
+    if ctx.reduction != "none":
+        grads = [None if g is None else _scaled_by_upstream(g, grad_loss) for g in grads]
     return *grads, *(None,) * 11
 
 
-def _vmapped_op(op, info, in_dims, args, present):
-    """``_batched`` for an op, whose outputs not ``present`` are empty rather than None: a call
-    per batch entry when a weight or bias gradient is among them."""
+def _op_vmap(info, in_dims, *args):
+    """``_batched`` for the op, whose gradients not computed are empty rather than None: a call per
+    batch entry when a weight or bias gradient is among them. The gradients wanted are those the
+    caller saw wanted, or, seen here unwrapped, that the batched tensors require (the caller,
+    under torch.compile, sees only the batched tensors' requires_grad)."""
+    input, weight, bias, *_, reduction = args[:6]
+    wants = [
+        want or (t is not None and t.requires_grad) for t, want in zip((input, weight, bias), args[-3:], strict=True)
+    ]
+    args = (*args[:-3], *(want and torch.is_grad_enabled() for want in wants))
+    present = (True, *(want and reduction != "none" for want in args[-3:]))
 
     def apply(*arguments):
-        return tuple(o if keep else None for o, keep in zip(op(*arguments), present, strict=True))
+        return tuple(o if keep else None for o, keep in zip(linear_cross_entropy_op(*arguments), present, strict=True))
 
     outputs, out_dims = _batched(apply, info, in_dims, args, any(present[-2:]))
     return tuple(args[0].new_empty(0) if o is None else o for o in outputs), out_dims
 
 
-def _op_vmap(info, in_dims, *args):
-    reduction, wants = args[5], args[-3:]
-    present = (True, *(want and reduction != "none" for want in wants))
-    return _vmapped_op(linear_cross_entropy_op, info, in_dims, args, present)
-
-
-def _backward_op_vmap(info, in_dims, *args):
-    return _vmapped_op(linear_cross_entropy_backward_op, info, in_dims, args, args[-3:])
-
-
 linear_cross_entropy_op.register_autograd(_op_grad, setup_context=_setup_op)
 linear_cross_entropy_op.register_vmap(_op_vmap)
-linear_cross_entropy_backward_op.register_vmap(_backward_op_vmap)
 
 
 def _torch_composition(input, weight, target, bias, ignore_index, reduction, label_smoothing):

@@ -304,7 +304,7 @@ def test_first_derivatives_only(kernels, device):
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_compiled_vmap_is_more_tokens_of_the_same_chunks(kernels, launches, device, reduction):
     """The op's vmap rule: 3 entries of 4 tokens in chunks of 3 are 4 launches (a call per entry
-    would be 6), each entry reduced alone."""
+    would be 6), each entry reduced alone; and its gradients."""
     torch._dynamo.reset()
     x, w, b, _ = layer(torch.float64, device, batch=(3, 4))
     targets = torch.tensor([[0, 5, -100, 2], [1, 2, 3, 4], [0, 0, -100, -100]], device=device)
@@ -315,7 +315,12 @@ def test_compiled_vmap_is_more_tokens_of_the_same_chunks(kernels, launches, devi
     def twin(x, t):
         return F.cross_entropy(F.linear(x, w, b), t, reduction=reduction, label_smoothing=0.1)
 
+    compiled = torch.compile(torch.func.vmap(loss), fullgraph=True, backend="aot_eager")
     with torch.no_grad():
-        actual = torch.compile(torch.func.vmap(loss), fullgraph=True, backend="aot_eager")(x, targets)
+        actual = compiled(x, targets)
     assert len(launches) == 4
     torch.testing.assert_close(actual, torch.func.vmap(twin)(x, targets))
+    # Differentiated: the batched input's gradient too, which under torch.compile only the op's
+    # vmap rule sees wanted; the weight's and bias's, a call per entry for a mean.
+    grads = torch.autograd.grad(compiled(x, targets).sin().sum(), (x, w, b))
+    torch.testing.assert_close(grads, torch.autograd.grad(torch.func.vmap(twin)(x, targets).sin().sum(), (x, w, b)))
