@@ -20,7 +20,7 @@ import torch.distributed as dist
 from . import _jacobian, _launch
 from ._backend import use_kernels
 from ._jacobian import backward_product, forward_product
-from ._transforms import DerivativesRefused, batch_first, vmapped
+from ._transforms import DerivativesRefused, batch_first, legacy_batched, vmapped
 from .functional import _wrap_dim
 
 
@@ -77,15 +77,27 @@ def _normalise(x, dim, lse, log, out_dtype, kernels):
     return (shifted if log else torch.exp(shifted)).to(out_dtype)
 
 
+def _all_reduced(t, group):
+    """A copy of ``t`` summed over the ranks. The older vmap of ``is_grads_batched`` and of
+    gradcheck's batched checks has no rule for a collective: it raises, saying so, on every rank."""
+    if legacy_batched(t):
+        raise NotImplementedError(
+            "fused_softmax.distributed: the older vmap of torch.autograd.grad(is_grads_batched=True) and of "
+            "gradcheck's batched checks cannot batch a collective (a tangent's or a second derivative's); "
+            "use torch.func.vmap"
+        )
+    t = t.clone()
+    dist.all_reduce(t, group=group)
+    return t
+
+
 class _AllReduced(torch.autograd.Function):
     """The sum over the ranks of ``group``, every rank receiving it: linear, so its derivative in
     either mode is the same sum (every rank differentiates in step)."""
 
     @staticmethod
     def forward(t, group):
-        t = t.clone()
-        dist.all_reduce(t, group=group)
-        return t
+        return _all_reduced(t, group)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -292,9 +304,7 @@ class _ReplicatedSum(torch.autograd.Function):
 
     @staticmethod
     def forward(t, group):
-        t = t.clone()
-        dist.all_reduce(t, group=group)
-        return t
+        return _all_reduced(t, group)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -354,6 +364,9 @@ class VocabParallelGradFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(logits, target, lse, grad_loss, group, shard):
+        if legacy_batched(grad_loss):  # is_grads_batched: its older vmap runs torch ops, not kernels
+            _, unit_grad, valid = _probabilities_and_grad(logits, target, lse, shard)
+            return (unit_grad * torch.where(valid, grad_loss.to(unit_grad.dtype), 0.0)[:, None]).to(logits.dtype)
         return _shard_grad(logits, target, lse, grad_loss, shard)
 
     @staticmethod

@@ -226,11 +226,12 @@ def check_higher_derivatives(rank, widths, log):
 def check_cross_entropy_transforms(rank, widths):
     """The vocab-parallel cross-entropy through the kernels in forward mode and double backward:
     gradcheck with forward AD and gradgradcheck with forward over reverse, in float64, fast mode,
-    as a function of the full logits; then the torch.func transforms every rank runs alike
-    against torch on the gathered logits: vmap over logits and targets (each entry its own mean),
-    jvp, per-sample gradients, jacrev of the mean; with shards of one size, the hessian of the
-    local logits (every rank's basis tangents at once) and a third derivative refused, on every
-    rank."""
+    as a function of the full logits (batched tangents, whose older vmap cannot batch a
+    collective, refused); batched gradients (is_grads_batched) of the local logits; then the
+    torch.func transforms every rank runs alike against torch on the gathered logits: vmap over
+    logits and targets (each entry its own mean), jvp, per-sample gradients, jacrev of the mean;
+    with shards of one size, the hessian of the local logits (every rank's basis tangents at
+    once) and a third derivative refused, on every rank."""
     classes, start = sum(widths), sum(widths[:rank])
     x = random((2, classes), torch.float64, DEVICE, seed=12).requires_grad_()
     target = torch.tensor([classes - 1, -100], device=DEVICE)
@@ -241,6 +242,10 @@ def check_cross_entropy_transforms(rank, widths):
 
     torch.manual_seed(13)
     assert torch.autograd.gradcheck(full_losses, (x,), fast_mode=True, check_forward_ad=True)
+    with pytest.raises(RuntimeError, match="cannot batch a collective"):
+        torch.autograd.gradcheck(
+            full_losses, (x,), fast_mode=True, check_forward_ad=True, check_batched_forward_grad=True
+        )
     torch.manual_seed(13)
     assert torch.autograd.gradgradcheck(full_losses, (x,), fast_mode=True, check_fwd_over_rev=True)
 
@@ -256,6 +261,11 @@ def check_cross_entropy_transforms(rank, widths):
     def theirs(logits, target, reduction="mean"):
         return F.cross_entropy(logits, target, reduction=reduction, label_smoothing=0.1)
 
+    leaf, full = local[1].clone().requires_grad_(), logits[1].clone().requires_grad_()
+    upstream = random((2, 4), torch.float64, DEVICE, seed=16)
+    batched = torch.autograd.grad(ours(leaf, targets[1], "none"), leaf, upstream, is_grads_batched=True)[0]
+    expected = torch.autograd.grad(theirs(full, targets[1], "none"), full, upstream, is_grads_batched=True)[0]
+    torch.testing.assert_close(batched, shard(expected, -1, widths, rank))
     vmap, grad = torch.func.vmap, torch.func.grad
     torch.testing.assert_close(vmap(ours)(local, targets), vmap(theirs)(logits, targets))
     _, actual = torch.func.jvp(lambda t: ours(t, targets[1], "none"), (local[1],), (local_tangent[1],))
@@ -277,7 +287,6 @@ def check_cross_entropy_transforms(rank, widths):
     n, width = local.shape[1:]
     columns = torch.func.hessian(scalar(theirs))(logits[1]).reshape(n, classes, n, len(widths), width).sum(3)
     torch.testing.assert_close(torch.func.hessian(scalar(ours))(local[1]), columns[:, start : start + width])
-    leaf = local[1].clone().requires_grad_()
     (first,) = torch.autograd.grad(scalar(ours)(leaf), leaf, create_graph=True)
     (second,) = torch.autograd.grad(first.square().sum(), leaf, create_graph=True)
     with pytest.raises(RuntimeError, match="a third raises"):
