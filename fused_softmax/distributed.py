@@ -489,7 +489,9 @@ def cross_entropy(
     the same on every rank. Shards are in rank order and of equal width unless ``vocab_start``
     gives this rank's first class. Same result, on every rank, as ``F.cross_entropy`` on the
     gathered logits, with ``ignore_index``, ``reduction`` and ``label_smoothing`` as torch's.
-    Memory stays proportional to the shard: the logits are never gathered.
+    Memory stays proportional to the shard: the logits are never gathered. Differentiable twice,
+    in either mode, and under torch.func, every rank transforming alike (see
+    ``VocabParallelCrossEntropyFunction``).
     """
     if logits_local.dim() != 2 or target.shape != logits_local.shape[:1]:
         raise ValueError(
