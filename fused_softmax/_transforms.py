@@ -83,6 +83,31 @@ def refuse_nested_forward_mode(name, nesting="forward-mode AD over forward-mode 
         )
 
 
+class DerivativesRefused(torch.autograd.Function):
+    """``DerivativesRefused.apply(message, *tensors)``: views of ``tensors``, whose derivatives, in
+    either mode, raise RuntimeError(message) instead of finding them constant: for gradients or
+    tangents computed without a graph (by kernels, or past a last supported order). Pass the
+    tensors they depend on too, so that the refusal is in their graph."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(message, *tensors):
+        return tuple(None if t is None else t.view_as(t) for t in tensors)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.message = inputs[0]
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(ctx.message)
+
+    @staticmethod
+    def jvp(ctx, *_):
+        raise RuntimeError(ctx.message)
+
+
 def legacy_batched(*tensors):
     """Whether any tensor is batched by the older vmap of ``is_grads_batched``."""
     return any(torch._C._functorch.is_legacy_batchedtensor(t) for t in tensors)

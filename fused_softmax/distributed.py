@@ -12,15 +12,16 @@ A submodule, imported explicitly: ``import fused_softmax.distributed``. Every fu
 collective, its backward too: call them on every rank of ``group``, in the same order.
 """
 
+import dataclasses
+
 import torch
 import torch.distributed as dist
-from torch.autograd.function import once_differentiable
 
 from . import _jacobian, _launch
 from ._backend import use_kernels
 from ._jacobian import backward_product, forward_product
 from ._slices import log_sum_exp_parts
-from ._transforms import batch_first, vmapped
+from ._transforms import DerivativesRefused, batch_first, legacy_batched, vmapped
 from .functional import _wrap_dim
 
 
@@ -71,15 +72,27 @@ def _normalise(x, dim, lse, log, out_dtype, kernels):
     return (shifted if log else torch.exp(shifted)).to(out_dtype)
 
 
+def _all_reduced(t, group):
+    """A copy of ``t`` summed over the ranks. The older vmap of ``is_grads_batched`` and of
+    gradcheck's batched checks has no rule for a collective: it raises, saying so, on every rank."""
+    if legacy_batched(t):
+        raise NotImplementedError(
+            "fused_softmax.distributed: the older vmap of torch.autograd.grad(is_grads_batched=True) and of "
+            "gradcheck's batched checks cannot batch a collective (a tangent's or a second derivative's); "
+            "use torch.func.vmap"
+        )
+    t = t.clone()
+    dist.all_reduce(t, group=group)
+    return t
+
+
 class _AllReduced(torch.autograd.Function):
     """The sum over the ranks of ``group``, every rank receiving it: linear, so its derivative in
     either mode is the same sum (every rank differentiates in step)."""
 
     @staticmethod
     def forward(t, group):
-        t = t.clone()
-        dist.all_reduce(t, group=group)
-        return t
+        return _all_reduced(t, group)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -262,17 +275,155 @@ def _class_count(layout):
     return int(widths.sum())
 
 
+@dataclasses.dataclass(frozen=True)
+class _VocabShard:
+    """What this shard's gradient needs beside its logits, target and the rows' log-sum-exp
+    (``_shard_grad``'s ``ctx``): known once the forward has gathered every shard's width."""
+
+    kernels: bool
+    vocab_start: int
+    classes: int
+    ignore_index: int
+    label_smoothing: float
+
+
+NO_THIRD_DERIVATIVE = (
+    "fused_softmax.distributed.cross_entropy has first and second derivatives (double backward, hessian): "
+    "a third raises"
+)
+
+
+class _ReplicatedSum(torch.autograd.Function):
+    """The sum over the ranks of ``group`` of per-rank parts of a value every rank then holds alike
+    (a loss's tangent): each rank's cotangent is that of the one value, so its backward is the
+    identity; its tangent is the same sum."""
+
+    @staticmethod
+    def forward(t, group):
+        return _all_reduced(t, group)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.group = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+    @staticmethod
+    def jvp(ctx, tangent, _):
+        return _ReplicatedSum.apply(tangent, ctx.group)
+
+    @staticmethod
+    def vmap(info, in_dims, t, group):
+        _batched_alike(info, group, t)
+        (t,) = batch_first(info, in_dims[:1], t)
+        return _ReplicatedSum.apply(t, group), 0
+
+
+def _rows_batched(apply, info, in_dims, group, rows, *rest):
+    """A vmap rule's (outputs, out_dims) for ``apply(*rows, *rest)``, whose tensors ``rows`` are
+    per row of the logits [N, V_local] (or are them): the batch is more rows of one call, every
+    rank batching alike; outputs not per row (the shard's description) are not batched."""
+    _batched_alike(info, group, rows[0])
+    rows = batch_first(info, in_dims[: len(rows)], *rows)
+    batch = rows[0].shape[:2]
+    outputs = apply(*(t.flatten(0, 1) for t in rows), *rest)
+    batched = [isinstance(o, torch.Tensor) for o in outputs]
+    return (
+        tuple(o.unflatten(0, batch) if b else o for o, b in zip(outputs, batched, strict=True)),
+        tuple(0 if b else None for b in batched),
+    )
+
+
+def _probabilities_and_grad(logits, target, lse, shard):
+    """This shard's softmax p (from the rows' global log-sum-exp) and the logits' gradient of the
+    loss for a unit upstream gradient, p − (1 − ε)·onehot − ε/V (0 on ignored rows), and which
+    rows are not ignored: in torch ops (vmap-able, no data-dependent indexing), in the stats'
+    dtype, for the gradient's own derivatives."""
+    p = _normalise(logits, 1, lse.sum(-1), False, lse.dtype, False)  # lse in two parts
+    valid = target != shard.ignore_index
+    classes = torch.arange(logits.shape[1], device=logits.device) + shard.vocab_start
+    onehot = (classes == target[:, None]).to(p.dtype)
+    grad = (p - (1 - shard.label_smoothing) * onehot - shard.label_smoothing / shard.classes) * valid[:, None]
+    return p, grad, valid
+
+
+class VocabParallelGradFunction(torch.autograd.Function):
+    """The logits' gradient of ``VocabParallelCrossEntropyFunction``'s per-row losses for the
+    upstream ``grad_loss`` (every rank's alike), this shard's slice: one pass of the kernels
+    (``_shard_grad``), no communication. Differentiable once more, in either mode, in torch ops on
+    the local logits with the global log-sum-exp: along v (the logits' cotangent or tangent),
+    g·(p⊙v − p·Σ_c p_c·v_c) and the upstream's Σ_c v_c·(p_c − (1 − ε)·onehot_c − ε/V), the sums
+    over every shard's classes: one all_reduce of per-row partial sums. A third derivative
+    raises (``NO_THIRD_DERIVATIVE``)."""
+
+    @staticmethod
+    def forward(logits, target, lse, grad_loss, group, shard):
+        if legacy_batched(grad_loss):  # is_grads_batched: its older vmap runs torch ops, not kernels
+            _, unit_grad, valid = _probabilities_and_grad(logits, target, lse, shard)
+            return (unit_grad * torch.where(valid, grad_loss.to(unit_grad.dtype), 0.0)[:, None]).to(logits.dtype)
+        return _shard_grad(logits, target, lse, grad_loss, shard)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        logits, target, lse, grad_loss, group, shard = inputs
+        ctx.group, ctx.shard = group, shard
+        ctx.save_for_backward(logits, target, lse, grad_loss)
+        ctx.save_for_forward(logits, target, lse, grad_loss)
+
+    @staticmethod
+    def _along(ctx, v, grad_loss_v):
+        """(the gradient's derivative along the logits' ``v`` and the upstream's ``grad_loss_v``,
+        either None; Σ over every shard's classes of v·(the unit gradient), None without v),
+        refused beyond."""
+        logits, target, lse, grad_loss = ctx.saved_tensors
+        p, unit_grad, valid = _probabilities_and_grad(logits, target, lse, ctx.shard)
+        along_logits = along_upstream = 0
+        if grad_loss_v is not None:  # linear in the upstream gradient
+            along_logits = grad_loss_v.to(p.dtype)[:, None] * unit_grad
+        if v is not None:
+            v = v.to(p.dtype)
+            sums = _AllReduced.apply(torch.stack([(p * v).sum(1), (unit_grad * v).sum(1)], 1), ctx.group)
+            upstream = torch.where(valid, grad_loss.to(p.dtype), 0.0)
+            along_logits = along_logits + upstream[:, None] * (p * v - p * sums[:, :1])
+            along_upstream = sums[:, 1].to(grad_loss.dtype)
+        along = (along_logits.to(logits.dtype), None if v is None else along_upstream)
+        return DerivativesRefused.apply(NO_THIRD_DERIVATIVE, logits, grad_loss, v, grad_loss_v, *along)[4:]
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_logits, grad_upstream = VocabParallelGradFunction._along(ctx, grad, None)
+        return grad_logits, None, None, grad_upstream, None, None
+
+    @staticmethod
+    def jvp(ctx, logits_tangent, _target, _lse, grad_loss_tangent, *_):
+        return VocabParallelGradFunction._along(ctx, logits_tangent, grad_loss_tangent)[0]
+
+    @staticmethod
+    def vmap(info, in_dims, logits, target, lse, grad_loss, group, shard):
+        apply = VocabParallelGradFunction.apply
+        (grad,), (out_dim,) = _rows_batched(
+            lambda *a: (apply(*a),), info, in_dims, group, (logits, target, lse, grad_loss), group, shard
+        )
+        return grad, out_dim
+
+
 class VocabParallelCrossEntropyFunction(torch.autograd.Function):
     """Per-row cross entropy (0 where ignored) of logits sharded over the classes, in the stats'
-    dtype (float32, float64 for float64 logits).
+    dtype (float32, float64 for float64 logits); returns (losses, the rows' log-sum-exp, this
+    shard's ``_VocabShard``), the last two for the derivatives.
 
     Forward: one read of the local logits for the per-row stats, one all_gather of them;
-    backward: one pass writing the local gradient, no communication. Saves the local logits and
-    the per-row log-sum-exp only: never the gathered logits, nor the probabilities.
+    backward: one pass writing the local gradient, no communication (``VocabParallelGradFunction``,
+    itself differentiable: double backward and hessians, one all_reduce). The forward-mode tangent
+    of each row's loss is Σ_c grad_c·t_c over every shard: one all_reduce of per-row partial dots.
+    vmap: the batch is more rows, every rank batching alike. Saves the local logits and the
+    per-row log-sum-exp only: never the gathered logits, nor the probabilities.
     """
 
     @staticmethod
-    def forward(ctx, logits, target, group, ignore_index, label_smoothing, vocab_start):
+    def forward(logits, target, group, ignore_index, label_smoothing, vocab_start):
         kernels = use_kernels(logits, logits.dtype)
         rows = _shard_statistics(logits, target, vocab_start, ignore_index, label_smoothing, kernels)
         # A last row carries the shard's (start, width): every rank learns the class count and can
@@ -291,16 +442,37 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
         loss = lse.sum(-1) - (1 - label_smoothing) * gathered[..., 2].sum(0)
         if label_smoothing:
             loss = loss - label_smoothing / classes * gathered[..., 3].sum(0)
-        ctx.group, ctx.ignore_index, ctx.label_smoothing = group, ignore_index, label_smoothing
-        ctx.vocab_start, ctx.classes, ctx.kernels = vocab_start, classes, kernels
-        ctx.save_for_backward(logits, target, lse)
-        return torch.where(valid, loss, 0.0)
+        shard = _VocabShard(kernels, vocab_start, classes, ignore_index, label_smoothing)
+        return torch.where(valid, loss, 0.0), lse, shard
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_loss):
+    def setup_context(ctx, inputs, output):
+        logits, target, group, *_ = inputs
+        _, lse, ctx.shard = output
+        ctx.mark_non_differentiable(lse)
+        ctx.group = group
+        ctx.save_for_backward(logits, target, lse)
+        ctx.save_for_forward(logits, target, lse)
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
         logits, target, lse = ctx.saved_tensors
-        return _shard_grad(logits, target, lse, grad_loss, ctx), None, None, None, None, None
+        grad = VocabParallelGradFunction.apply(logits, target, lse, grad_loss, ctx.group, ctx.shard)
+        return grad, None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, logits_tangent, *_):
+        logits, target, lse = ctx.saved_tensors
+        unit = lse.new_ones(lse.shape[:-1])  # a unit upstream gradient per row (lse is in two parts)
+        grad = VocabParallelGradFunction.apply(logits, target, lse, unit, ctx.group, ctx.shard)
+        parts = (grad.to(lse.dtype) * logits_tangent.to(lse.dtype)).sum(1)
+        return _ReplicatedSum.apply(parts, ctx.group), None, None
+
+    @staticmethod
+    def vmap(info, in_dims, logits, target, group, ignore_index, label_smoothing, vocab_start):
+        apply = VocabParallelCrossEntropyFunction.apply
+        options = (group, ignore_index, label_smoothing, vocab_start)
+        return _rows_batched(apply, info, in_dims, group, (logits, target), *options)
 
 
 def cross_entropy(
@@ -313,7 +485,9 @@ def cross_entropy(
     the same on every rank. Shards are in rank order and of equal width unless ``vocab_start``
     gives this rank's first class. Same result, on every rank, as ``F.cross_entropy`` on the
     gathered logits, with ``ignore_index``, ``reduction`` and ``label_smoothing`` as torch's.
-    Memory stays proportional to the shard: the logits are never gathered.
+    Memory stays proportional to the shard: the logits are never gathered. Differentiable twice,
+    in either mode, and under torch.func, every rank transforming alike (see
+    ``VocabParallelCrossEntropyFunction``).
     """
     if logits_local.dim() != 2 or target.shape != logits_local.shape[:1]:
         raise ValueError(
@@ -330,7 +504,7 @@ def cross_entropy(
         vocab_start = dist.get_rank(group) * logits_local.shape[1]
     losses = VocabParallelCrossEntropyFunction.apply(
         logits_local, target.long(), group, ignore_index, label_smoothing, vocab_start
-    )
+    )[0]
     if reduction == "sum":
         losses = losses.sum()
     elif reduction == "mean":

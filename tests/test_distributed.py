@@ -223,6 +223,77 @@ def check_higher_derivatives(rank, widths, log):
     return widths[rank]
 
 
+def check_cross_entropy_transforms(rank, widths):
+    """The vocab-parallel cross-entropy through the kernels in forward mode and double backward:
+    gradcheck with forward AD and gradgradcheck with forward over reverse, in float64, fast mode,
+    as a function of the full logits (batched tangents, whose older vmap cannot batch a
+    collective, refused); batched gradients (is_grads_batched) of the local logits; then the
+    torch.func transforms every rank runs alike against torch on the gathered logits: vmap over
+    logits and targets (each entry its own mean), jvp, per-sample gradients, jacrev of the mean;
+    with shards of one size, the hessian of the local logits (every rank's basis tangents at
+    once) and a third derivative refused, on every rank."""
+    classes, start = sum(widths), sum(widths[:rank])
+    x = random((2, classes), torch.float64, DEVICE, seed=12).requires_grad_()
+    target = torch.tensor([classes - 1, -100], device=DEVICE)
+
+    def full_losses(full):
+        local = Replicated.apply(full).narrow(1, start, widths[rank])
+        return distributed.cross_entropy(local, target, reduction="none", label_smoothing=0.1, vocab_start=start)
+
+    torch.manual_seed(13)
+    assert torch.autograd.gradcheck(full_losses, (x,), fast_mode=True, check_forward_ad=True)
+    with pytest.raises(RuntimeError, match="cannot batch a collective"):
+        torch.autograd.gradcheck(
+            full_losses, (x,), fast_mode=True, check_forward_ad=True, check_batched_forward_grad=True
+        )
+    torch.manual_seed(13)
+    assert torch.autograd.gradgradcheck(full_losses, (x,), fast_mode=True, check_fwd_over_rev=True)
+
+    logits = random((3, 4, classes), torch.float64, DEVICE, seed=14)
+    tangent = random(logits.shape, torch.float64, DEVICE, seed=15)
+    targets = torch.tensor([[0, 1, 2, 3], [3, -100, 1, 0], [-100, -100, 2, -100]], device=DEVICE) % classes
+    local, local_tangent = (shard(t, -1, widths, rank) for t in (logits, tangent))
+
+    def ours(logits, target, reduction="mean"):
+        options = dict(reduction=reduction, label_smoothing=0.1, vocab_start=start)
+        return distributed.cross_entropy(logits, target, **options)
+
+    def theirs(logits, target, reduction="mean"):
+        return F.cross_entropy(logits, target, reduction=reduction, label_smoothing=0.1)
+
+    leaf, full = local[1].clone().requires_grad_(), logits[1].clone().requires_grad_()
+    upstream = random((2, 4), torch.float64, DEVICE, seed=16)
+    batched = torch.autograd.grad(ours(leaf, targets[1], "none"), leaf, upstream, is_grads_batched=True)[0]
+    expected = torch.autograd.grad(theirs(full, targets[1], "none"), full, upstream, is_grads_batched=True)[0]
+    torch.testing.assert_close(batched, shard(expected, -1, widths, rank))
+    vmap, grad = torch.func.vmap, torch.func.grad
+    torch.testing.assert_close(vmap(ours)(local, targets), vmap(theirs)(logits, targets))
+    _, actual = torch.func.jvp(lambda t: ours(t, targets[1], "none"), (local[1],), (local_tangent[1],))
+    _, expected = torch.func.jvp(lambda t: theirs(t, targets[1], "none"), (logits[1],), (tangent[1],))
+    torch.testing.assert_close(actual, expected)
+    per_sample = vmap(grad(lambda t, y: ours(t, y).sin()))(local, targets)
+    expected = vmap(grad(lambda t, y: theirs(t, y).sin()))(logits, targets)
+    torch.testing.assert_close(per_sample, shard(expected, -1, widths, rank))
+    jacobian = torch.func.jacrev(ours)(local[1], targets[1])
+    torch.testing.assert_close(jacobian, shard(torch.func.jacrev(theirs)(logits[1], targets[1]), -1, widths, rank))
+    if len(set(widths)) > 1:  # jacfwd, hessian's outer transform, vmaps over each rank's own elements
+        return widths[rank]
+
+    def scalar(f):
+        return lambda t: f(t, targets[1], "none").sin().sum()
+
+    # Every rank's k-th basis tangent is one tangent of the full logits, 1 at the k-th element of
+    # every shard: the hessian's columns sum the full one's over the shards.
+    n, width = local.shape[1:]
+    columns = torch.func.hessian(scalar(theirs))(logits[1]).reshape(n, classes, n, len(widths), width).sum(3)
+    torch.testing.assert_close(torch.func.hessian(scalar(ours))(local[1]), columns[:, start : start + width])
+    (first,) = torch.autograd.grad(scalar(ours)(leaf), leaf, create_graph=True)
+    (second,) = torch.autograd.grad(first.square().sum(), leaf, create_graph=True)
+    with pytest.raises(RuntimeError, match="a third raises"):
+        torch.autograd.grad(second.sum(), leaf)
+    return widths[rank]
+
+
 def cases(world_size):
     """(name, backend, check) for everything a spawn of ``world_size`` processes runs; check(rank)
     returns how many elements the rank's shard holds (none: no kernel to launch)."""
@@ -253,6 +324,12 @@ def cases(world_size):
     for log in (False, True):
         name = f"higher_derivatives-{'log_softmax' if log else 'softmax'}"
         yield name, "triton", functools.partial(check_higher_derivatives, widths=uneven, log=log)
+    for widths in WIDTHS[world_size]:
+        yield (
+            f"cross_entropy_transforms-{widths}",
+            "triton",
+            functools.partial(check_cross_entropy_transforms, widths=widths),
+        )
 
 
 def run_cases(rank, world_size):

@@ -6,6 +6,7 @@ is as accurate as torch's; a bf16 input with float64 output gets the GPU's gradi
 
 import dataclasses
 import math
+import re
 from typing import Callable
 
 import pytest
@@ -15,6 +16,7 @@ from support import TOLERANCES, assert_no_less_accurate_than_torch, random
 
 import fused_softmax
 from fused_softmax.cross_entropy import torch_cross_entropy
+from fused_softmax.linear_cross_entropy import NO_DOUBLE_BACKWARD
 from fused_softmax.testing import limit_block
 
 SCALE = 0.7
@@ -429,3 +431,138 @@ def test_third_forward_mode_level_is_refused(kernels, name):
     torch.testing.assert_close(jacfwd(jacfwd(f))(x), expected)
     with pytest.raises(NotImplementedError, match="a third forward-mode level"):
         jacfwd(jacfwd(jacfwd(f)))(x)
+
+
+# linear_cross_entropy: [3, 4, 3] inputs are 3 entries of 4 tokens of 3 features, 6 classes;
+# chunks of 3 tokens (vmap's 12 tokens: 4 chunks, the entries' boundaries inside them), with
+# vocab_chunk 4 classes (2 parts, the last partial) each part's statistics, then its gradient.
+LINEAR_SHAPES = ((3, 4, 3), (6, 3), (6,))
+LINEAR_ARGNUMS = (0, 1, 2)
+
+
+def _linear_pair(reduction, vocab_chunk=None, chunk_size=3, **options):
+    """(fused, torch) linear_cross_entropy of (input, weight, bias), targets a function of the
+    input's shape (one ignored); torch's twin is the eager cross-entropy of F.linear's logits."""
+    options = CE_OPTIONS | options
+
+    def targets(x):
+        target = (torch.arange(math.prod(x.shape[:-1])) * 3 + 1) % LINEAR_SHAPES[1][0]
+        target[1:2] = -100
+        return target.reshape(x.shape[:-1])
+
+    def fused(x, w, b):
+        chunks = dict(chunk_size=chunk_size, vocab_chunk_size=vocab_chunk)
+        return fused_softmax.linear_cross_entropy(x, w, targets(x), b, reduction=reduction, **chunks, **options)
+
+    def torch_twin(x, w, b):
+        logits, target = F.linear(x, w, b).reshape(-1, w.shape[0]), targets(x).reshape(-1)
+        smoothing, z_loss, softcap = options["label_smoothing"], options["z_loss"], options["softcap"]
+        loss = torch_cross_entropy(logits, target, None, -100, reduction, smoothing, z_loss, softcap)
+        return loss.reshape(x.shape[:-1]) if reduction == "none" else loss
+
+    return fused, torch_twin
+
+
+LINEAR_CASES = [
+    Case("linear_mean", *_linear_pair("mean"), LINEAR_SHAPES, in_dims=(0, None, None)),
+    # 2 tokens an entry, chunks of 4 (the batch's 6 tokens: 2 chunks, the last partial): jacfwd runs
+    # the chunks again for each basis vector of the input (in one call) and of the bias (one each).
+    Case(
+        "linear_none_vocab_chunks",
+        *_linear_pair("none", 4, chunk_size=4, softcap=None),
+        ((3, 2, 3), *LINEAR_SHAPES[1:]),
+        in_dims=(0, None, None),
+    ),
+]
+LINEAR_TRANSFORMS = {
+    name: TRANSFORMS[name] for name in ("vmap", "vmap_in_dims", "grad", "vjp", "jacrev", "jacfwd", "jvp")
+} | {
+    # per-example gradients of the input, weight and bias (a weight gradient per entry)
+    "per_sample_grad": lambda f, args, case: torch.func.vmap(
+        torch.func.grad(_scalar(f), argnums=LINEAR_ARGNUMS), case.batch_dims(args)
+    )(*args),
+    # the batch's losses summed, differentiated through vmap
+    "grad_of_vmap": lambda f, args, case: torch.func.grad(
+        lambda *a: _scalar(torch.func.vmap(f, case.batch_dims(a)))(*a), argnums=LINEAR_ARGNUMS
+    )(*args),
+}
+# With vocab chunks, jacfwd w.r.t. the weight too would be a call per basis vector of it: 18 more.
+ARGNUMS.update(linear_mean=LINEAR_ARGNUMS, linear_none_vocab_chunks=(0, 2))
+
+
+@pytest.mark.parametrize("transform", list(LINEAR_TRANSFORMS))
+@pytest.mark.parametrize("case", LINEAR_CASES, ids=str)
+def test_linear_cross_entropy_transform_matches_torch(backend, case, transform):
+    """Every first-derivative transform, w.r.t. the input, weight and bias (jacrev and jacfwd too)."""
+    args = case.inputs()
+    actual = LINEAR_TRANSFORMS[transform](case.fused, args, case)
+    expected = LINEAR_TRANSFORMS[transform](case.torch, args, case)
+    torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", LINEAR_CASES, ids=str)
+def test_linear_cross_entropy_gradcheck_with_batched_and_forward_checks(kernels, case):
+    """Fast mode (random projections) keeps the interpreted launches few."""
+    args = [a.requires_grad_() for a in case.first(case.inputs())]
+    assert torch.autograd.gradcheck(
+        case.fused,
+        args,
+        check_batched_grad=True,
+        check_forward_ad=True,
+        check_batched_forward_grad=True,
+        fast_mode=True,
+    )
+
+
+def test_linear_cross_entropy_vmap_is_more_tokens_of_the_same_chunks(kernels, launches):
+    """3 entries of 4 tokens, chunks of 3: the vmapped call's 12 tokens are 4 chunks, one launch
+    each, the entries' boundaries inside them (a call per entry would be 6); each entry's mean
+    divides by its own count of targets (ignored 0, 1 and 3 times), and so does its input
+    gradient. Per-example weight gradients are a call per entry (an accumulator each): 6."""
+    x, w = random((3, 4, 3), torch.float64), random((6, 3), torch.float64, seed=1)
+    targets = torch.tensor([[1, 2, 3, 4], [0, -100, 2, 5], [-100, -100, -100, 3]])
+
+    def loss(x, t, w=w):
+        return fused_softmax.linear_cross_entropy(x, w, t, label_smoothing=0.1, chunk_size=3)
+
+    def twin(x, t, w=w):
+        return F.cross_entropy(F.linear(x, w), t, label_smoothing=0.1)
+
+    torch.testing.assert_close(torch.func.vmap(loss)(x, targets), torch.func.vmap(twin)(x, targets))
+    assert len(launches) == 4
+    per_sample = torch.func.vmap(torch.func.grad(loss))(x, targets)
+    torch.testing.assert_close(per_sample, torch.func.vmap(torch.func.grad(twin))(x, targets))
+    assert len(launches) == 8
+    per_example_weights = torch.func.vmap(torch.func.grad(loss, argnums=2), (0, 0, None))(x, targets, w)
+    expected = torch.func.vmap(torch.func.grad(twin, argnums=2), (0, 0, None))(x, targets, w)
+    torch.testing.assert_close(per_example_weights, expected)
+    assert len(launches) == 14
+
+
+def test_linear_cross_entropy_vmap_over_weights_is_refused(launches):
+    """Per-example weights (a batched weight or bias): the chunks share one matmul weight. Raised
+    before any launch."""
+    x, w, b = LINEAR_CASES[0].first(LINEAR_CASES[0].inputs())
+    with (
+        fused_softmax.use_backend("triton"),
+        pytest.raises(NotImplementedError, match="weight and bias must be the same for every batch entry"),
+    ):
+        torch.func.vmap(LINEAR_CASES[0].fused, (None, 0, None))(x, w.expand(2, *w.shape), b)
+    assert not launches
+
+
+SECOND_DERIVATIVES = {
+    "hessian": lambda f, args: torch.func.hessian(f)(*args),
+    "jacrev_jacrev": lambda f, args: torch.func.jacrev(torch.func.jacrev(f))(*args),
+    "jacfwd_jacfwd": lambda f, args: torch.func.jacfwd(torch.func.jacfwd(f))(*args),
+    "jacrev_jacfwd": lambda f, args: torch.func.jacrev(torch.func.jacfwd(f, argnums=1))(*args),
+}
+
+
+@pytest.mark.parametrize("transform", list(SECOND_DERIVATIVES))
+@pytest.mark.parametrize("case", LINEAR_CASES, ids=str)
+def test_linear_cross_entropy_second_derivatives_are_refused(kernels, case, transform):
+    """Every second derivative raises, saying why, rather than treating the gradients or
+    tangents as constants."""
+    with pytest.raises(RuntimeError, match=re.escape(NO_DOUBLE_BACKWARD)):
+        SECOND_DERIVATIVES[transform](_scalar(case.fused), case.first(case.inputs()))
