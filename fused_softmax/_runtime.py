@@ -35,10 +35,15 @@ def kernels():
 
 
 @constant_under_compile
-@functools.cache
 def kernels_interpreted():
     """True when the kernels, and Triton's own library of jitted functions (tl.max, tl.cdiv), were
-    decorated under TRITON_INTERPRET=1, so they run on CPU tensors."""
+    decorated under TRITON_INTERPRET=1, so they run on CPU tensors. Fixed when they are imported,
+    so asked once (``_interpreted``); torch.compile keeps the answer without tracing the cache."""
+    return _interpreted()
+
+
+@functools.cache
+def _interpreted():
     import triton.language.standard as standard
     from triton.runtime.interpreter import InterpretedFunction
 
