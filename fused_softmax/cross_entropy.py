@@ -251,7 +251,11 @@ def _op_grad(ctx, grad_loss, _):
 
 
 def _op_vmap(info, in_dims, input, target, weight, *options):
+    """``_batched`` for the op. Under torch.compile the caller sees only the batched logits'
+    requires_grad, so the gradient is also stored where the logits, seen here unwrapped, require
+    one (else the backward would get an empty gradient)."""
     *options, store_grad, batch_dims = options if len(options) == 7 else (*options, 0)
+    store_grad = store_grad or (input.requires_grad and torch.is_grad_enabled())
     return _batched(cross_entropy_op, info, in_dims, input, target, weight, *options, store_grad, batch_dims=batch_dims)
 
 

@@ -6,6 +6,7 @@ on the kernels and checks which one ran. Rows are few and the forced blocks tiny
 interpreter reaches the online regime (``ONLINE``: a block of 8 classes) in milliseconds.
 """
 
+import functools
 import re
 
 import pytest
@@ -482,6 +483,25 @@ def test_compiled_vmap_is_one_launch(kernels, launches):
     actual = torch.compile(losses, fullgraph=True, backend="aot_eager")(x, target)
     assert [launch.name for launch in launches] == ["cross_entropy_kernel"]
     expected = torch.stack([F.cross_entropy(a, t, label_smoothing=0.1) for a, t in zip(x, target, strict=True)])
+    torch.testing.assert_close(actual, expected)
+
+
+def test_compiled_vmap_is_differentiable(kernels):
+    """A compiled vmap differentiated by autograd: the op's vmap rule stores the gradient the
+    batched logits need (the compiled caller sees only their requires_grad), so the backward
+    gets it rather than an empty one."""
+    torch._dynamo.reset()
+    x = random((3, 4, 7), torch.float64).requires_grad_()
+    target = torch.tensor([[0, 6, -100, 3], [1, 1, 2, -100], [5, 4, 3, 2]])
+
+    def losses(loss, x, target):
+        return torch.func.vmap(lambda x, t: loss(x, t, label_smoothing=0.1))(x, target)
+
+    compiled = torch.compile(
+        functools.partial(losses, fused_softmax.cross_entropy), fullgraph=True, backend="aot_eager"
+    )
+    (actual,) = torch.autograd.grad(compiled(x, target).sin().sum(), x)
+    (expected,) = torch.autograd.grad(losses(F.cross_entropy, x, target).sin().sum(), x)
     torch.testing.assert_close(actual, expected)
 
 
