@@ -22,7 +22,7 @@ from ._backend import use_kernels
 from ._jacobian import backward_product, forward_product
 from ._slices import log_sum_exp_parts
 from ._transforms import DerivativesRefused, batch_first, legacy_batched, vmapped
-from .functional import _wrap_dim
+from .functional import _wrap_dim, product_tangent
 
 
 def _row_stats(x, dim, kernels):
@@ -158,13 +158,12 @@ class ShardedJacobianProductFunction(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, y_tangent, v_tangent, *_):
         y, v = ctx.saved_tensors
-        tangent = 0
-        if v_tangent is not None:  # linear in v: the product itself
-            tangent = ShardedJacobianProductFunction.apply(y, v_tangent, ctx.dim, ctx.group, ctx.kind, ctx.kernels)
-        if y_tangent is not None:
-            row_sum = _global_sum(ctx.dim, ctx.group)
-            tangent = tangent + _jacobian.y_tangent(y, v, y_tangent, ctx.dim, ctx.kind, row_sum)
-        return tangent.to(y.dtype)
+
+        def product(t):
+            return ShardedJacobianProductFunction.apply(y, t, ctx.dim, ctx.group, ctx.kind, ctx.kernels)
+
+        row_sum = _global_sum(ctx.dim, ctx.group)
+        return product_tangent(product, y, v, y_tangent, v_tangent, ctx.dim, ctx.kind, row_sum=row_sum).to(y.dtype)
 
     @staticmethod
     def vmap(info, in_dims, y, v, dim, group, kind, kernels):

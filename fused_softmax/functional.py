@@ -139,17 +139,29 @@ class JacobianProductFunction(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, y_tangent, v_tangent, *_):
         y, v = ctx.saved_tensors
-        tangent = 0
-        if v_tangent is not None:  # linear in v: the product itself
-            tangent = JacobianProductFunction.apply(y, v_tangent, ctx.dim, ctx.dtype, ctx.kind, ctx.scale)
-        if y_tangent is not None:  # torch ops: a third forward-mode level would lose its tangents here
-            refuse_nested_forward_mode("softmax", "a third forward-mode level (jacfwd(jacfwd(jacfwd(f))))")
-            tangent = tangent + _jacobian.y_tangent(y, v, y_tangent, ctx.dim, ctx.kind) * ctx.scale
-        return tangent.to(ctx.dtype)
+
+        def product(t):
+            return JacobianProductFunction.apply(y, t, ctx.dim, ctx.dtype, ctx.kind, ctx.scale)
+
+        return product_tangent(product, y, v, y_tangent, v_tangent, ctx.dim, ctx.kind, ctx.scale).to(ctx.dtype)
 
     @staticmethod
     def vmap(info, in_dims, y, v, dim, dtype, kind, scale=1.0):
         return vmapped(JacobianProductFunction.apply, info, in_dims, (y, v), dim, dtype, kind, scale)
+
+
+def product_tangent(product, y, v, y_tangent, v_tangent, dim, kind, scale=1.0, row_sum=None):
+    """The forward-mode tangent of a Jacobian product (``JacobianProductFunction``'s, the sharded
+    one's): along v the product itself (``product``, a Function, differentiable further), along y
+    ``_jacobian``'s torch ops (``row_sum`` as there), which torch runs with forward AD off, so a
+    third forward-mode level would lose its tangents there: it raises."""
+    tangent = 0
+    if v_tangent is not None:
+        tangent = product(v_tangent)
+    if y_tangent is not None:
+        refuse_nested_forward_mode("softmax", "a third forward-mode level (jacfwd(jacfwd(jacfwd(f))))")
+        tangent = tangent + _jacobian.y_tangent(y, v, y_tangent, dim, kind, row_sum) * scale
+    return tangent
 
 
 def _fusable(input_dtype, dtype):

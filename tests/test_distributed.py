@@ -217,6 +217,13 @@ def check_higher_derivatives(rank, widths, log):
     per_sample = torch.func.vmap(torch.func.grad(lambda t: op(t).sin().sum()))(local)
     expected = torch.func.vmap(torch.func.grad(lambda t: reference(t, -1).sin().sum()))(batch)
     torch.testing.assert_close(per_sample, shard(expected, -1, widths, rank))
+
+    # A third forward-mode level (jvp of jvp of jvp, no vmap: every rank alike) raises, as the local softmax's.
+    def tangent(f):
+        return lambda t: torch.func.jvp(f, (t,), (local_tangent,))[1]
+
+    with pytest.raises(NotImplementedError, match="a third forward-mode level"):
+        tangent(tangent(tangent(op)))(local)
     if len(set(widths)) > 1:  # jacrev vmaps over each rank's own outputs: every rank raises, none hangs
         with pytest.raises(RuntimeError, match="every rank must vmap alike"):
             torch.func.jacrev(op)(local[0])
