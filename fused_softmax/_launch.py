@@ -172,8 +172,7 @@ def plan(tensors, dim, *, backward, masking=None, cross_entropy=False, split=Fal
         _overrides.device,
         _overrides.max_block,
         _overrides.min_split_bytes,
-        _overrides.cooperative,
-        COOPERATIVE,
+        _overrides.cooperative,  # COOPERATIVE, the default, is fixed at import
         *[(t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16) for t in tensors],
     )
     cached = _PLANS.get(key)
