@@ -43,6 +43,11 @@ class Overrides:
     min_split_bytes: float | None = None  # the split-row regime's threshold, instead of the heuristic's
     cooperative: bool | None = None  # the cooperative regime on or off, instead of COOPERATIVE
 
+    @functools.cached_property
+    def plan_key(self):
+        """What of these overrides decides a plan (part of the plan cache's key)."""
+        return (self.device, self.max_block, self.min_split_bytes, self.cooperative)
+
 
 _overrides = Overrides()
 
@@ -93,6 +98,7 @@ class Plan:
     config: object
     device: object
     grid: tuple  # the launch grid, (programs,)
+    torch_device: torch.device  # where the tensors are (a Ready plan keeps no tensors)
 
     @property
     def n_rows(self):
@@ -101,7 +107,14 @@ class Plan:
     def of_inputs(self, count):
         """The plan of a launch that takes only the first ``count`` tensors (a split row's first phase)."""
         return Plan(
-            self.tensors[:count], self.strides[:count], self.sizes, self.align, self.config, self.device, self.grid
+            self.tensors[:count],
+            self.strides[:count],
+            self.sizes,
+            self.align,
+            self.config,
+            self.device,
+            self.grid,
+            self.torch_device,
         )
 
     def chunk_arguments(self):
@@ -114,6 +127,10 @@ class Plan:
         if self.config.chunks > 1:
             return self.chunk_arguments() | dict(SPLIT=True)
         return dict(chunk_cols=self.sizes[1] // self.align, n_chunks=1, SPLIT=False)
+
+    def reads(self, tensors):
+        """Whether the kernels read ``tensors`` themselves, not copies in a layout they read."""
+        return all(view is t for view, t in zip(self.tensors, tensors, strict=True))
 
     def with_tensors(self, tensors):
         """This plan over other tensors of the same layout: a cached plan's copy for one call,
@@ -148,7 +165,7 @@ class Plan:
 
 
 _PLANS = {}
-_PLANS_MAX = 4096
+_KEPT_MAX = 4096  # plans (and Ready launches) kept at most
 
 
 def plan(tensors, dim, *, backward, masking=None, cross_entropy=False, split=False):
@@ -169,21 +186,31 @@ def plan(tensors, dim, *, backward, masking=None, cross_entropy=False, split=Fal
         None if masking is None else masking.keeps_statistics,
         cross_entropy,
         split,
-        _overrides.device,
-        _overrides.max_block,
-        _overrides.min_split_bytes,
-        _overrides.cooperative,  # COOPERATIVE, the default, is fixed at import
-        *[(t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16) for t in tensors],
-    )
+        _overrides.plan_key,  # COOPERATIVE, the default, is fixed at import
+    ) + _layouts(tensors)
     cached = _PLANS.get(key)
     if cached is not None:
         return cached.with_tensors(tuple(tensors))
     p = _plan(tensors, dim, backward, masking, cross_entropy, split)
-    if all(view is t for view, t in zip(p.tensors, tensors, strict=True)):
-        if len(_PLANS) >= _PLANS_MAX:
-            _PLANS.clear()
-        _PLANS[key] = p.with_tensors(())  # the plan, not the caller's tensors
+    if p.reads(tensors):
+        _keep(_PLANS, key, p.with_tensors(()))  # the plan, not the caller's tensors
     return p
+
+
+def _layouts(tensors):
+    """What of each tensor decides a plan: shape, strides, dtype, device, its start in a 16-byte
+    vector; in one flat tuple, the cheapest key to build and hash."""
+    key = ()
+    for t in tensors:
+        key += (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16)
+    return key
+
+
+def _keep(cache, key, value):
+    """``cache[key] = value``, the cache emptied first when full: layouts seen long ago go."""
+    if len(cache) >= _KEPT_MAX:
+        cache.clear()
+    cache[key] = value
 
 
 def _plan(tensors, dim, backward, masking, cross_entropy, split):
@@ -217,7 +244,7 @@ def _plan(tensors, dim, backward, masking, cross_entropy, split):
         **splitting,
     )
     grid = (config.grid(sizes[0], sizes[2], device),)
-    return Plan(tuple(tensors), tuple(strides), sizes, align, config, device, grid)
+    return Plan(tuple(tensors), tuple(strides), sizes, align, config, device, grid, tensors[0].device)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,10 +271,55 @@ def _run(kernel, p, args):
     if not _overrides.run:
         return
     options = _cooperative_launch(p.config) if p.config.cooperative else {}
-    device = p.tensors[0].device
+    device = p.torch_device
     elsewhere = device.type == "cuda" and device.index != torch.cuda.current_device()
     with torch.cuda.device(device) if elsewhere else contextlib.nullcontext():  # Triton launches on the current device
         kernel[p.grid](**args, num_warps=p.config.num_warps, enable_fp_fusion=True, **options)
+
+
+@dataclasses.dataclass(frozen=True)
+class Ready:
+    """A one-launch job planned for a layout and kept with every argument but the tensors: a
+    small call on tensors of that layout, whose host path is its cost, goes straight to ``_run``."""
+
+    kernel: object
+    plan: Plan  # without tensors
+    args: dict  # every argument but the tensors' pointers
+    pointers: tuple  # the tensors' pointer arguments, in the plan's order
+
+    def launch(self, tensors):
+        args = self.args.copy()
+        args.update(zip(self.pointers, tensors, strict=True))
+        _run(self.kernel, self.plan.with_tensors(tensors) if _overrides.observers else self.plan, args)
+
+
+_READY = {}
+
+
+def _ready_key(job, inputs, out):
+    """``job`` (its name and every value it depends on besides the tensors) on ``inputs``' layouts,
+    writing ``out``: made by ``empty_like`` from the first input, it has that one's shape and
+    device, contiguous, so its dtype and alignment are all it adds."""
+    return (job, _overrides.plan_key, out.dtype, out.data_ptr() % 16) + _layouts(inputs)
+
+
+def _launched_ready(job, inputs, out):
+    """Launch ``job`` from the ``Ready`` launch kept for these layouts; False if none was kept."""
+    ready = _READY.get(_ready_key(job, inputs, out))
+    if ready is None:
+        return False
+    ready.launch((*inputs, out))
+    return True
+
+
+def _run_ready(job, inputs, out, kernel, p, args, names):
+    """``_run`` a one-launch job, and keep it ``Ready`` for the next call of ``job`` on tensors of
+    these layouts when the kernel reads the tensors themselves (``names``: their names in ``args``)."""
+    _run(kernel, p, args)
+    if p.reads((*inputs, out)):
+        pointers = tuple(f"{name}_ptr" for name in names)
+        others = {name: value for name, value in args.items() if name not in pointers}
+        _keep(_READY, _ready_key(job, inputs, out), Ready(kernel, p.with_tensors(()), others, pointers))
 
 
 def _cooperative_launch(config):
@@ -296,7 +368,8 @@ def _rows_shape(x, dim):
 def softmax_forward(x, dim, out_dtype, log=False):
     """softmax (or log_softmax) of ``x`` along ``dim``, contiguous, in ``out_dtype``."""
     y = empty_like(x, out_dtype)
-    if y.numel():
+    job = ("softmax_forward", dim, log)
+    if y.numel() and not _launched_ready(job, (x,), y):
         p = plan((x, y), dim, backward=False, split=True)
         if p.config.cooperative:
             _cooperative_forward(p, log)
@@ -304,7 +377,7 @@ def softmax_forward(x, dim, out_dtype, log=False):
             _split_forward(p, log)
         else:
             args = p.arguments("x", "y") | dict(ONLINE=p.config.online, LOG=log)
-            _run(kernels().softmax_forward_kernel, p, args)
+            _run_ready(job, (x,), y, kernels().softmax_forward_kernel, p, args, ("x", "y"))
     return y
 
 
@@ -346,7 +419,8 @@ def jacobian_product(y, v, dim, out_dtype, kind, scale=1.0):
     along ``dim``, contiguous, in ``out_dtype``: the backward kernel, the split-row pair or the
     cooperative kernel."""
     out = empty_like(y, out_dtype)
-    if out.numel():
+    job = ("jacobian_product", dim, kind, scale)
+    if out.numel() and not _launched_ready(job, (y, v), out):
         p = plan((y, v, out), dim, backward=True, split=True)
         high, low = fp32_pair(scale)
         args = p.arguments("y", "dy", "dx") | dict(scale_high=high, scale_low=low, PRODUCT=kind)
@@ -357,7 +431,8 @@ def jacobian_product(y, v, dim, out_dtype, kind, scale=1.0):
             chunks = dict(sums_ptr=_chunk_row_sums(p, kind), CHUNKS=p.config.chunk_slots)
             _run(kernels().chunk_product_kernel, p, args | p.chunk_arguments() | chunks)
         else:
-            _run(kernels().softmax_backward_kernel, p, args | dict(ONLINE=p.config.online))
+            args |= dict(ONLINE=p.config.online)
+            _run_ready(job, (y, v), out, kernels().softmax_backward_kernel, p, args, ("y", "dy", "dx"))
     return out
 
 

@@ -18,6 +18,7 @@ def constant_under_compile(fn):
 
 
 @constant_under_compile
+@functools.cache
 def triton_available():
     try:
         import triton  # noqa: F401

@@ -110,7 +110,7 @@ class DerivativesRefused(torch.autograd.Function):
 
 def legacy_batched(*tensors):
     """Whether any tensor is batched by the older vmap of ``is_grads_batched``."""
-    return any(torch._C._functorch.is_legacy_batchedtensor(t) for t in tensors)
+    return any(map(torch._C._functorch.is_legacy_batchedtensor, tensors))
 
 
 def needs_autograd(*tensors):
@@ -120,10 +120,10 @@ def needs_autograd(*tensors):
     if torch.autograd.forward_ad._current_level >= 0:
         return True
     grad = torch.is_grad_enabled()
-    return any(
-        t is not None and ((grad and t.requires_grad) or torch._C._functorch.is_functorch_wrapped_tensor(t))
-        for t in tensors
-    )
+    for t in tensors:  # a loop, not any(): a small call's host time is the product here
+        if t is not None and ((grad and t.requires_grad) or torch._C._functorch.is_functorch_wrapped_tensor(t)):
+            return True
+    return False
 
 
 def bound_quickly(function):
@@ -146,9 +146,11 @@ def bound_quickly(function):
             or len(args) != arity
             or torch.compiler.is_compiling()  # dynamo traces torch's apply, not this one
             or torch._C._are_functorch_transforms_active()
-            or any(isinstance(a, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(a) for a in args)
         ):
             return torch_apply(*args, **kwargs)
+        for a in args:
+            if isinstance(a, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(a):
+                return torch_apply(*args)
         return c_apply(*args)
 
     function.apply = apply

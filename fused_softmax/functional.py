@@ -23,6 +23,8 @@ def _implicit_dim(name, ndim, stacklevel):
 
 def _wrap_dim(name, dim, ndim):
     """Check ``dim`` the way torch does (TypeError, IndexError) and make it non-negative."""
+    if type(dim) is int and -ndim <= dim < ndim:
+        return dim % ndim
     try:
         if isinstance(dim, bool):
             raise TypeError

@@ -1,0 +1,117 @@
+"""The host path of a small call: a one-launch job is planned once per layout and kept ``Ready``,
+and a later call on tensors of that layout launches what planning afresh would have launched.
+"""
+
+import dataclasses
+
+import pytest
+import torch
+from support import assert_close, random
+
+from fused_softmax import _launch
+from fused_softmax.kernels import H200
+from fused_softmax.testing import limit_block, planned_for
+
+
+@pytest.fixture
+def planned(monkeypatch):
+    """Empty plan and Ready caches for the test, and the count of plans made (``planned()``)."""
+    monkeypatch.setattr(_launch, "_PLANS", {})
+    monkeypatch.setattr(_launch, "_READY", {})
+    made = []
+    plan = _launch._plan
+    monkeypatch.setattr(_launch, "_plan", lambda *args: made.append(args) or plan(*args))
+    return lambda: len(made)
+
+
+def assert_same_launch(kept, fresh):
+    """The same kernel, plan (but its tensors) and arguments (but the tensors' pointers)."""
+    assert kept.kernel is fresh.kernel
+    for field in dataclasses.fields(_launch.Plan):
+        if field.name != "tensors":
+            assert getattr(kept.plan, field.name) == getattr(fresh.plan, field.name), field.name
+    pointers = {name for name, value in fresh.args.items() if isinstance(value, torch.Tensor)}
+    assert pointers == {name for name, value in kept.args.items() if isinstance(value, torch.Tensor)}
+    assert {k: v for k, v in kept.args.items() if k not in pointers} == {
+        k: v for k, v in fresh.args.items() if k not in pointers
+    }
+
+
+def train(op, x, dim, seed):
+    """Forward and backward of ``op`` on ``x`` (a leaf), each checked against the reference."""
+    x = x.detach().requires_grad_()
+    dy = random(x.shape, x.dtype, seed=seed + 100, scale=1.0)
+    y = op.fused(x, dim=dim)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    expected = op.reference(x.detach(), axis=dim)
+    assert_close(y, expected)
+    assert_close(dx, op.reference_backward(expected, dy, axis=dim))
+    return y, dy
+
+
+def test_a_repeated_call_launches_the_kept_plan_on_its_own_tensors(kernels, launches, planned, op):
+    x = random((4, 24))
+    train(op, x, 1, seed=0)
+    assert planned() == 2  # the forward's and the backward's
+    first = launches[:]
+    x2 = random((4, 24), seed=1)
+    y2, dy2 = train(op, x2, 1, seed=1)
+    assert planned() == 2, "a call on a layout already planned planned again"
+    for kept, fresh in zip(launches[2:], first, strict=True):
+        assert_same_launch(kept, fresh)
+    forward, backward = launches[2:]
+    assert forward.args["x_ptr"].data_ptr() == x2.data_ptr() and forward.args["y_ptr"] is forward.plan.tensors[1]
+    assert backward.args["dy_ptr"] is dy2 and backward.plan.tensors[0].data_ptr() == y2.data_ptr()
+
+
+def _shifted(x):
+    """``x``'s values, starting one element past a 16-byte boundary."""
+    storage = torch.empty(x.numel() + 1, dtype=x.dtype)
+    out = storage[1:].view(x.shape)
+    return out.copy_(x)
+
+
+# name -> (tensor of the base's values in another layout, dim, block context)
+VARIANTS = {
+    "same": lambda x: (x.clone(), 1, None),
+    "shifted": lambda x: (_shifted(x), 1, None),
+    "transposed": lambda x: (x.t().contiguous().t(), 1, None),
+    "float64": lambda x: (x.double(), 1, None),
+    "other dim": lambda x: (x, 0, None),
+    "other shape": lambda x: (x[:, :20].contiguous(), 1, None),
+    "limit_block": lambda x: (x.clone(), 1, lambda: limit_block(8)),
+    "planned for an H200": lambda x: (x.clone(), 1, lambda: planned_for(H200)),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_call_on_another_layout_launches_what_planning_afresh_launches(kernels, launches, planned, op, variant):
+    """A call after one on another layout, dim, dtype or overrides launches what it would have
+    launched on empty caches, and is right."""
+    x = random((4, 24))
+    other, dim, block = VARIANTS[variant](x)
+    with block() if block else _launch.overridden():
+        train(op, other, dim, seed=2)
+    fresh = launches[:]
+    _launch._PLANS.clear()
+    _launch._READY.clear()
+    launches.clear()
+    train(op, x, 1, seed=0)
+    made = planned()
+    with block() if block else _launch.overridden():
+        train(op, other, dim, seed=2)
+    assert (planned() == made) == (variant == "same"), "a kept plan served another layout, or the same was replanned"
+    for kept, afresh in zip(launches[2:], fresh, strict=True):
+        assert_same_launch(kept, afresh)
+
+
+def test_log_and_softmax_keep_their_own_launches(kernels, launches, planned):
+    """softmax and log_softmax share a plan but not a launch: each keeps its own LOG."""
+    from fused_softmax import functional
+
+    x = random((3, 16))
+    for _ in range(2):
+        assert_close(functional.softmax(x, dim=1), torch.softmax(x.double(), 1))
+        assert_close(functional.log_softmax(x, dim=1), torch.log_softmax(x.double(), 1))
+    assert [launch.args["LOG"] for launch in launches] == [False, True, False, True]
+    assert planned() == 1
