@@ -19,21 +19,28 @@ SHAPES = [(2**i, n) for i in range(17) for k in range(7, 23) for n in (2**k, 2**
 @pytest.mark.parametrize("device", ["h100", "h200"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
-def test_every_large_shape_is_predicted_memory_bound(device, dtype, backward, cooperative):
-    """With the cooperative regime on too, where it then serves, its traffic is one read of
-    each input and one write before the chunks' values."""
+@pytest.mark.parametrize("dim", [-1, 0], ids=["last dim", "earlier dim"])
+def test_every_large_shape_is_predicted_memory_bound(device, dtype, backward, cooperative, dim):
+    """M rows of N, as [M, N] over the last dim or [N, M] over the first (the rows then lie side
+    by side in memory). With the cooperative regime on too, where it then serves, its traffic is
+    one read of each input and one write before the chunks' values, which each chunk reads all
+    of its row's: under 10 % more over the last dim. Over the first, a tile spans every row
+    side by side and few columns, so a row has many chunks and their values reach 50 % more
+    (re-read from L2, counted here as from HBM): still predicted memory-bound."""
     short, taken = [], 0
-    for shape in SHAPES:
-        size = shape[0] * shape[1] * dtype.itemsize
+    for n_rows, n_cols in SHAPES:
+        size = n_rows * n_cols * dtype.itemsize
         if not 4 * 2**20 <= size <= 2**32:
             continue
-        e = fused_softmax.explain(shape, dtype=dtype, backward=backward, device=device, cooperative=cooperative)
+        shape = (n_rows, n_cols) if dim == -1 else (n_cols, n_rows)
+        e = fused_softmax.explain(shape, dim, dtype=dtype, backward=backward, device=device, cooperative=cooperative)
         if e.predicted_fraction < 0.85:
             short.append((shape, e.regime, e.grid, round(e.predicted_fraction, 2)))
         if e.regime == "cooperative":
             taken += 1
-            values = shape[0] * e.chunks * (1 if backward else 2) * 4 * (1 + e.chunks)
-            assert e.bytes_moved - values == e.minimum_bytes and e.traffic_ratio < 1.1, (shape, e.traffic_ratio)
+            values = n_rows * e.chunks * (1 if backward else 2) * 4 * (1 + e.chunks)
+            assert e.bytes_moved - values == e.minimum_bytes, (shape, e.bytes_moved, e.minimum_bytes)
+            assert dim != -1 or e.traffic_ratio < 1.1, (shape, e.traffic_ratio)
     assert not short, short
     assert (taken > 0) == cooperative
 
