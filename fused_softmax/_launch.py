@@ -175,15 +175,12 @@ def plan(tensors, dim, *, backward, masking=None, cross_entropy=False, split=Fal
     may cut the rows into chunks.
 
     Plans are cached by what decides them (shapes, strides, dtypes, device, each start's offset
-    in a 16-byte vector, the overrides): a small call's host time is mostly planning. Plans that
-    copy an input into a layout the kernels read, and plans reading a mask or a bias, are made
-    afresh."""
-    if masking is not None and masking.read_masks():
-        return _plan(tensors, dim, backward, masking, cross_entropy, split)
+    in a 16-byte vector, a mask's too, the overrides): a small call's host time is mostly
+    planning. Plans that copy an input into a layout the kernels read are made afresh."""
     key = (
         dim,
         backward,
-        None if masking is None else masking.keeps_statistics,
+        _masks_layout(masking),
         cross_entropy,
         split,
         _overrides.plan_key,  # COOPERATIVE, the default, is fixed at import
@@ -203,6 +200,17 @@ def _layouts(tensors):
     key = ()
     for t in tensors:
         key += (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16)
+    return key
+
+
+def _masks_layout(masking):
+    """What of ``masking`` decides a plan: whether it keeps statistics, and each mask's dtype,
+    broadcast strides and start in a 16-byte vector (the alignment is shared with the scores)."""
+    if masking is None:
+        return None
+    key = (masking.keeps_statistics,)
+    for mask, strides in masking.read_masks():
+        key += (mask.dtype, strides, mask.data_ptr() % 16)
     return key
 
 
@@ -560,14 +568,20 @@ def masking(scores, mask, scale, causal_offset, softcap=None, sinks=None, bias=N
 
 def masked_softmax_forward(x, out_dtype, masking):
     """softmax of scale * x + mask over the last dim of [..., Lq, Lk] scores, causal if asked."""
-    return masked_softmax_forward_with_lse(x, out_dtype, masking)[0]
+    return _masked_softmax_forward(x, out_dtype, masking, None)
 
 
 def masked_softmax_forward_with_lse(x, out_dtype, masking):
     """(y, each row's log-sum-exp) of masked_softmax, the statistics kept where softcapping or
     sinks need them in the backward (else an empty tensor)."""
-    y = empty_like(x, out_dtype)
     lse = empty(x.shape[:-1], stats_dtype(x.dtype), x.device) if masking.keeps_statistics else None
+    y = _masked_softmax_forward(x, out_dtype, masking, lse)
+    return y, lse if lse is not None else torch.empty(0, dtype=stats_dtype(x.dtype), device=x.device)
+
+
+def _masked_softmax_forward(x, out_dtype, masking, lse):
+    """y of masked_softmax, and each row's log-sum-exp into ``lse`` (None: not kept)."""
+    y = empty_like(x, out_dtype)
     if y.numel():
         p = plan((x, y), x.dim() - 1, backward=False, masking=masking, split=True)
         if p.config.chunks > 1:
@@ -577,7 +591,7 @@ def masked_softmax_forward_with_lse(x, out_dtype, masking):
             _run(kernels().masked_softmax_forward_kernel, p, args | dict(lse_ptr=lse, ONLINE=p.config.online))
     elif lse is not None:
         lse.fill_(float("-inf"))
-    return y, lse if lse is not None else torch.empty(0, dtype=stats_dtype(x.dtype), device=x.device)
+    return y
 
 
 def masked_softmax_backward(y, dy, lse, out_dtype, masking, scale):

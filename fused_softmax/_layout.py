@@ -80,22 +80,31 @@ def alignment(tensors, strides, n_cols):
 
 
 def mask_view(mask, scores):
-    """The mask as the kernel reads it: (the mask, bool as bytes, broadcast to the scores; its
-    (batch, head, query, key) strides, the dims before [Lq, Lk] folded into two runs; the head
+    """The mask as the kernel reads it: (the mask, bool as bytes; its (batch, head, query, key)
+    strides broadcast to the scores, the dims before [Lq, Lk] folded into two runs; the head
     run's size). Only a mask whose leading dims fold into no two runs (rare: three interleaved
     strides) is copied, at its own size times the missing dims."""
     if mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)
-    expanded = mask.expand(scores.shape)
-    lead, lead_strides = scores.shape[:-2], expanded.stride()[:-2]
+    strides = _broadcast_strides(mask, scores.shape)
+    lead = scores.shape[:-2]
     for p in range(len(lead) + 1):
-        batch = _collapse(lead[:p], lead_strides[:p])
-        head = _collapse(lead[p:], lead_strides[p:])
+        batch = _collapse(lead[:p], strides[:p])
+        head = _collapse(lead[p:], strides[p : len(lead)])
         if batch and head:
             break
     else:
-        expanded = expanded.contiguous()
-        batch, head = (1, 0), _collapse(lead, expanded.stride()[:-2])
-    query = expanded.stride(-2) if scores.dim() >= 2 else 0
-    key = expanded.stride(-1) if scores.dim() else 0
-    return expanded, (batch[1], head[1], query, key), head[0]
+        mask = mask.expand(scores.shape).contiguous()
+        strides = mask.stride()
+        batch, head = (1, 0), _collapse(lead, strides[:-2])
+    query = strides[-2] if scores.dim() >= 2 else 0
+    key = strides[-1] if scores.dim() else 0
+    return mask, (batch[1], head[1], query, key), head[0]
+
+
+def _broadcast_strides(tensor, shape):
+    """The strides of ``tensor`` broadcast to ``shape``, 0 along each dim it lacks or has of size
+    1 (where one index is all there is), without making the expanded view (a few µs a call)."""
+    missing = len(shape) - tensor.dim()
+    sizes, strides = tensor.shape, tensor.stride()
+    return tuple(0 if d < missing or sizes[d - missing] == 1 else strides[d - missing] for d in range(len(shape)))

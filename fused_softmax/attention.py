@@ -35,6 +35,12 @@ def _causal_offset(causal, scores):
     return 0 if causal == "top_left" else scores.shape[-1] - scores.shape[-2]
 
 
+def _broadcasts_to(shape, target):
+    """Whether ``shape`` broadcasts to ``target`` as it is (``torch.broadcast_shapes``, written in
+    Python over symbolic-shape guards, costs a small call tens of µs)."""
+    return len(shape) <= len(target) and all(n == 1 or n == m for n, m in zip(shape[::-1], target[::-1], strict=False))
+
+
 def _check_mask(mask, scores):
     if mask is None:
         return None
@@ -44,7 +50,7 @@ def _check_mask(mask, scores):
         raise TypeError(f"mask must be bool (True = attend) or floating point (added), not {mask.dtype}")
     if mask.device != scores.device:
         raise RuntimeError(f"mask is on {mask.device} but scores are on {scores.device}")
-    if torch.broadcast_shapes(mask.shape, scores.shape) != scores.shape:
+    if not _broadcasts_to(mask.shape, scores.shape):
         raise RuntimeError(
             f"mask of shape {tuple(mask.shape)} does not broadcast to scores of shape {tuple(scores.shape)}"
         )

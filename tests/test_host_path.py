@@ -10,7 +10,7 @@ from support import assert_close, random
 
 from fused_softmax import _launch
 from fused_softmax.kernels import H200
-from fused_softmax.testing import limit_block, planned_for
+from fused_softmax.testing import limit_block, planned_for, reference
 
 
 @pytest.fixture
@@ -115,3 +115,48 @@ def test_log_and_softmax_keep_their_own_launches(kernels, launches, planned):
         assert_close(functional.log_softmax(x, dim=1), torch.log_softmax(x.double(), 1))
     assert [launch.args["LOG"] for launch in launches] == [False, True, False, True]
     assert planned() == 1
+
+
+def _masked(scores, mask, causal):
+    """masked_softmax forward and backward on ``scores`` (a leaf), checked against the reference."""
+    import fused_softmax
+
+    scores = scores.detach().requires_grad_()
+    y = fused_softmax.masked_softmax(scores, mask, scale=0.5, causal=causal)
+    dy = random(scores.shape, seed=7, scale=1.0)
+    (ds,) = torch.autograd.grad(y, scores, dy)
+    offset = 0 if causal else None
+    expected = reference.masked_softmax(scores.detach(), mask, 0.5, offset)
+    assert_close(y, expected)
+    expected_grad, _ = reference.masked_softmax_backward(scores.detach(), expected, dy, 0.5)
+    assert_close(ds, expected_grad)
+
+
+SCORES = (2, 3, 4, 24)
+# name -> (mask for SCORES, causal)
+MASKS = {
+    "same": lambda: (random((2, 1, 1, 24), seed=3) > 0, False),
+    "other broadcast": lambda: (random((1, 3, 4, 24), seed=3) > 0, False),
+    "additive": lambda: (random((2, 1, 1, 24), seed=3), False),
+    "shifted": lambda: (_shifted(random((2, 1, 1, 24), seed=3) > 0), False),
+    "causal": lambda: (random((2, 1, 1, 24), seed=3) > 0, True),
+    "none": lambda: (None, False),
+}
+
+
+@pytest.mark.parametrize("variant", MASKS)
+def test_a_masked_call_on_another_mask_launches_what_planning_afresh_launches(kernels, launches, planned, variant):
+    """Masked plans are cached by the mask's dtype, broadcast strides and alignment too."""
+    scores = random(SCORES)
+    other, causal = MASKS[variant]()
+    _masked(scores, other, causal)
+    fresh = launches[:]
+    _launch._PLANS.clear()
+    _launch._READY.clear()
+    launches.clear()
+    _masked(scores, MASKS["same"]()[0], False)
+    made = planned()
+    _masked(random(SCORES, seed=5), other, causal)
+    assert (planned() == made) == (variant in ("same", "causal")), "a plan served another mask, or one was replanned"
+    for kept, afresh in zip(launches[len(launches) - len(fresh) :], fresh, strict=True):
+        assert_same_launch(kept, afresh)
