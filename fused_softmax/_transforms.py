@@ -126,6 +126,14 @@ def needs_autograd(*tensors):
     return False
 
 
+def save_for_jvp(ctx, *tensors):
+    """``ctx.save_for_forward(*tensors)`` where a jvp can follow this forward: a forward-mode
+    level is open or torch.func is transforming. Elsewhere no jvp runs, and saving costs torch's
+    apply a few µs a call."""
+    if torch.autograd.forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active():
+        ctx.save_for_forward(*tensors)
+
+
 def bound_quickly(function):
     """``function`` (an autograd Function) applied without torch's per-call argument binding.
 

@@ -10,7 +10,14 @@ from torch.overrides import handle_torch_function, has_torch_function_unary
 from . import _jacobian, _launch, ops
 from ._backend import KERNEL_DTYPES, use_kernels
 from ._jacobian import backward_product, forward_product
-from ._transforms import bound_quickly, legacy_batched, needs_autograd, refuse_nested_forward_mode, vmapped
+from ._transforms import (
+    bound_quickly,
+    legacy_batched,
+    needs_autograd,
+    refuse_nested_forward_mode,
+    save_for_jvp,
+    vmapped,
+)
 
 
 def _implicit_dim(name, ndim, stacklevel):
@@ -41,7 +48,7 @@ def _setup_context(ctx, inputs, y):
     x, dim = inputs[:2]
     ctx.dim, ctx.input_dtype = dim, x.dtype
     ctx.save_for_backward(y)
-    ctx.save_for_forward(y)
+    save_for_jvp(ctx, y)
 
 
 def jacobian_product(y, v, dim, dtype, kind, scale=1.0):
@@ -130,7 +137,7 @@ class JacobianProductFunction(torch.autograd.Function):
         y, v, dim, dtype, kind, *scale = inputs
         ctx.dim, ctx.dtype, ctx.kind, ctx.scale = dim, dtype, kind, scale[0] if scale else 1.0
         ctx.save_for_backward(y, v)
-        ctx.save_for_forward(y, v)
+        save_for_jvp(ctx, y, v)
 
     @staticmethod
     def backward(ctx, grad):
