@@ -15,7 +15,10 @@ machine without a GPU (see ``fused_softmax.bench.machine_code``). The rules:
 - Longer rows stream through ``ONLINE_BLOCK``-element tiles (online softmax).
 - Warps are sized so each thread issues about four accesses per tile (two for attention
   scores, whose masking needs registers; its online tile is half the size too; with
-  softcapping or sinks a quarter, and one access in fp64).
+  softcapping or sinks a quarter, and one access in fp64). Cross-entropy's online tile over
+  16-byte aligned classes is 8,192 at ``MAX_WARPS`` (``CROSS_ENTROPY_ONLINE_BLOCK``), and some
+  of attention scores' split chunks take other tiles (``SPLIT_SCORE_TILES``): what compiles
+  without spilling under both Triton 3.6 (ptxas 12.8, the GPU image's) and 3.9 (ptxas 13.4).
 - The grid is persistent: at most as many programs as the SMs hold at once.
 - Rows too few to fill the GPU are split (``kernels.split_row``; attention scores
   ``kernels.split_attention``). By Little's law, memory runs
@@ -48,6 +51,27 @@ FP64_ON_CHIP = 8192
 SPLIT_MIN_BYTES = 1 << 20
 # Programs in flight wanted beyond the bare Little's-law need, for the tail of a wave.
 IN_FLIGHT_MARGIN = 1.25
+# Cross-entropy's online tile over 16-byte aligned classes with fp32 math, at MAX_WARPS, where
+# its rows are not split (the split's chunks keep the online rule's): at 2,048 (2 warps bf16,
+# 4 fp32) ptxas 12.8 spilled 4-8 bytes, values it kept across the subroutine call of the tile
+# index's 64-bit division; 8,192 at 16 warps compiles clean under ptxas 12.8 and 13.4, at 2
+# (bf16) and 4 (fp32) 128-bit accesses a thread and four times the bytes a program has in
+# flight.
+CROSS_ENTROPY_ONLINE_BLOCK = 8192
+# Attention scores' split chunks where they differ from the online rule's tile and accesses a
+# thread: (tile, accesses, fewest warps) by (element bytes, attention, backward), ``attention``
+# as in ``launch_config``. Under ptxas 12.8 (Triton 3.6) the online rule's warps spilled 4 to
+# 88 bytes: fp32 under softcapping or sinks at 4 warps, fp64 at 8 or 16 (values kept across
+# the subroutine calls of the 64-bit index divisions; fp64's backward at 128 registers, its
+# cap at 16 warps). These compile spill-free under ptxas 12.8 and 13.4 (Triton 3.9), found by
+# compiling the neighbouring tiles and warps of every audited shape under both; at none of
+# them do fewer bytes stay in flight for the registers the kernels take.
+SPLIT_SCORE_TILES = {
+    (4, 2, False): (ONLINE_BLOCK >> 2, 1, 4),
+    (8, 1, False): (ONLINE_BLOCK >> 1, 4, 4),
+    (8, 2, False): (ONLINE_BLOCK >> 3, 1, 4),
+    (8, 2, True): (ONLINE_BLOCK >> 3, 2, 4),
+}
 
 
 @dataclass(frozen=True)
@@ -139,7 +163,7 @@ def _split(config, n_rows, n_cols, elem_bytes, device, backward, align, vector, 
     """``config`` with its rows cut into chunks where its tiles would leave SMs idle or keep too
     little in flight (bandwidth x latency, or the whole input if that is less); unchanged where
     the rows fill the GPU or the tensor is small. Attention scores' chunks take their online
-    tile and warps (``attention`` as in ``launch_config``)."""
+    tile and accesses, or those of ``SPLIT_SCORE_TILES`` (``attention`` as in ``launch_config``)."""
     if n_rows is None or n_rows * n_cols * elem_bytes < min_split_bytes:
         return config
     tiles = triton.cdiv(n_rows, config.rows_per_program)
@@ -149,7 +173,10 @@ def _split(config, n_rows, n_cols, elem_bytes, device, backward, align, vector, 
         return config  # the rows alone fill every program the GPU holds: a split adds none
     if tiles >= device.sm_count and tiles * tile_load_bytes(config, elem_bytes, backward) >= needed:
         return config
-    tiled = replace(config, block_n=min(ONLINE_BLOCK >> attention, config.block_n), online=True)
+    compute_bytes = 8 if config.compute_dtype == tl.float64 else 4
+    online_rule = (ONLINE_BLOCK >> attention, _accesses(attention, compute_bytes), 4)
+    tile, accesses, least_warps = SPLIT_SCORE_TILES.get((elem_bytes, attention, backward), online_rule)
+    tiled = replace(config, block_n=min(tile, config.block_n), online=True)
     wanted = max(device.sm_count, math.ceil(needed / tile_load_bytes(tiled, elem_bytes, backward)))
     chunks = triton.cdiv(wanted, tiles)
     # Chunks of whole blocks, at least ``chunks`` of them: a block of the largest power of two
@@ -159,9 +186,9 @@ def _split(config, n_rows, n_cols, elem_bytes, device, backward, align, vector, 
     chunk_cols = max(block, per_chunk // block * block)
     if triton.cdiv(n_cols, chunk_cols) < 2:
         return config
-    # At least 4 warps: with 2, ptxas spilled a few bytes of the backward's second phase.
-    compute_bytes = 8 if config.compute_dtype == tl.float64 else 4
-    warps = max(4, _warps(config.rows_per_program, block, vector, attention, compute_bytes))
+    # At least 4 warps (with 2, ptxas spilled a few bytes of the backward's second phase), but
+    # where SPLIT_SCORE_TILES says fewer.
+    warps = max(least_warps, _warps(config.rows_per_program, block, vector, accesses))
     tiled = replace(tiled, block_n=block, num_warps=warps)
     return replace(tiled, chunks=triton.cdiv(n_cols, chunk_cols), chunk_cols=chunk_cols)
 
@@ -258,18 +285,24 @@ def launch_config(
     config = LaunchConfig(
         block_n=block_n,
         rows_per_program=rows,
-        num_warps=_warps(rows, block_n, vector, attention, compute_bytes),
+        num_warps=_warps(rows, block_n, vector, _accesses(attention, compute_bytes)),
         online=online,
         compute_dtype=tl.float64 if compute_bytes == 8 else tl.float32,
     )
     split = _split(config, n_rows, n_cols, elem_bytes, device, backward, align, vector, min_split_bytes, attention)
+    if split is config and online and cross_entropy and wide and compute_bytes == 4 and min_rows == 1:
+        return replace(config, block_n=min(CROSS_ENTROPY_ONLINE_BLOCK, on_chip), num_warps=MAX_WARPS)
     if cooperative and split.chunks > 1 and not attention:
         return _cooperative(split, n_rows, n_cols, on_chip, device, align, vector) or split
     return split
 
 
-def _warps(rows, block_n, vector, attention=0, compute_bytes=4):
+def _accesses(attention=0, compute_bytes=4):
     """About four accesses a thread a tile; fewer under attention's masking, whose registers it
     needs, and in fp64 under softcapping or sinks, whose libdevice exp and log need warps too."""
-    accesses = 4 >> (attention if compute_bytes == 8 else min(attention, 1))
+    return 4 >> (attention if compute_bytes == 8 else min(attention, 1))
+
+
+def _warps(rows, block_n, vector, accesses=4):
+    """The warps that give each thread ``accesses`` accesses of a tile."""
     return min(MAX_WARPS, max(1, rows * block_n // (vector * 32 * accesses)))
