@@ -64,8 +64,7 @@ CROSS_ENTROPY_ONLINE_BLOCK = 8192
 # 88 bytes: fp32 under softcapping or sinks at 4 warps, fp64 at 8 or 16 (values kept across
 # the subroutine calls of the 64-bit index divisions; fp64's backward at 128 registers, its
 # cap at 16 warps). These compile spill-free under ptxas 12.8 and 13.4 (Triton 3.9), found by
-# compiling the neighbouring tiles and warps of every audited shape under both; at none of
-# them do fewer bytes stay in flight for the registers the kernels take.
+# compiling the neighbouring tiles and warps of every audited shape under both.
 SPLIT_SCORE_TILES = {
     (4, 2, False): (ONLINE_BLOCK >> 2, 1, 4),
     (8, 1, False): (ONLINE_BLOCK >> 1, 4, 4),

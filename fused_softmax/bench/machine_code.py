@@ -98,6 +98,13 @@ def toolchain():
         raise ToolchainMissing(f"no CUDA toolchain for Triton: {e}") from None
 
 
+def compiler():
+    """The Triton and ptxas the audit compiles with, as 'Triton 3.6.0, ptxas 12.8': spills and
+    registers are theirs (Triton 3.6 bundles ptxas 12.8, 3.9 ptxas 13.4, and the two differ)."""
+    ptxas, _, _ = toolchain()
+    return f"Triton {triton.__version__}, ptxas {ptxas.version}"
+
+
 def _spec_class(spec):
     """An integer argument as the JIT sees it: '1' (a constant), '%16' (divisible by 16) or '-'."""
     kind, attr = spec

@@ -17,8 +17,6 @@ import pathlib
 import time
 from collections import Counter
 
-import triton
-
 from . import machine_code
 
 LEGEND = """\
@@ -52,7 +50,6 @@ def _width_summary(records):
 
 
 def report(workers=None):
-    ptxas, _, _ = machine_code.toolchain()
     start = time.perf_counter()
     records = machine_code.compile_all(workers=workers)
     seconds = time.perf_counter() - start
@@ -61,7 +58,7 @@ def report(workers=None):
     smem = max(records, key=lambda r: r.shared_bytes)
     return (
         f"# Compiled softmax kernels for sm_90 (H100)\n\n"
-        f"Triton {triton.__version__}, ptxas {ptxas.version}: {len(records)} kernels compiled in {seconds:.0f} s,"
+        f"{machine_code.compiler()}: {len(records)} kernels compiled in {seconds:.0f} s,"
         f" {len(spilled)} with spills. Most registers: {top.registers} per thread; most shared memory:"
         f" {smem.shared_bytes} B.\n\n"
         f"## Access widths\n\n{_width_summary(records)}\n"
