@@ -15,10 +15,9 @@ machine without a GPU (see ``fused_softmax.bench.machine_code``). The rules:
 - Longer rows stream through ``ONLINE_BLOCK``-element tiles (online softmax).
 - Warps are sized so each thread issues about four accesses per tile (two for attention
   scores, whose masking needs registers; its online tile is half the size too; with
-  softcapping or sinks a quarter, and one access in fp64). Cross-entropy's online tile over
-  16-byte aligned classes is 8,192 at ``MAX_WARPS`` (``CROSS_ENTROPY_ONLINE_BLOCK``), and some
-  of attention scores' split chunks take other tiles (``SPLIT_SCORE_TILES``): what compiles
-  without spilling under both Triton 3.6 (ptxas 12.8, the GPU image's) and 3.9 (ptxas 13.4).
+  softcapping or sinks a quarter, and one access in fp64). Some of attention scores' split
+  chunks take other tiles (``SPLIT_SCORE_TILES``): what compiles without spilling under both
+  Triton 3.6 (ptxas 12.8, the GPU image's) and 3.9 (ptxas 13.4).
 - The grid is persistent: at most as many programs as the SMs hold at once.
 - Rows too few to fill the GPU are split (``kernels.split_row``; attention scores
   ``kernels.split_attention``). By Little's law, memory runs
@@ -51,13 +50,6 @@ FP64_ON_CHIP = 8192
 SPLIT_MIN_BYTES = 1 << 20
 # Programs in flight wanted beyond the bare Little's-law need, for the tail of a wave.
 IN_FLIGHT_MARGIN = 1.25
-# Cross-entropy's online tile over 16-byte aligned classes with fp32 math, at MAX_WARPS, where
-# its rows are not split (the split's chunks keep the online rule's): at 2,048 (2 warps bf16,
-# 4 fp32) ptxas 12.8 spilled 4-8 bytes, values it kept across the subroutine call of the tile
-# index's 64-bit division; 8,192 at 16 warps compiles clean under ptxas 12.8 and 13.4, at 2
-# (bf16) and 4 (fp32) 128-bit accesses a thread and four times the bytes a program has in
-# flight.
-CROSS_ENTROPY_ONLINE_BLOCK = 8192
 # Attention scores' split chunks where they differ from the online rule's tile and accesses a
 # thread: (tile, accesses, fewest warps) by (element bytes, attention, backward), ``attention``
 # as in ``launch_config``. Under ptxas 12.8 (Triton 3.6) the online rule's warps spilled 4 to
@@ -289,8 +281,6 @@ def launch_config(
         compute_dtype=tl.float64 if compute_bytes == 8 else tl.float32,
     )
     split = _split(config, n_rows, n_cols, elem_bytes, device, backward, align, vector, min_split_bytes, attention)
-    if split is config and online and cross_entropy and wide and compute_bytes == 4 and min_rows == 1:
-        return replace(config, block_n=min(CROSS_ENTROPY_ONLINE_BLOCK, on_chip), num_warps=MAX_WARPS)
     if cooperative and split.chunks > 1 and not attention:
         return _cooperative(split, n_rows, n_cols, on_chip, device, align, vector) or split
     return split
