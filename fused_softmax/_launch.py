@@ -26,6 +26,10 @@ from ._slices import combined_statistics, losses_from_statistics
 # meeting at a barrier) is off until a GPU run has checked it: FUSED_SOFTMAX_COOPERATIVE=1 turns
 # it on, read once, when fused_softmax is imported (``testing.cooperative`` inside a block).
 COOPERATIVE = os.environ.get("FUSED_SOFTMAX_COOPERATIVE", "0").strip() == "1"
+# A Ready launch calling its compiled kernel without Triton's binder (``DirectLaunch``) is off
+# until a GPU run has checked it too: FUSED_SOFTMAX_DIRECT_LAUNCH=1, read at import, turns it on
+# (``testing.direct_launch`` inside a block).
+DIRECT_LAUNCH = os.environ.get("FUSED_SOFTMAX_DIRECT_LAUNCH", "0").strip() == "1"
 # The barrier's polls before a program gives up and writes NaN (it never should: its partners
 # are resident and arrive within microseconds; 2^24 polls take seconds).
 MAX_SPINS = 1 << 24
@@ -42,11 +46,22 @@ class Overrides:
     run: bool = True  # False: plan and observe launches, run none (the offline machine-code audit)
     min_split_bytes: float | None = None  # the split-row regime's threshold, instead of the heuristic's
     cooperative: bool | None = None  # the cooperative regime on or off, instead of COOPERATIVE
+    direct_launch: bool | None = None  # Ready launches call their compiled kernels, instead of DIRECT_LAUNCH
 
     @functools.cached_property
     def plan_key(self):
         """What of these overrides decides a plan (part of the plan cache's key)."""
         return (self.device, self.max_block, self.min_split_bytes, self.cooperative)
+
+    @functools.cached_property
+    def launches_directly(self):
+        """Whether Ready launches call their compiled kernels (``DirectLaunch``)."""
+        return DIRECT_LAUNCH if self.direct_launch is None else self.direct_launch
+
+    @functools.cached_property
+    def ready_key(self):
+        """What of these overrides decides a Ready launch: its plan, and whether it launches directly."""
+        return (*self.plan_key, self.launches_directly)
 
 
 _overrides = Overrides()
@@ -271,34 +286,85 @@ class Launch:
 def _run(kernel, p, args):
     """Launch ``kernel`` on ``p``'s grid with the keyword arguments ``args``. FP fusion is passed
     explicitly: Triton 3.9 warns on every first launch that leaves it to a default. A cooperative
-    plan is launched cooperatively (``_cooperative_launch``)."""
+    plan is launched cooperatively (``_cooperative_launch``). Returns what Triton's launch
+    returns: on a GPU the compiled kernel, under the interpreter None (and None if not run)."""
     if _overrides.observers:
         launch = Launch(kernel, args, p)
         for observe in _overrides.observers:
             observe(launch)
     if not _overrides.run:
-        return
+        return None
     options = _cooperative_launch(p.config) if p.config.cooperative else {}
     device = p.torch_device
     elsewhere = device.type == "cuda" and device.index != torch.cuda.current_device()
     with torch.cuda.device(device) if elsewhere else contextlib.nullcontext():  # Triton launches on the current device
-        kernel[p.grid](**args, num_warps=p.config.num_warps, enable_fp_fusion=True, **options)
+        return kernel[p.grid](**args, num_warps=p.config.num_warps, enable_fp_fusion=True, **options)
 
 
 @dataclasses.dataclass(frozen=True)
 class Ready:
     """A one-launch job planned for a layout and kept with every argument but the tensors: a
-    small call on tensors of that layout, whose host path is its cost, goes straight to ``_run``."""
+    small call on tensors of that layout, whose host path is its cost, goes straight to ``_run``,
+    or with ``direct`` (a GPU's compiled kernel, where the direct launch is on) past it."""
 
     kernel: object
     plan: Plan  # without tensors
     args: dict  # every argument but the tensors' pointers
     pointers: tuple  # the tensors' pointer arguments, in the plan's order
+    direct: "DirectLaunch | None" = None
 
     def launch(self, tensors):
+        if self.direct is not None and self.direct.serves():
+            self.direct.launch(tensors)
+            return
         args = self.args.copy()
         args.update(zip(self.pointers, tensors, strict=True))
         _run(self.kernel, self.plan.with_tensors(tensors) if _overrides.observers else self.plan, args)
+
+
+def positional_arguments(kernel, args):
+    """``args`` (every argument by name) in the order of ``kernel``'s parameters, constexprs too:
+    the order Triton's binder gives its launcher."""
+    return [args[name] for name in kernel.arg_names]
+
+
+@dataclasses.dataclass(frozen=True)
+class DirectLaunch:
+    """A Ready launch's compiled kernel, called as ``CompiledKernel[grid](*args)``, without
+    ``JITFunction.run``: its binder, which re-derives the specialization from every argument,
+    and its cache lookup (about 10 µs of Python a launch). The Ready's key holds all that the
+    specialization reads (dtypes, each pointer's 16-byte alignment, the integers, the
+    constexprs), so it picks the kernel this one is. Made only where the direct launch is on (a
+    part of the Ready's key); serves only on the device it was compiled for, with no observer or
+    stubbed run in force."""
+
+    runner: object  # CompiledKernel[grid]
+    arguments: tuple  # every argument in the kernel's order, the tensors' places None
+    places: tuple  # the tensors' places in ``arguments``, in the plan's order
+    device_index: int
+
+    def serves(self):
+        return _overrides.run and not _overrides.observers and torch.cuda.current_device() == self.device_index
+
+    def launch(self, tensors):
+        arguments = list(self.arguments)
+        for place, tensor in zip(self.places, tensors, strict=True):
+            arguments[place] = tensor
+        self.runner(*arguments)
+
+
+def _direct_launch(kernel, compiled, p, args, pointers):
+    """The ``DirectLaunch`` of ``compiled`` (Triton's compiled kernel, from the launch just made
+    with ``args``) where the direct launch is on; None where it is off or there is no compiled
+    kernel (the interpreter; a stubbed run)."""
+    if not _overrides.launches_directly or compiled is None or p.torch_device.type != "cuda":
+        return None
+    arguments = positional_arguments(kernel, args)
+    places = tuple(kernel.arg_names.index(name) for name in pointers)
+    for place in places:
+        arguments[place] = None
+    runner = compiled[(p.grid[0], 1, 1)]
+    return DirectLaunch(runner, tuple(arguments), places, p.torch_device.index)
 
 
 _READY = {}
@@ -308,7 +374,7 @@ def _ready_key(job, inputs, out):
     """``job`` (its name and every value it depends on besides the tensors) on ``inputs``' layouts,
     writing ``out``: made by ``empty_like`` from the first input, it has that one's shape and
     device, contiguous, so its dtype and alignment are all it adds."""
-    return (job, _overrides.plan_key, out.dtype, out.data_ptr() % 16) + _layouts(inputs)
+    return (job, _overrides.ready_key, out.dtype, out.data_ptr() % 16) + _layouts(inputs)
 
 
 def _launched_ready(job, inputs, out):
@@ -323,11 +389,12 @@ def _launched_ready(job, inputs, out):
 def _run_ready(job, inputs, out, kernel, p, args, names):
     """``_run`` a one-launch job, and keep it ``Ready`` for the next call of ``job`` on tensors of
     these layouts when the kernel reads the tensors themselves (``names``: their names in ``args``)."""
-    _run(kernel, p, args)
+    compiled = _run(kernel, p, args)
     if p.reads((*inputs, out)):
         pointers = tuple(f"{name}_ptr" for name in names)
         others = {name: value for name, value in args.items() if name not in pointers}
-        _keep(_READY, _ready_key(job, inputs, out), Ready(kernel, p.with_tensors(()), others, pointers))
+        direct = _direct_launch(kernel, compiled, p, args, pointers)
+        _keep(_READY, _ready_key(job, inputs, out), Ready(kernel, p.with_tensors(()), others, pointers, direct))
 
 
 def _cooperative_launch(config):

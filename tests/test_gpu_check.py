@@ -17,7 +17,7 @@ from fused_softmax.bench import report, suite
 from fused_softmax.bench.host_time import LEAST_FUNCTION
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ["provenance", "cuda tests", "sweep", "cooperative", "small calls", "other tests", "peers"]
+STEPS = ["provenance", "cuda tests", "sweep", "cooperative", "small calls", "direct launch", "other tests", "peers"]
 
 
 def _dry_run(out_dir):
@@ -55,6 +55,8 @@ def test_dry_run_writes_every_step_labelled_as_the_interpreters(tmp_path):
         for key in ("ms", "bytes_moved", "gbps", "pct_of_copy", "fused_regime", "max_abs_err"):
             assert key in record, key
     assert {r["mode"] for r in results["host_time"]} == {"inference", "training"}
+    assert {r.get("direct_launch", False) for r in results["host_time"]} == {False, True}
+    assert results["direct_launch"] and all(r["ok"] and r["direct_launches"] == 0 for r in results["direct_launch"])
     for record in results["host_time"]:
         least = {LEAST_FUNCTION} if record["mode"] == "training" else set()
         assert set(record["us"]) == {"fused_softmax", "torch", "torch.empty_like"} | least

@@ -11,6 +11,8 @@ first, each cut at its own limit and all inside ``--budget-s``:
 4. the cooperative split-row regime (off by default): over the decoding shapes, its outputs
    against the phased path's and torch's, then its bandwidth in the sweep;
 5. small calls: wall time per call against torch and ``torch.empty_like``, and kernel time;
+   then the direct launch (off by default): kept launches calling their compiled kernels past
+   Triton's binder, their outputs against Triton's own launch's, and the same wall times;
 6. the rest of the test suite, on the GPU;
 7. the peers (torch.compile, Liger, QuACK, FlagGems, where installed) over the sweep's shapes.
 
@@ -39,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from .. import functional, testing
+from .. import _launch, functional, testing
 from .._backend import use_backend
 from . import suite
 from .host_time import MODES, TINY_SHAPES, host_times
@@ -76,6 +78,7 @@ STEP_LIMITS_S = {
     "sweep": 120,
     "cooperative": 40,
     "small calls": 25,
+    "direct launch": 25,
     "other tests": 120,
     "peers": None,
 }
@@ -184,6 +187,7 @@ class GpuCheck:
             "results": [],
             "host_time": [],
             "cooperative": [],
+            "direct_launch": [],
         }
         self.started = started
 
@@ -203,6 +207,7 @@ class GpuCheck:
             "sweep": self.sweep,
             "cooperative": self.cooperative,
             "small calls": self.small_calls,
+            "direct launch": self.direct_launch,
             "other tests": self.other_tests,
             "peers": self.peers,
         }
@@ -324,21 +329,40 @@ class GpuCheck:
             self.say(f"   {note}")
         return self._sweep({name: make for name, make in impls.items() if name not in CORE}, deadline)
 
-    def small_calls(self, deadline):
+    def small_calls(self, deadline, **tags):
         sizes = self.sizes
         records = host_times(sizes.host_dtypes, self.device, sizes.host_shapes, sizes.host_blocks, sizes.host_block_s)
         total = len(sizes.host_shapes) * len(sizes.host_dtypes) * len(MODES)
         for done, record in enumerate(records, 1):
-            self.results["host_time"].append(record)
+            self.results["host_time"].append(record | tags)
             if time.perf_counter() > deadline and done < total:
                 return Outcome(True, f"cut after {done} of {total} cases")
         return Outcome(note=f"{total} cases")
+
+    def direct_launch(self, deadline):
+        """The direct launch over the small calls' shapes: each direction's output from the kept
+        compiled kernel against Triton's own launch of it (the same kernel on the same inputs:
+        equal to the bit), and the launches proven direct on a GPU (none can be under the
+        interpreter); then the small calls' wall times with it on."""
+        with testing.direct_launch():
+            for n_rows, n_cols in self.sizes.host_shapes:
+                for dtype in self.sizes.host_dtypes.values():
+                    record = direct_agreement(n_rows, n_cols, dtype, self.device, expect_direct=not self.dry_run)
+                    self.results["direct_launch"].append(record)
+                    self.log.write(f"direct launch agreement: {record}\n")
+                    if not record["ok"]:
+                        self.say(f"   FAILED direct launch {record}")
+            outcome = self.small_calls(deadline, direct_launch=True)
+        agreed = sum(record["ok"] for record in self.results["direct_launch"])
+        note = f"{agreed} of {len(self.results['direct_launch'])} cases agree; small calls: {outcome.note}"
+        return dataclasses.replace(outcome, note=note)
 
     def exit_status(self):
         tests = self.results["tests"].values()
         failed = any(run["counts"]["failed"] + run["counts"]["error"] for run in tests if "counts" in run)
         broken = any(step["status"] == "failed" for step in self.results["steps"])
-        disagreed = not all(record["ok"] for record in self.results["cooperative"])
+        checked = self.results["cooperative"] + self.results["direct_launch"]
+        disagreed = not all(record["ok"] for record in checked)
         return int(failed or broken or disagreed or not fused_passed(self.results["results"]))
 
 
@@ -368,6 +392,30 @@ def agreement(problem, device):
         from_phased = (ours[direction].double() - phased[direction].double()).abs().max().item()
         record[direction] = dict(max_abs_err=error, from_phased=from_phased, allowed_err=allowed)
         ok = ok and error <= allowed and from_phased <= allowed
+    record["ok"] = ok
+    return record
+
+
+def direct_agreement(n_rows, n_cols, dtype, device, expect_direct):
+    """Forward and backward of softmax on [n_rows, n_cols] twice under the direct launch: the
+    first call launches through Triton and keeps its compiled kernels, the second calls them
+    directly (``expect_direct``: on a GPU; under the interpreter there are none to call). The
+    second's outputs must equal the first's and be within the dtype's rounding of torch's."""
+    x = torch.randn(n_rows, n_cols, dtype=dtype, device=device)
+    dy = torch.randn_like(x)
+    expected = expected_results(x, dy, DIRECTIONS)
+    _launch._READY.clear()  # so that the launches kept are this case's: its forward and backward
+    with use_backend("triton"):
+        through_triton = _directions(x, dy)
+        direct = _directions(x, dy)
+    kept = [ready for ready in _launch._READY.values() if ready.direct is not None]
+    record = dict(dtype=DTYPE_NAMES[dtype], n_rows=n_rows, n_cols=n_cols, direct_launches=len(kept))
+    ok = len(kept) == (2 if expect_direct else 0)
+    for direction in DIRECTIONS:
+        error, allowed = check(direct[direction], expected[direction])
+        equal = torch.equal(direct[direction], through_triton[direction])
+        record[direction] = dict(max_abs_err=error, allowed_err=allowed, equal_to_triton_launch=equal)
+        ok = ok and error <= allowed and equal
     record["ok"] = ok
     return record
 

@@ -236,7 +236,7 @@ def host_time_table(records):
             [
                 f"{record['n_rows']}x{record['n_cols']}",
                 record["dtype"],
-                record["mode"],
+                record["mode"] + (", direct launch" if record.get("direct_launch") else ""),
                 _us(us["fused_softmax"]),
                 _us(us["torch"]),
                 _us(us.get("least autograd.Function")),

@@ -6,6 +6,7 @@ Each helper is a context manager over ``_launch.overridden``, for the calls insi
 - ``limit_block(n)``: rows longer than ``n`` take the online regime (tiny rows reach it);
 - ``planned_for(device)``: launches planned for another device's properties;
 - ``cooperative(enabled=True)``: the cooperative split-row regime planned (or not);
+- ``direct_launch(enabled=True)``: kept launches call their compiled kernels (or not);
 - ``recorded_launches(run=True)``: the list of every ``Launch`` (kernel, keyword arguments,
   plan), in order; with ``run=False`` the kernels are planned and recorded, not run;
 - ``kernel_traffic()``: bytes loaded and stored by kernels run under Triton's interpreter;
@@ -53,6 +54,15 @@ def cooperative(enabled=True):
     FUSED_SOFTMAX_COOPERATIVE says. Its kernels run only on a GPU: under the interpreter their
     launch raises."""
     with _launch.overridden(cooperative=enabled):
+        yield
+
+
+@contextlib.contextmanager
+def direct_launch(enabled=True):
+    """Let Ready launches call their compiled kernels directly (or, with ``enabled=False``, not),
+    whatever FUSED_SOFTMAX_DIRECT_LAUNCH says. There are compiled kernels only on a GPU: under the
+    interpreter every launch goes through Triton's."""
+    with _launch.overridden(direct_launch=enabled):
         yield
 
 
