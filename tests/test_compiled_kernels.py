@@ -1,6 +1,9 @@
 """Every kernel an H100 is given, compiled offline for sm_90: no register spills, and global
 accesses as wide as the host's proven alignment allows, under whichever Triton is installed
-(CI's 3.9; the GPU image's 3.6, whose ptxas 12.8 spills where 3.9's does not, passes too).
+(CI's 3.9). Under the GPU image's 3.6, whose ptxas 12.8 spills a few bytes where 3.9's 13.4
+does not (values kept across the subroutine calls of 64-bit index divisions), these still
+spill 4-8 bytes: fp32 log-softmax at 513-1,024 columns, an fp64 streamed tangent, fp32 row
+statistics at 131,072 columns and cross-entropy's online tile at 16,384 classes.
 
 The kernels are the ones the host launches (``fused_softmax.machine_code.shipped_kernels``): for
 contiguous rows of every length from 1 to 4M, each dtype (and fused upcast), forward and
