@@ -310,7 +310,8 @@ class Ready:
     kernel: object
     plan: Plan  # without tensors
     args: dict  # every argument but the tensors' pointers
-    pointers: tuple  # the tensors' pointer arguments, in the plan's order
+    pointers: tuple  # the tensors' pointer arguments, in the call's order
+    planned: tuple  # where the plan's tensors are among the call's
     direct: "DirectLaunch | None" = None
 
     def launch(self, tensors):
@@ -319,7 +320,8 @@ class Ready:
             return
         args = self.args.copy()
         args.update(zip(self.pointers, tensors, strict=True))
-        _run(self.kernel, self.plan.with_tensors(tensors) if _overrides.observers else self.plan, args)
+        observed = _overrides.observers and self.plan.with_tensors(tuple(tensors[i] for i in self.planned))
+        _run(self.kernel, observed or self.plan, args)
 
 
 def positional_arguments(kernel, args):
@@ -388,13 +390,17 @@ def _launched_ready(job, inputs, out):
 
 def _run_ready(job, inputs, out, kernel, p, args, names):
     """``_run`` a one-launch job, and keep it ``Ready`` for the next call of ``job`` on tensors of
-    these layouts when the kernel reads the tensors themselves (``names``: their names in ``args``)."""
+    these layouts (``names``: theirs in ``args``, less ``_ptr``) when the plan's tensors are among
+    them, not copies in a layout the kernel reads."""
     compiled = _run(kernel, p, args)
-    if p.reads((*inputs, out)):
+    tensors = (*inputs, out)
+    planned = tuple(next((i for i, t in enumerate(tensors) if t is view), None) for view in p.tensors)
+    if None not in planned:
         pointers = tuple(f"{name}_ptr" for name in names)
         others = {name: value for name, value in args.items() if name not in pointers}
         direct = _direct_launch(kernel, compiled, p, args, pointers)
-        _keep(_READY, _ready_key(job, inputs, out), Ready(kernel, p.with_tensors(()), others, pointers, direct))
+        ready = Ready(kernel, p.with_tensors(()), others, pointers, planned, direct)
+        _keep(_READY, _ready_key(job, inputs, out), ready)
 
 
 def _cooperative_launch(config):
@@ -551,6 +557,13 @@ class Masking:
         """Softcapping and sinks need each row's log-sum-exp in the backward."""
         return self.softcap is not None or self.sinks is not None
 
+    def read_tensors(self):
+        """(name, tensor) of each tensor the forward reads besides the scores: the mask, the bias,
+        the sinks. With the scores' shape, their layouts decide every other value of the launch
+        but the scale, the causal offset and the cap."""
+        named = (("mask", self.mask), ("bias", self.bias), ("sinks", self.sinks))
+        return [(name, tensor) for name, tensor in named if tensor is not None]
+
     def read_masks(self):
         """(tensor, (batch, head, query, key) strides) of each mask the forward reads."""
         pairs = ((self.mask, self.mask_strides), (self.bias, self.bias_strides))
@@ -650,12 +663,18 @@ def _masked_softmax_forward(x, out_dtype, masking, lse):
     """y of masked_softmax, and each row's log-sum-exp into ``lse`` (None: not kept)."""
     y = empty_like(x, out_dtype)
     if y.numel():
+        read = masking.read_tensors() + ([("lse", lse)] if lse is not None else [])
+        names, inputs = ("x", *[name for name, _ in read], "y"), (x, *[tensor for _, tensor in read])
+        job = ("masked_softmax_forward", names, masking.scale, masking.causal_offset, masking.softcap)
+        if _launched_ready(job, inputs, y):
+            return y
         p = plan((x, y), x.dim() - 1, backward=False, masking=masking, split=True)
         if p.config.chunks > 1:
             _split_masked_forward(p, masking, lse)
         else:
             args = p.arguments("x", "y") | masking.arguments(p.align) | masking.extra_arguments(p.align)
-            _run(kernels().masked_softmax_forward_kernel, p, args | dict(lse_ptr=lse, ONLINE=p.config.online))
+            args |= dict(lse_ptr=lse, ONLINE=p.config.online)
+            _run_ready(job, inputs, y, kernels().masked_softmax_forward_kernel, p, args, names)
     elif lse is not None:
         lse.fill_(float("-inf"))
     return y

@@ -7,6 +7,7 @@ transposed, most slices, channels_last along C or N, expanded) reaches the kerne
 only the rest is copied first.
 """
 
+import functools
 import math
 
 import torch
@@ -86,25 +87,27 @@ def mask_view(mask, scores):
     strides) is copied, at its own size times the missing dims."""
     if mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)
-    strides = _broadcast_strides(mask, scores.shape)
-    lead = scores.shape[:-2]
-    for p in range(len(lead) + 1):
-        batch = _collapse(lead[:p], strides[:p])
-        head = _collapse(lead[p:], strides[p : len(lead)])
-        if batch and head:
-            break
-    else:
+    folded = _folded_strides(mask.shape, mask.stride(), scores.shape)
+    if folded is None:
         mask = mask.expand(scores.shape).contiguous()
-        strides = mask.stride()
-        batch, head = (1, 0), _collapse(lead, strides[:-2])
-    query = strides[-2] if scores.dim() >= 2 else 0
-    key = strides[-1] if scores.dim() else 0
-    return mask, (batch[1], head[1], query, key), head[0]
+        folded = _folded_strides(mask.shape, mask.stride(), scores.shape)
+    return mask, *folded
 
 
-def _broadcast_strides(tensor, shape):
-    """The strides of ``tensor`` broadcast to ``shape``, 0 along each dim it lacks or has of size
-    1 (where one index is all there is), without making the expanded view (a few µs a call)."""
-    missing = len(shape) - tensor.dim()
-    sizes, strides = tensor.shape, tensor.stride()
-    return tuple(0 if d < missing or sizes[d - missing] == 1 else strides[d - missing] for d in range(len(shape)))
+@functools.lru_cache(maxsize=1024)
+def _folded_strides(sizes, strides, shape):
+    """((batch, head, query, key) strides, the head run's size) of a tensor of ``sizes`` and
+    ``strides`` broadcast to ``shape``, or None where its leading dims fold into no two runs.
+    Cached by layout: a decoding step asks the same every call."""
+    missing = len(shape) - len(sizes)
+    # Broadcast strides: 0 along each dim missing or of size 1 (where one index is all there is).
+    broadcast = tuple(0 if d < missing or sizes[d - missing] == 1 else strides[d - missing] for d in range(len(shape)))
+    lead = shape[:-2]
+    for p in range(len(lead) + 1):
+        batch = _collapse(lead[:p], broadcast[:p])
+        head = _collapse(lead[p:], broadcast[p : len(lead)])
+        if batch and head:
+            query = broadcast[-2] if len(shape) >= 2 else 0
+            key = broadcast[-1] if shape else 0
+            return (batch[1], head[1], query, key), head[0]
+    return None

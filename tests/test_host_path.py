@@ -117,46 +117,69 @@ def test_log_and_softmax_keep_their_own_launches(kernels, launches, planned):
     assert planned() == 1
 
 
-def _masked(scores, mask, causal):
-    """masked_softmax forward and backward on ``scores`` (a leaf), checked against the reference."""
+def _masked(scores, options):
+    """masked_softmax forward and backward on ``scores`` (a leaf) with ``options`` (its keywords),
+    checked against the reference."""
     import fused_softmax
 
+    options = dict(scale=0.5) | options
     scores = scores.detach().requires_grad_()
-    y = fused_softmax.masked_softmax(scores, mask, scale=0.5, causal=causal)
+    y = fused_softmax.masked_softmax(scores, **options)
     dy = random(scores.shape, seed=7, scale=1.0)
     (ds,) = torch.autograd.grad(y, scores, dy)
-    offset = 0 if causal else None
-    expected = reference.masked_softmax(scores.detach(), mask, 0.5, offset)
+    causal, scale = options.pop("causal", False), options.pop("scale")
+    expected = reference.masked_softmax(scores.detach(), causal_offset=0 if causal else None, scale=scale, **options)
     assert_close(y, expected)
-    expected_grad, _ = reference.masked_softmax_backward(scores.detach(), expected, dy, 0.5)
+    expected_grad, _ = reference.masked_softmax_backward(
+        scores.detach(), expected, dy, scale, options.get("softcap"), options.get("sinks")
+    )
     assert_close(ds, expected_grad)
 
 
 SCORES = (2, 3, 4, 24)
-# name -> (mask for SCORES, causal)
-MASKS = {
-    "same": lambda: (random((2, 1, 1, 24), seed=3) > 0, False),
-    "other broadcast": lambda: (random((1, 3, 4, 24), seed=3) > 0, False),
-    "additive": lambda: (random((2, 1, 1, 24), seed=3), False),
-    "shifted": lambda: (_shifted(random((2, 1, 1, 24), seed=3) > 0), False),
-    "causal": lambda: (random((2, 1, 1, 24), seed=3) > 0, True),
-    "none": lambda: (None, False),
+# name -> masked_softmax's keywords for SCORES: the first, "same", is the base the others follow
+MASKED = {
+    "same": lambda: dict(mask=random((2, 1, 1, 24), seed=3) > 0),
+    "other broadcast": lambda: dict(mask=random((1, 3, 4, 24), seed=3) > 0),
+    "additive": lambda: dict(mask=random((2, 1, 1, 24), seed=3)),
+    "shifted": lambda: dict(mask=_shifted(random((2, 1, 1, 24), seed=3) > 0)),
+    "causal": lambda: dict(mask=random((2, 1, 1, 24), seed=3) > 0, causal=True),
+    "scale": lambda: dict(mask=random((2, 1, 1, 24), seed=3) > 0, scale=0.25),
+    "none": lambda: dict(),
+    "softcap": lambda: dict(mask=random((2, 1, 1, 24), seed=3) > 0, softcap=2.0),
+    "sinks": lambda: dict(mask=random((2, 1, 1, 24), seed=3) > 0, sinks=random((3,), seed=4)),
+    "bias": lambda: dict(mask=random((2, 1, 1, 24), seed=3) > 0, bias=random((1, 3, 1, 24), seed=4)),
 }
+# Those whose plans are the base's: another causal offset or scale changes the launch, not the plan.
+SAME_PLAN = ("same", "causal", "scale")
 
 
-@pytest.mark.parametrize("variant", MASKS)
+@pytest.mark.parametrize("variant", MASKED)
 def test_a_masked_call_on_another_mask_launches_what_planning_afresh_launches(kernels, launches, planned, variant):
-    """Masked plans are cached by the mask's dtype, broadcast strides and alignment too."""
+    """Masked plans are cached by the mask's dtype, broadcast strides and alignment too, and a
+    masked forward kept Ready by every tensor it reads and the scale, offset and cap."""
     scores = random(SCORES)
-    other, causal = MASKS[variant]()
-    _masked(scores, other, causal)
+    _masked(scores, MASKED[variant]())
     fresh = launches[:]
     _launch._PLANS.clear()
     _launch._READY.clear()
     launches.clear()
-    _masked(scores, MASKS["same"]()[0], False)
+    _masked(scores, MASKED["same"]())
     made = planned()
-    _masked(random(SCORES, seed=5), other, causal)
-    assert (planned() == made) == (variant in ("same", "causal")), "a plan served another mask, or one was replanned"
+    _masked(random(SCORES, seed=5), MASKED[variant]())
+    assert (planned() == made) == (variant in SAME_PLAN), "a plan served another mask, or one was replanned"
     for kept, afresh in zip(launches[len(launches) - len(fresh) :], fresh, strict=True):
+        assert_same_launch(kept, afresh)
+
+
+def test_a_masked_forward_keeps_its_own_cap(kernels, launches):
+    """Two caps on tensors of one layout: the second launches what it would on empty caches."""
+    mask = MASKED["same"]()["mask"]
+    _masked(random(SCORES), dict(mask=mask, softcap=3.0))
+    fresh = launches[:]
+    _launch._READY.clear()
+    launches.clear()
+    _masked(random(SCORES), dict(mask=mask, softcap=2.0))
+    _masked(random(SCORES, seed=5), dict(mask=mask, softcap=3.0))
+    for kept, afresh in zip(launches[len(fresh) :], fresh, strict=True):
         assert_same_launch(kept, afresh)
