@@ -49,7 +49,33 @@ CHILD = textwrap.dedent(
             _launch.softmax_forward(x, 1, dtype, log)
             _launch.jacobian_product(y, torch.randn_like(y), 1, dtype, backward_product(log))
 
+    def masked_calls(dtype, options):
+        '''Two masked forwards (with their statistics) on scores of one layout, in other memory.'''
+        g = torch.Generator().manual_seed(0)
+        mask = torch.rand(2, 1, 1, 24, generator=g) > 0.3
+        sinks = torch.randn(3, generator=g) if options.get("sinks") else None
+        bias = torch.randn(1, 3, 1, 24, generator=g).to(dtype) if options.get("bias") else None
+        for _ in range(2):
+            scores = torch.randn(2, 3, 4, 24, generator=g).to(dtype)
+            causal = 0 if options.get("causal") else None
+            masking = _launch.masking(scores, mask, 0.5, causal, options.get("softcap"), sinks, bias)
+            _launch.masked_softmax_forward_with_lse(scores, dtype, masking)
+
     report = []
+
+    def compare(pairs, case):
+        for first, kept in pairs:
+            bound, specialization, _ = bind(first)
+            _, kept_specialization, _ = bind(kept)
+            ours = _launch.positional_arguments(first.kernel, first.args)
+            values = list(bound.values())
+            report.append(dict(
+                case=f"{first.name} {case}",
+                order=list(bound) == list(first.kernel.arg_names),
+                same=len(ours) == len(values) and all(map(alike, ours, values)),
+                specialized_alike=repr(specialization) == repr(kept_specialization),
+            ))
+
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
         for shape, block in (((3, 40), None), ((2, 300), None), ((2, 300), 64)):
             for shift in (0, 1):
@@ -58,17 +84,13 @@ CHILD = textwrap.dedent(
                     with limit_block(block), recorded_launches(run=False) as launches:
                         calls(dtype, shape, shift, log)
                     forward, backward, kept_forward, kept_backward = launches
-                    for first, kept in ((forward, kept_forward), (backward, kept_backward)):
-                        bound, specialization, _ = bind(first)
-                        _, kept_specialization, _ = bind(kept)
-                        ours = _launch.positional_arguments(first.kernel, first.args)
-                        values = list(bound.values())
-                        report.append(dict(
-                            case=f"{first.name} {dtype} {shape} block {block} shift {shift} log {log}",
-                            order=list(bound) == list(first.kernel.arg_names),
-                            same=len(ours) == len(values) and all(map(alike, ours, values)),
-                            specialized_alike=repr(specialization) == repr(kept_specialization),
-                        ))
+                    case = f"{dtype} {shape} {block} {shift} {log}"
+                    compare(((forward, kept_forward), (backward, kept_backward)), case)
+        for options in ({}, {"causal": True}, {"softcap": 2.0}, {"sinks": True}, {"bias": True}):
+            _launch._READY.clear()
+            with recorded_launches(run=False) as launches:
+                masked_calls(dtype, options)
+            compare([launches], f"{dtype} {options}")
     json.dump(report, sys.stdout)
     """
 )
@@ -86,8 +108,8 @@ def report():
 
 def test_cases_cover_both_jobs(report):
     names = {record["case"].split()[0] for record in report}
-    assert names == {"softmax_forward_kernel", "softmax_backward_kernel"}, names
-    assert len(report) == 3 * 3 * 2 * 2 * 2
+    assert names == {"softmax_forward_kernel", "softmax_backward_kernel", "masked_softmax_forward_kernel"}, names
+    assert len(report) == 3 * (3 * 2 * 2 * 2 + 5)
 
 
 def test_arguments_go_in_the_binders_order(report):

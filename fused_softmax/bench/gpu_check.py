@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from .. import _launch, functional, testing
+from .. import _launch, functional, masked_softmax, testing
 from .._backend import use_backend
 from . import suite
 from .host_time import MODES, TINY_SHAPES, host_times
@@ -397,24 +397,26 @@ def agreement(problem, device):
 
 
 def direct_agreement(n_rows, n_cols, dtype, device, expect_direct):
-    """Forward and backward of softmax on [n_rows, n_cols] twice under the direct launch: the
-    first call launches through Triton and keeps its compiled kernels, the second calls them
-    directly (``expect_direct``: on a GPU; under the interpreter there are none to call). The
-    second's outputs must equal the first's and be within the dtype's rounding of torch's."""
+    """Softmax's forward and backward on [n_rows, n_cols], and a masked_softmax of those scores
+    under a bool mask, twice under the direct launch: the first call launches through Triton and
+    keeps its compiled kernels, the second calls them directly (``expect_direct``: on a GPU;
+    under the interpreter there are none to call). The second's outputs must equal the first's
+    and be within the dtype's rounding of float64 torch's."""
     x = torch.randn(n_rows, n_cols, dtype=dtype, device=device)
     dy = torch.randn_like(x)
+    keep = torch.rand(n_cols, device=device) > 0.25
     expected = expected_results(x, dy, DIRECTIONS)
-    _launch._READY.clear()  # so that the launches kept are this case's: its forward and backward
+    expected["masked"] = torch.softmax(x.double().masked_fill(~keep, float("-inf")), -1)
+    _launch._READY.clear()  # so that the launches kept are this case's
     with use_backend("triton"):
-        through_triton = _directions(x, dy)
-        direct = _directions(x, dy)
+        through_triton, direct = [_directions(x, dy) | {"masked": masked_softmax(x, keep)} for _ in range(2)]
     kept = [ready for ready in _launch._READY.values() if ready.direct is not None]
     record = dict(dtype=DTYPE_NAMES[dtype], n_rows=n_rows, n_cols=n_cols, direct_launches=len(kept))
-    ok = len(kept) == (2 if expect_direct else 0)
-    for direction in DIRECTIONS:
-        error, allowed = check(direct[direction], expected[direction])
-        equal = torch.equal(direct[direction], through_triton[direction])
-        record[direction] = dict(max_abs_err=error, allowed_err=allowed, equal_to_triton_launch=equal)
+    ok = len(kept) == (3 if expect_direct else 0)
+    for output in expected:
+        error, allowed = check(direct[output], expected[output])
+        equal = torch.equal(direct[output], through_triton[output])
+        record[output] = dict(max_abs_err=error, allowed_err=allowed, equal_to_triton_launch=equal)
         ok = ok and error <= allowed and equal
     record["ok"] = ok
     return record
