@@ -27,7 +27,7 @@ from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import _launch
 from ._backend import KERNEL_DTYPES, selected_backend, use_kernels
-from ._transforms import batch_first
+from ._transforms import batch_first, bound_quickly, needs_autograd
 
 # Captured at import, before any patch() can replace it: the eager path.
 _TORCH_CROSS_ENTROPY = F.cross_entropy
@@ -272,6 +272,7 @@ def _probability_tangent(input, target_tangent, weight, label_smoothing, softcap
     return terms.sum(dims) / divisor
 
 
+@bound_quickly
 class CrossEntropyFunction(torch.autograd.Function):
     """Cross-entropy on the kernels, returning (loss, the logits' gradient of it or None); the
     gradient is an output, not differentiable, so that the forward stays free of ``ctx``.
@@ -500,11 +501,13 @@ def cross_entropy(
     if torch.compiler.is_compiling():
         store_grad = input.requires_grad and torch.is_grad_enabled()
         return cross_entropy_op(input, target, weight, *options, store_grad)[0]
+    if not needs_autograd(input, target, weight):
+        return kernel_cross_entropy(input, target, weight, *options, False, False)[0]
     store_grad = _wants_gradient(input)
     inplace = inplace_backward and input.is_contiguous() and _device_scalable(input)
     if inplace and store_grad:
         torch.autograd.graph.increment_version(input)  # any other saved use of the logits now raises
-    return CrossEntropyFunction.apply(input, target, weight, *options, store_grad, inplace)[0]
+    return CrossEntropyFunction.apply(input, target, weight, *options, store_grad, inplace, 0)[0]
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
