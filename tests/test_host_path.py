@@ -183,3 +183,16 @@ def test_a_masked_forward_keeps_its_own_cap(kernels, launches):
     _masked(random(SCORES, seed=5), dict(mask=mask, softcap=3.0))
     for kept, afresh in zip(launches[len(fresh) :], fresh, strict=True):
         assert_same_launch(kept, afresh)
+
+
+def test_the_host_time_bench_times_the_other_small_calls(launches):
+    """``python -m fused_softmax.bench.host_time``'s second table, with the launches stubbed as
+    there: every job times each implementation, and the kernels' path was the one planned."""
+    from fused_softmax.bench.host_time import OTHER_CALLS, YARDSTICK, other_host_times
+
+    with _launch.overridden(run=False):
+        timed = dict(other_host_times(torch.device("cpu"), blocks=1, block_s=1e-4))
+    assert list(timed) == list(OTHER_CALLS)
+    for us in timed.values():
+        assert set(us) == {"fused_softmax", "torch", YARDSTICK} and all(t > 0 for t in us.values())
+    assert {launch.name for launch in launches} == {"masked_softmax_forward_kernel", "cross_entropy_kernel"}

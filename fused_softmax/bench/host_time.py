@@ -123,6 +123,49 @@ def _kernel_times(calls):
         return {"kernel_error": f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"}
 
 
+def _masked_calls(device):
+    """A decoding step's masked_softmax (scores [1, 8, 1, 128], a bool key mask) and the eager
+    masked_fill + softmax it replaces, beside the yardstick."""
+    from .. import masked_softmax
+
+    scores = torch.randn(1, 8, 1, 128, device=device)
+    keep = torch.rand(1, 1, 1, 128, device=device) > 0.2
+    return {
+        "fused_softmax": functools.partial(masked_softmax, scores, keep),
+        "torch": lambda: torch.softmax(scores.masked_fill(~keep, float("-inf")), -1),
+        YARDSTICK: functools.partial(torch.empty_like, scores),
+    }
+
+
+def _cross_entropy_calls(device):
+    """A small classifier's loss (logits [8, 1000], class targets, the mean), beside the yardstick."""
+    from .. import cross_entropy
+
+    logits = torch.randn(8, 1000, device=device)
+    target = torch.randint(0, 1000, (8,), device=device)
+    return {
+        "fused_softmax": functools.partial(cross_entropy, logits, target),
+        "torch": functools.partial(torch.nn.functional.cross_entropy, logits, target),
+        YARDSTICK: functools.partial(torch.empty_like, logits),
+    }
+
+
+OTHER_CALLS = {
+    "masked_softmax [1, 8, 1, 128], bool mask": _masked_calls,
+    "cross_entropy [8, 1000]": _cross_entropy_calls,
+}
+
+
+def other_host_times(device, blocks=21, block_s=5e-3):
+    """(job, wall µs per call of each implementation) of the other small calls, inference."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    for job, make in OTHER_CALLS.items():
+        calls = make(device)
+        with use_backend("triton"):
+            wall = interleaved_median_us(*calls.values(), blocks=blocks, block_s=block_s, sync=sync)
+        yield job, dict(zip(calls, wall, strict=True))
+
+
 def stubbed_host_times(shapes=TINY_SHAPES, blocks=21, block_s=5e-3):
     """``host_times`` on CPU tensors with every kernel launch planned but not run:
     the host path alone, against ``torch.empty_like`` in the same run. Needs the interpreter
@@ -141,8 +184,8 @@ def main():
         raise SystemExit("run with TRITON_INTERPRET=1 (no GPU: the launches are stubbed on CPU)")
     if not torch.cuda.is_available():
         torch.set_num_threads(1)  # torch's CPU softmax of a few KiB, on a shared machine, waits on its thread pool
-    records = host_times({"float32": torch.float32}, torch.device("cuda")) if torch.cuda.is_available() else None
-    records = records or stubbed_host_times()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    records = host_times({"float32": torch.float32}, device) if device.type == "cuda" else stubbed_host_times()
     print(
         f"| shape | mode | fused_softmax µs | torch µs | {LEAST_FUNCTION} µs | {YARDSTICK} µs | fused / {YARDSTICK} |"
     )
@@ -155,6 +198,14 @@ def main():
             f"| [{r['n_rows']}, {r['n_cols']}] | {r['mode']} | {us['fused_softmax']:.1f} | {us['torch']:.1f} "
             f"| {least} | {us[YARDSTICK]:.2f} | {ratio:.0f}x |"
         )
+    print(f"\n| inference | fused_softmax µs | torch µs | {YARDSTICK} µs | fused / {YARDSTICK} |")
+    print("|---|---|---|---|---|")
+    from .._launch import overridden
+
+    with overridden(run=device.type == "cuda"):
+        for job, us in other_host_times(device):
+            ratio = us["fused_softmax"] / us[YARDSTICK]
+            print(f"| {job} | {us['fused_softmax']:.1f} | {us['torch']:.1f} | {us[YARDSTICK]:.2f} | {ratio:.0f}x |")
 
 
 if __name__ == "__main__":
