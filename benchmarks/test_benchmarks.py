@@ -141,3 +141,40 @@ def test_masked_softmax(benchmark, name, direction):
         benchmark(_timed_call(call, scores, y, dy, direction))
     if CUDA and benchmark.stats:
         benchmark.extra_info["GB/s"] = minimum / benchmark.stats.stats.median / 1e9
+
+
+def _small_calls():
+    """name -> call of host_time's small calls ([8, 512] softmax inference and training, a
+    decoding step's masked_softmax, a classifier's cross_entropy) and torch.empty_like, the
+    yardstick, each with its torch counterpart."""
+    from fused_softmax.bench.host_time import OTHER_CALLS, YARDSTICK, _calls
+
+    device = torch.device("cuda" if CUDA else "cpu")
+    x = torch.randn(8, 512, device=device)
+    calls = {YARDSTICK: _calls(x, x, "inference")[YARDSTICK]}
+    for mode in ("inference", "training"):
+        for impl, call in _calls(x, torch.randn_like(x), mode).items():
+            if impl != YARDSTICK:
+                calls[f"softmax [8, 512] {mode}: {impl}"] = call
+    for job, make in OTHER_CALLS.items():
+        for impl, call in make(device).items():
+            if impl != YARDSTICK:
+                calls[f"{job}: {impl}"] = call
+    return calls
+
+
+SMALL_CALLS = _small_calls() if CUDA or kernels_interpreted() else {}
+
+
+@pytest.mark.parametrize("name", list(SMALL_CALLS))
+def test_small_call_host_path(benchmark, name):
+    """Time per call of a small call, where the host sets the pace: on a GPU the wall time of
+    calls queued without waiting (the host path, Triton's launch included), on CPU the host path
+    alone, every launch planned and stubbed (the interpreter's kernels would time NumPy), while
+    torch's counterparts run their CPU kernels. Compare each with torch.empty_like's in the
+    same group."""
+    from fused_softmax._launch import overridden
+
+    benchmark.group = "small calls: host path per call"
+    with use_backend("triton"), overridden(run=CUDA):
+        benchmark(SMALL_CALLS[name])
