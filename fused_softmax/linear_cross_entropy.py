@@ -482,7 +482,19 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return _batched(LinearCrossEntropyFunction.apply, info, in_dims, args, per_entry)
 
 
-class PerTokenGradsFunction(torch.autograd.Function):
+class _UnderivableFunction(torch.autograd.Function):
+    """A Function whose own derivatives, reverse and forward, raise ``NO_DOUBLE_BACKWARD``."""
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(NO_DOUBLE_BACKWARD)
+
+    @staticmethod
+    def jvp(ctx, *_):
+        raise RuntimeError(NO_DOUBLE_BACKWARD)
+
+
+class PerTokenGradsFunction(_UnderivableFunction):
     """reduction='none''s backward, ``per_token_grads``: a Function so that torch.func can batch
     it (jacrev, per-sample gradients: more tokens of the same chunks, see ``_batched``). Its
     gradients are not differentiable (``DerivativesRefused``)."""
@@ -494,14 +506,6 @@ class PerTokenGradsFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.mark_non_differentiable(*(g for g in output if g is not None))
-
-    @staticmethod
-    def backward(ctx, *_):
-        raise RuntimeError(NO_DOUBLE_BACKWARD)
-
-    @staticmethod
-    def jvp(ctx, *_):
-        raise RuntimeError(NO_DOUBLE_BACKWARD)
 
     @staticmethod
     def vmap(info, in_dims, input, weight, bias, target, grad_loss, options, rows, cols, wanted):
@@ -519,7 +523,7 @@ def _per_token_backward(input, weight, bias, target, grad_loss, options, rows, c
     return [g if want else None for g, want in zip(grads, wants, strict=True)]
 
 
-class TokenTangentsFunction(torch.autograd.Function):
+class TokenTangentsFunction(_UnderivableFunction):
     """reduction='none''s forward-mode tangent, ``token_tangents``, returned alone in a tuple: a
     Function so that the kernels see plain tensors and torch.func can batch it (jacfwd vmaps the
     tangents, see ``_batched``). Its own derivatives raise."""
@@ -534,14 +538,6 @@ class TokenTangentsFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         pass
-
-    @staticmethod
-    def backward(ctx, *_):
-        raise RuntimeError(NO_DOUBLE_BACKWARD)
-
-    @staticmethod
-    def jvp(ctx, *_):
-        raise RuntimeError(NO_DOUBLE_BACKWARD)
 
     @staticmethod
     def vmap(info, in_dims, *args):
