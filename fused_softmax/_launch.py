@@ -143,9 +143,10 @@ class Plan:
             return self.chunk_arguments() | dict(SPLIT=True)
         return dict(chunk_cols=self.sizes[1] // self.align, n_chunks=1, SPLIT=False)
 
-    def reads(self, tensors):
-        """Whether the kernels read ``tensors`` themselves, not copies in a layout they read."""
-        return all(view is t for view, t in zip(self.tensors, tensors, strict=True))
+    def places(self, tensors):
+        """Where each of the plan's tensors is among ``tensors``; None for one that is not there
+        (a copy in a layout the kernels read)."""
+        return tuple(next((i for i, t in enumerate(tensors) if t is view), None) for view in self.tensors)
 
     def with_tensors(self, tensors):
         """This plan over other tensors of the same layout: a cached plan's copy for one call,
@@ -204,7 +205,7 @@ def plan(tensors, dim, *, backward, masking=None, cross_entropy=False, split=Fal
     if cached is not None:
         return cached.with_tensors(tuple(tensors))
     p = _plan(tensors, dim, backward, masking, cross_entropy, split)
-    if p.reads(tensors):
+    if None not in p.places(tensors):
         _keep(_PLANS, key, p.with_tensors(()))  # the plan, not the caller's tensors
     return p
 
@@ -393,8 +394,7 @@ def _run_ready(job, inputs, out, kernel, p, args, names):
     these layouts (``names``: theirs in ``args``, less ``_ptr``) when the plan's tensors are among
     them, not copies in a layout the kernel reads."""
     compiled = _run(kernel, p, args)
-    tensors = (*inputs, out)
-    planned = tuple(next((i for i, t in enumerate(tensors) if t is view), None) for view in p.tensors)
+    planned = p.places((*inputs, out))
     if None not in planned:
         pointers = tuple(f"{name}_ptr" for name in names)
         others = {name: value for name, value in args.items() if name not in pointers}
