@@ -648,24 +648,41 @@ def masking(scores, mask, scale, causal_offset, softcap=None, sinks=None, bias=N
 
 def masked_softmax_forward(x, out_dtype, masking):
     """softmax of scale * x + mask over the last dim of [..., Lq, Lk] scores, causal if asked."""
-    return _masked_softmax_forward(x, out_dtype, masking, None)
+    return _masked_softmax_forward(x, empty_like(x, out_dtype), masking, None)
+
+
+def masked_softmax(x, mask, scale, causal_offset, out_dtype):
+    """``masked_softmax_forward`` of a mask (or None), a scale and a causal offset alone: on a
+    layout launched before, the Ready launch goes before the ``Masking`` is built."""
+    y = empty_like(x, out_dtype)
+    if y.numel():
+        read = [] if mask is None else [("mask", mask.view(torch.uint8) if mask.dtype == torch.bool else mask)]
+        if _launched_ready(_masked_job(read, scale, causal_offset, None), (x, *[t for _, t in read]), y):
+            return y
+    return _masked_softmax_forward(x, y, masking(x, mask, scale, causal_offset), None)
 
 
 def masked_softmax_forward_with_lse(x, out_dtype, masking):
     """(y, each row's log-sum-exp) of masked_softmax, the statistics kept where softcapping or
     sinks need them in the backward (else an empty tensor)."""
     lse = empty(x.shape[:-1], stats_dtype(x.dtype), x.device) if masking.keeps_statistics else None
-    y = _masked_softmax_forward(x, out_dtype, masking, lse)
+    y = _masked_softmax_forward(x, empty_like(x, out_dtype), masking, lse)
     return y, lse if lse is not None else torch.empty(0, dtype=stats_dtype(x.dtype), device=x.device)
 
 
-def _masked_softmax_forward(x, out_dtype, masking, lse):
-    """y of masked_softmax, and each row's log-sum-exp into ``lse`` (None: not kept)."""
-    y = empty_like(x, out_dtype)
+def _masked_job(read, scale, causal_offset, softcap):
+    """The Ready job of a masked_softmax forward reading the scores x and ``read`` ((name, tensor)
+    pairs), writing y: it names the tensors, in the kernel's terms, and the values besides their
+    layouts that decide the launch."""
+    return ("masked_softmax_forward", ("x", *[name for name, _ in read], "y"), scale, causal_offset, softcap)
+
+
+def _masked_softmax_forward(x, y, masking, lse):
+    """masked_softmax into ``y``, and each row's log-sum-exp into ``lse`` (None: not kept)."""
     if y.numel():
         read = masking.read_tensors() + ([("lse", lse)] if lse is not None else [])
-        names, inputs = ("x", *[name for name, _ in read], "y"), (x, *[tensor for _, tensor in read])
-        job = ("masked_softmax_forward", names, masking.scale, masking.causal_offset, masking.softcap)
+        job = _masked_job(read, masking.scale, masking.causal_offset, masking.softcap)
+        inputs = (x, *[tensor for _, tensor in read])
         if _launched_ready(job, inputs, y):
             return y
         p = plan((x, y), x.dim() - 1, backward=False, masking=masking, split=True)
@@ -674,7 +691,7 @@ def _masked_softmax_forward(x, out_dtype, masking, lse):
         else:
             args = p.arguments("x", "y") | masking.arguments(p.align) | masking.extra_arguments(p.align)
             args |= dict(lse_ptr=lse, ONLINE=p.config.online)
-            _run_ready(job, inputs, y, kernels().masked_softmax_forward_kernel, p, args, names)
+            _run_ready(job, inputs, y, kernels().masked_softmax_forward_kernel, p, args, job[1])
     elif lse is not None:
         lse.fill_(float("-inf"))
     return y

@@ -141,8 +141,7 @@ class MaskedSoftmaxFunction(torch.autograd.Function):
 
 
 def _masked_softmax_kernels(scores, mask, scale, causal_offset, dtype):
-    masking = _launch.masking(scores, mask, scale, causal_offset)
-    return _launch.masked_softmax_forward(scores, dtype or scores.dtype, masking)
+    return _launch.masked_softmax(scores, mask, scale, causal_offset, dtype or scores.dtype)
 
 
 def _softmax_backward(y, dy, dtype, scale):

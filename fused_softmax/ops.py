@@ -109,8 +109,7 @@ def masked_softmax(
     causal_offset: Optional[int],
     dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
-    masking = _launch.masking(scores, mask, scale, causal_offset)
-    return _launch.masked_softmax_forward(scores, dtype or scores.dtype, masking)
+    return _launch.masked_softmax(scores, mask, scale, causal_offset, dtype or scores.dtype)
 
 
 @masked_softmax.register_fake

@@ -172,6 +172,23 @@ def test_a_masked_call_on_another_mask_launches_what_planning_afresh_launches(ke
         assert_same_launch(kept, afresh)
 
 
+def test_a_mask_read_as_a_copy_is_copied_at_every_call(kernels, launches, planned):
+    """A mask whose leading dims fold into no two runs is read from a copy: a later call on that
+    layout copies its own mask again, and launches what planning afresh launches on the copy."""
+
+    def interleaved_mask(seed):  # dims (2, 3, 2) with strides (144, 24, 72)
+        return (random((2, 2, 3, 1, 24), seed=seed) > 0).permute(0, 2, 1, 3, 4)
+
+    scores = (2, 3, 2, 4, 24)
+    _masked(random(scores), dict(mask=interleaved_mask(3)))
+    fresh = launches[:]
+    _masked(random(scores, seed=5), dict(mask=interleaved_mask(4)))
+    for kept, afresh in zip(launches[len(fresh) :], fresh, strict=True):
+        assert_same_launch(kept, afresh)
+    (forward,) = [launch for launch in launches[len(fresh) :] if launch.name == "masked_softmax_forward_kernel"]
+    assert forward.args["mask_ptr"].is_contiguous()
+
+
 def test_a_masked_forward_keeps_its_own_cap(kernels, launches):
     """Two caps on tensors of one layout: the second launches what it would on empty caches."""
     mask = MASKED["same"]()["mask"]
