@@ -801,12 +801,16 @@ def cross_entropy_forward(
     logits' gradient of Σ loss · ``grad_scale``: a tensor in the compute dtype holding one factor
     per batch entry, the entries splitting the rows, in order, into equal runs (one entry: a
     1-element tensor)."""
-    if not probabilities and weight is None and x.numel() and _splits_cross_entropy(x, dim):
+    losses = empty(_rows_shape(x, dim), stats_dtype(x.dtype), x.device)
+    named = (("x", x), ("target", target), ("weight", weight), ("grad", grad), ("grad_scale", grad_scale))
+    read = [(name, tensor) for name, tensor in named if tensor is not None]
+    inputs, pointers = tuple(tensor for _, tensor in read), (*[name for name, _ in read], "loss")
+    job = ("cross_entropy_forward", pointers, dim, ignore_index, smoothing, z_loss, softcap, probabilities)
+    if not losses.numel() or _launched_ready(job, inputs, losses):
+        return losses
+    if not probabilities and weight is None and _splits_cross_entropy(x, dim):
         options = dict(ignore_index=ignore_index, smoothing=smoothing, z_loss=z_loss, softcap=softcap)
         return _split_cross_entropy(x, target, grad, grad_scale, dim, **options)
-    losses = empty(_rows_shape(x, dim), stats_dtype(x.dtype), x.device)
-    if not losses.numel():
-        return losses
     names = ("x", "target") if probabilities else ("x",)
     tensors = (x, target) if probabilities else (x,)
     if grad is not None:
@@ -822,11 +826,54 @@ def cross_entropy_forward(
         ONLINE=p.config.online, HAS_WEIGHT=weight is not None, SOFTCAP=softcap is not None, STORE_GRAD=grad is not None
     )
     if probabilities:
-        _run(kernels().cross_entropy_probabilities_kernel, p, args)
+        kernel = kernels().cross_entropy_probabilities_kernel
     else:
+        kernel = kernels().cross_entropy_kernel
         args |= dict(target_ptr=target, ignore_index=ignore_index, SMOOTHING=smoothing > 0)
-        _run(kernels().cross_entropy_kernel, p, args)
+    _run_ready(job, inputs, losses, kernel, p, args, pointers)
     return losses
+
+
+def mean_grad_scales(target, weight, entries, ignore_index, n_classes, dtype):
+    """[entries] in ``dtype``: 1 / each batch entry's mean divisor, Σ w_t over its class-index
+    targets not ignored (their count without ``weight``), as torch's. ``target``: contiguous, the
+    entries' rows in order."""
+    scales = empty((entries,), dtype, target.device)
+    targets = target.view(entries, -1) if entries else None
+    inputs = (targets,) if weight is None else (targets, weight)
+    job = ("mean_grad_scales", ignore_index, n_classes)
+    if entries and not targets.shape[1]:
+        scales.fill_(float("inf"))
+    elif entries and not _launched_ready(job, inputs, scales):
+        p = plan((targets,), 1, backward=False)
+        args = p.arguments("target") | dict(weight_ptr=weight, grad_scale_ptr=scales)
+        args |= dict(ignore_index=ignore_index, n_classes=n_classes, HAS_WEIGHT=weight is not None)
+        names = ("target", "grad_scale") if weight is None else ("target", "weight", "grad_scale")
+        _run_ready(job, inputs, scales, kernels().mean_grad_scale_kernel, p, args, names)
+    return scales
+
+
+def reduced_losses(losses, target, weight, batch, divisor, ignore_index, n_classes, out_dtype):
+    """Shaped ``batch``, in ``out_dtype``: the sum of each batch entry's row losses (``losses``,
+    contiguous, the entries' rows in order), or their mean: ``divisor`` "rows" divides by the
+    entry's rows, "targets" by Σ w_t over its class-index targets not ignored, as torch's
+    (``target`` laid out as the losses)."""
+    out = empty(batch, out_dtype, losses.device)
+    entries = out.numel()
+    rows = losses.view(entries, -1) if entries else None
+    named = (("loss", rows), ("target", target), ("weight", weight)) if divisor == "targets" else (("loss", rows),)
+    read = [(name, tensor) for name, tensor in named if tensor is not None]
+    inputs, pointers = tuple(tensor for _, tensor in read), (*[name for name, _ in read], "out")
+    job = ("reduced_losses", pointers, divisor, ignore_index, n_classes)
+    if entries and not rows.shape[1]:
+        out.fill_(float("nan") if divisor else 0.0)
+    elif entries and not _launched_ready(job, inputs, out):
+        p = plan((rows,), 1, backward=False)
+        args = p.arguments("loss") | dict(target_ptr=None, weight_ptr=None, out_ptr=out)
+        args |= {f"{name}_ptr": tensor for name, tensor in read[1:]}
+        args |= dict(ignore_index=ignore_index, n_classes=n_classes, DIVISOR=divisor, HAS_WEIGHT="weight" in pointers)
+        _run_ready(job, inputs, out, kernels().reduced_loss_kernel, p, args, pointers)
+    return out
 
 
 def _splits_cross_entropy(x, dim):

@@ -112,14 +112,16 @@ def _check_targets(target, classes, ignore_index):
         raise IndexError(f"Target {target[bad][0].item()} is out of bounds.")
 
 
-def _mean_divisors(input, target, weight, ignore_index, entries, classes):
-    """Each batch entry's mean divisor, [entries] in the compute dtype: its rows for probability
-    targets, else as torch's (``_index_denominator``)."""
+def _grad_scales(input, target, weight, ignore_index, reduction, entries, classes):
+    """The factor each batch entry's gradient is written with, [entries] (or one for all) in the
+    compute dtype: 1 / its mean divisor for a mean (its rows for probability targets), else 1."""
     dtype = _launch.stats_dtype(input.dtype)
+    if reduction != "mean":
+        return torch.ones(1, dtype=dtype, device=input.device)
     if target.is_floating_point():
         rows = target.numel() // max(entries * classes, 1)
-        return torch.full((entries,), float(rows), dtype=dtype, device=input.device)
-    return _index_denominator(target.view(entries, -1), weight, ignore_index, dim=1).to(dtype)
+        return torch.full((entries,), 1.0 / rows if rows else math.inf, dtype=dtype, device=input.device)
+    return _launch.mean_grad_scales(target, weight, entries, ignore_index, classes, dtype)
 
 
 def kernel_cross_entropy(
@@ -130,23 +132,20 @@ def kernel_cross_entropy(
 
     The first ``batch_dims`` dims of ``input`` and ``target`` are a batch of independent calls
     (vmap's): each entry keeps its own reduction and mean divisor, and the kernel sees them all as
-    rows of one launch, the classes along ``_class_dim``."""
+    rows of one launch, the classes along ``_class_dim``. A mean or sum is one more launch, and
+    a mean's gradient factor one before the forward (class-index targets)."""
     dim = _class_dim(input, batch_dims)
     batch = input.shape[:batch_dims]
     entries = math.prod(batch)
-    if not target.is_floating_point():
-        target = target.reshape(-1).long()
-        _check_targets(target, input.shape[dim], ignore_index)
-    divisors = None
-    if reduction == "mean":
-        divisors = _mean_divisors(input, target, weight, ignore_index, entries, input.shape[dim])
+    classes = input.shape[dim]
+    probabilities = target.is_floating_point()
+    if not probabilities:
+        target = (target if target.dim() == 1 else target.reshape(-1)).long()
+        _check_targets(target, classes, ignore_index)
     grad = grad_scale = None
     if store_grad:
         grad = input if inplace else _launch.empty(input.shape, input.dtype, input.device)
-        if divisors is None:
-            grad_scale = torch.ones(1, dtype=_launch.stats_dtype(input.dtype), device=input.device)
-        else:
-            grad_scale = divisors.reciprocal()
+        grad_scale = _grad_scales(input, target, weight, ignore_index, reduction, entries, classes)
     losses = _launch.cross_entropy_forward(
         input,
         target,
@@ -157,13 +156,13 @@ def kernel_cross_entropy(
         softcap=softcap,
         grad=grad,
         grad_scale=grad_scale,
-        probabilities=target.is_floating_point(),
+        probabilities=probabilities,
         dim=dim,
     )
-    if reduction != "none":
-        sums = losses.reshape(entries, -1).sum(1)
-        losses = (sums if reduction == "sum" else sums / divisors).reshape(batch)
-    return losses.to(input.dtype), grad
+    if reduction == "none":
+        return losses.to(input.dtype), grad
+    divisor = "" if reduction == "sum" else "rows" if probabilities else "targets"
+    return _launch.reduced_losses(losses, target, weight, batch, divisor, ignore_index, classes, input.dtype), grad
 
 
 def _is_one(grad_loss):

@@ -5,7 +5,8 @@
 - masked_softmax forward (scale, mask, causal diagonal, softcapping, sinks), and its backward
   under softcapping or sinks: ``attention``;
 - cross-entropy, with class-index or class-probability targets, its gradient in the same pass,
-  the backward's scaling of it, and its work on one slice of the classes (a vocab-parallel
+  a mean's or sum's reduction (and a mean's gradient factor), the backward's scaling of the
+  gradient, and its work on one slice of the classes (a vocab-parallel
   shard, or a chunk of linear_cross_entropy's vocabulary), statistics then gradient:
   ``cross_entropy``;
 - the sharded softmax's row statistics, y from the log-sum-exp, the backward's row sums and dx
@@ -20,6 +21,8 @@ from .cooperative import cooperative_product_kernel, cooperative_softmax_kernel
 from .cross_entropy import (
     cross_entropy_kernel,
     cross_entropy_probabilities_kernel,
+    mean_grad_scale_kernel,
+    reduced_loss_kernel,
     scale_grad_kernel,
     vocab_slice_grad_kernel,
     vocab_slice_statistics_kernel,
@@ -56,7 +59,9 @@ __all__ = [
     "masked_chunk_statistics_kernel",
     "masked_softmax_backward_kernel",
     "masked_softmax_forward_kernel",
+    "mean_grad_scale_kernel",
     "normalise_with_lse_kernel",
+    "reduced_loss_kernel",
     "row_statistics_kernel",
     "scale_grad_kernel",
     "softmax_backward_kernel",

@@ -202,6 +202,67 @@ def test_a_masked_forward_keeps_its_own_cap(kernels, launches):
         assert_same_launch(kept, afresh)
 
 
+def _cross_entropy(logits, options):
+    """cross_entropy forward and backward on ``logits`` (a leaf) with ``options`` (its keywords;
+    ``target``, ``weight``: "index", "probabilities", "weights" make them), checked against the
+    reference."""
+    import fused_softmax
+
+    rows, classes = logits.shape
+    options = dict(options)
+    kind = options.pop("target", "index")
+    if kind == "index":
+        target = torch.randint(classes, (rows,), generator=torch.Generator().manual_seed(rows))
+        target[1] = options.get("ignore_index", -100)
+    else:
+        target = random((rows, classes), seed=8).softmax(1)
+    if options.pop("weights", False):
+        options["weight"] = random((classes,), seed=9).abs() + 0.5
+    logits = logits.detach().requires_grad_()
+    loss = fused_softmax.cross_entropy(logits, target, **options)
+    dy = random(loss.shape, seed=7, scale=1.0)
+    (dx,) = torch.autograd.grad(loss, logits, dy)
+    assert_close(loss, reference.cross_entropy(logits.detach(), target, **options))
+    assert_close(dx, reference.cross_entropy_backward(logits.detach(), target, dy, **options))
+
+
+LOGITS = (4, 40)
+# name -> cross_entropy's keywords for LOGITS (the first, "same", is the default call)
+CROSS_ENTROPY = {
+    "same": dict(),
+    "sum": dict(reduction="sum"),
+    "none": dict(reduction="none"),
+    "smoothing": dict(label_smoothing=0.1),
+    "z_loss": dict(z_loss=1e-2),
+    "softcap": dict(softcap=3.0),
+    "ignore_index": dict(ignore_index=3),
+    "weights": dict(weights=True),
+    "probabilities": dict(target="probabilities"),
+    "probabilities, sum": dict(target="probabilities", reduction="sum"),
+}
+
+
+def test_cross_entropys_launches_keep_every_option_apart(kernels, launches, planned):
+    """cross_entropy's launches (a mean's gradient factor, the forward, the reduction) are kept
+    Ready by every tensor they read and every option they depend on: with every variant's kept,
+    each launches what it launches on empty caches."""
+    fresh = {}
+    for name, options in CROSS_ENTROPY.items():
+        _launch._PLANS.clear()
+        _launch._READY.clear()
+        launches.clear()
+        _cross_entropy(random(LOGITS), options)
+        fresh[name] = launches[:]
+    for options in CROSS_ENTROPY.values():
+        _cross_entropy(random(LOGITS), options)
+    for name, options in CROSS_ENTROPY.items():
+        launches.clear()
+        _cross_entropy(random(LOGITS, seed=5), options)
+        assert len(launches) == len(fresh[name]), name
+        for kept, afresh in zip(launches, fresh[name], strict=True):
+            assert_same_launch(kept, afresh)
+
+
 def test_the_host_time_bench_times_the_other_small_calls(launches):
     """``python -m fused_softmax.bench.host_time``'s second table, with the launches stubbed as
     there: every job times each implementation, and the kernels' path was the one planned."""
@@ -212,4 +273,5 @@ def test_the_host_time_bench_times_the_other_small_calls(launches):
     assert list(timed) == list(OTHER_CALLS)
     for us in timed.values():
         assert set(us) == {"fused_softmax", "torch", YARDSTICK} and all(t > 0 for t in us.values())
-    assert {launch.name for launch in launches} == {"masked_softmax_forward_kernel", "cross_entropy_kernel"}
+    kernels = {"masked_softmax_forward_kernel", "cross_entropy_kernel", "reduced_loss_kernel"}
+    assert {launch.name for launch in launches} == kernels
