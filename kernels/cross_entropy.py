@@ -610,9 +610,8 @@ def counted_weights(target, in_bounds, weight_ptr, ignore_index, n_classes, HAS_
     (its loss is NaN anyway), never out of bounds."""
     counted = in_bounds & (target != ignore_index)
     if HAS_WEIGHT:
-        nearest = tl.minimum(tl.maximum(target, 0), n_classes - 1)
-        weights = tl.load(weight_ptr + nearest, mask=counted, other=0.0).to(COMPUTE_DTYPE)
-        return tl.where(counted, weights, 0.0)
+        nearest = tl.minimum(tl.maximum(target, 0), n_classes - 1).to(tl.int32)
+        return tl.load(weight_ptr + nearest, mask=counted, other=0.0).to(COMPUTE_DTYPE)
     else:
         return counted.to(COMPUTE_DTYPE)
 

@@ -318,7 +318,8 @@ CROSS_ENTROPY_DTYPES = ("bf16", "fp32", "fp64")  # fp16 compiles as bf16 does
 def _cross_entropy_launches(n):
     """(job, tensors, description) of the cross-entropy launches for rows of ``n`` classes: with the
     gradient, plain and with every option (weights, smoothing, z-loss, softcap); the loss alone;
-    probability targets; the backward's scaling (one factor, one per row)."""
+    probability targets; a mean's or sum's reduction of ``n`` rows' losses, and a mean's gradient
+    factor (weighted); the backward's scaling (one factor, one per row)."""
     for d in CROSS_ENTROPY_DTYPES:
         x, dtype = _empty((ROWS, n), d), TORCH_DTYPES[d]
         index, probabilities = torch.zeros(ROWS, dtype=torch.int64), torch.empty(ROWS, n, dtype=dtype)
@@ -342,6 +343,20 @@ def _cross_entropy_launches(n):
             _launch.cross_entropy_forward(x, target, None, ignore_index=-100, smoothing=0.1, z_loss=0.0, softcap=None)
 
         yield loss_only, (x,), "cross entropy, loss out"
+        losses, targets = torch.empty(n, dtype=_launch.stats_dtype(dtype)), torch.zeros(n, dtype=torch.int64)
+        for divisor, classes, name in (("", None, "sum"), ("rows", None, "mean of rows"), ("targets", weight, "mean")):
+
+            def reduction(losses, divisor=divisor, classes=classes, targets=targets, dtype=dtype):
+                _launch.reduced_losses(losses, targets, classes, (1,), divisor, -100, n, dtype)
+
+            yield reduction, (losses,), f"cross entropy {name} of {n} rows, one value out"
+        yield (
+            lambda targets, weight=weight, dtype=scale.dtype: _launch.mean_grad_scales(
+                targets, weight, 1, -100, n, dtype
+            ),
+            (targets,),
+            f"cross entropy mean factor of {n} rows, one value out",
+        )
         for upstream, name in (
             (torch.empty((), dtype=dtype), "one factor"),
             (torch.empty(ROWS, dtype=dtype), "per row"),
