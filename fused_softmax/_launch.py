@@ -101,6 +101,12 @@ def stats_dtype(*dtypes):
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
+def indexed(t):
+    """``t`` as the kernels read class-index targets and class weights: at ``ptr + i``, so
+    contiguous (a copy of a strided one); None stays None."""
+    return t if t is None else t.contiguous()
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """How a kernel runs over ``tensors`` (inputs, then the output): their (outer, col, inner)
@@ -802,6 +808,7 @@ def cross_entropy_forward(
     per batch entry, the entries splitting the rows, in order, into equal runs (one entry: a
     1-element tensor)."""
     losses = empty(_rows_shape(x, dim), stats_dtype(x.dtype), x.device)
+    target, weight = target if probabilities else indexed(target), indexed(weight)
     named = (("x", x), ("target", target), ("weight", weight), ("grad", grad), ("grad_scale", grad_scale))
     read = [(name, tensor) for name, tensor in named if tensor is not None]
     inputs, pointers = tuple(tensor for _, tensor in read), (*[name for name, _ in read], "loss")
@@ -839,7 +846,7 @@ def mean_grad_scales(target, weight, entries, ignore_index, n_classes, dtype):
     targets not ignored (their count without ``weight``), as torch's. ``target``: contiguous, the
     entries' rows in order."""
     scales = empty((entries,), dtype, target.device)
-    targets = target.view(entries, -1) if entries else None
+    targets, weight = indexed(target).view(entries, -1) if entries else None, indexed(weight)
     inputs = (targets,) if weight is None else (targets, weight)
     job = ("mean_grad_scales", ignore_index, n_classes)
     if entries and not targets.shape[1]:
@@ -859,7 +866,7 @@ def reduced_losses(losses, target, weight, batch, divisor, ignore_index, n_class
     entry's rows, "targets" by Σ w_t over its class-index targets not ignored, as torch's
     (``target`` laid out as the losses)."""
     out = empty(batch, out_dtype, losses.device)
-    entries = out.numel()
+    entries, target, weight = out.numel(), indexed(target), indexed(weight)
     rows = losses.view(entries, -1) if entries else None
     named = (("loss", rows), ("target", target), ("weight", weight)) if divisor == "targets" else (("loss", rows),)
     read = [(name, tensor) for name, tensor in named if tensor is not None]
@@ -942,7 +949,7 @@ def vocab_slice_statistics(x, target, *, vocab_start, ignore_index, smoothing, s
     class indices in the rows' row-major order. With ``split`` the launch may cut the rows into
     chunks (the split-row regime) and the statistics are each chunk's, [rows, chunks, 4]. The
     host combines them (``_slices.combined_statistics``)."""
-    rows = math.prod(_rows_shape(x, dim % x.dim()))
+    rows, target = math.prod(_rows_shape(x, dim % x.dim())), indexed(target)
     p = plan((x,), dim, backward=False, cross_entropy=True, split=split) if x.shape[dim] and rows else None
     stats = empty((rows, p.config.chunks if p else 1, 4), stats_dtype(x.dtype), x.device)
     if x.shape[dim] == 0:
@@ -984,7 +991,7 @@ def vocab_slice_grad(
     log-sum-exp over every slice as [rows, 2] (max, log Σ exp(x' − max)); written into ``grad``
     (x itself to overwrite the logits), or a new tensor. With ``split`` the launch may cut the
     rows into chunks (the split-row regime), each a work item."""
-    grad = empty_like(x, x.dtype) if grad is None else grad
+    grad, target = empty_like(x, x.dtype) if grad is None else grad, indexed(target)
     if grad.numel():
         p = plan((x, grad), dim, backward=True, cross_entropy=True, split=split)
         args = p.arguments("x", "grad") | p.slice_chunk_arguments()

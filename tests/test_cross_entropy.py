@@ -285,6 +285,23 @@ def test_unserved_forms_raise_on_triton_and_run_torch_on_auto(device):
     torch.testing.assert_close(fused_softmax.cross_entropy(x, q), F.cross_entropy(x, q))
 
 
+@pytest.mark.parametrize("regime", REGIMES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_strided_targets_and_weights_are_read_as_torch_reads_them(kernels, device, reduction, regime):
+    """Class indices and class weights that are slices of larger tensors (a stride of 2): the
+    kernels read them by index, from contiguous copies, never through the caller's storage as if
+    it were contiguous (which gave wrong losses)."""
+    x = random((5, 11), torch.float64, device)
+    target = index_targets(10, 11, device, ignored=(2,))[::2]
+    weight = class_weights(22, torch.float64, device)[::2]
+    dy = upstream(reduction, (5,), torch.float64, device)
+    with limit_block(REGIMES[regime]):
+        loss, dx = loss_and_grad(
+            fused_softmax.cross_entropy, x, target, reduction, dy, weight=weight, label_smoothing=0.1
+        )
+    assert_matches_reference(x, target, reduction, dy, loss, dx, weight=weight, label_smoothing=0.1)
+
+
 def test_the_callers_logits_are_not_written(kernels, device):
     x = random((4, 9), torch.float32, device).requires_grad_()
     before = x.detach().clone()

@@ -98,6 +98,21 @@ def test_matches_reference(backend, launches, device, reduction, options, vocab_
         torch.testing.assert_close(loss, torch_loss)
 
 
+@pytest.mark.parametrize("vocab_chunk", [None, 16], ids=["whole-vocabulary", "vocab-chunks"])
+def test_strided_targets(kernels, device, vocab_chunk):
+    """Targets that are a slice of a larger tensor (a stride of 2) are read as torch reads them."""
+    x, w, b, target = layer(torch.float64, device)
+    strided = torch.stack([target, target.flip(0)], 1)[:, 0]
+    assert strided.stride() == (2,)
+    with limit_block(8):
+        loss = fused_softmax.linear_cross_entropy(x, w, strided, b, chunk_size=5, vocab_chunk_size=vocab_chunk)
+        grads = torch.autograd.grad(loss, (x, w, b))
+    want_loss, *want_grads = expected(x, w, b, target, torch.tensor(1.0, dtype=torch.float64), "mean")
+    assert_close(loss, want_loss)
+    for grad, want in zip(grads, want_grads, strict=True):
+        assert_close(grad, want)
+
+
 @pytest.mark.parametrize("options", [{}, CASES[-1][1]], ids=["plain", "every-option"])
 @pytest.mark.parametrize("vocab_chunk", [None, 16], ids=["whole-vocabulary", "vocab-chunks"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
