@@ -381,8 +381,9 @@ _READY = {}
 
 def _ready_key(job, inputs, out):
     """``job`` (its name and every value it depends on besides the tensors) on ``inputs``' layouts,
-    writing ``out``: made by ``empty_like`` from the first input, it has that one's shape and
-    device, contiguous, so its dtype and alignment are all it adds."""
+    writing ``out``: a new contiguous tensor on the inputs' device, whose shape the inputs' decide
+    (``empty_like`` of the first, or one value a batch entry), so its dtype and alignment are all
+    it adds."""
     return (job, _overrides.ready_key, out.dtype, out.data_ptr() % 16) + _layouts(inputs)
 
 
@@ -393,6 +394,14 @@ def _launched_ready(job, inputs, out):
         return False
     ready.launch((*inputs, out))
     return True
+
+
+def _present(named, out):
+    """(the tensors of ``named``, (name, tensor or None) pairs, that are there; their names and
+    then ``out``'s): a Ready job's inputs and pointer names, for a launch whose optional tensors
+    the kernel takes as None."""
+    present = [(name, tensor) for name, tensor in named if tensor is not None]
+    return tuple(tensor for _, tensor in present), (*[name for name, _ in present], out)
 
 
 def _run_ready(job, inputs, out, kernel, p, args, names):
@@ -810,8 +819,7 @@ def cross_entropy_forward(
     losses = empty(_rows_shape(x, dim), stats_dtype(x.dtype), x.device)
     target, weight = target if probabilities else indexed(target), indexed(weight)
     named = (("x", x), ("target", target), ("weight", weight), ("grad", grad), ("grad_scale", grad_scale))
-    read = [(name, tensor) for name, tensor in named if tensor is not None]
-    inputs, pointers = tuple(tensor for _, tensor in read), (*[name for name, _ in read], "loss")
+    inputs, pointers = _present(named, "loss")
     job = ("cross_entropy_forward", pointers, dim, ignore_index, smoothing, z_loss, softcap, probabilities)
     if not losses.numel() or _launched_ready(job, inputs, losses):
         return losses
@@ -843,11 +851,11 @@ def cross_entropy_forward(
 
 def mean_grad_scales(target, weight, entries, ignore_index, n_classes, dtype):
     """[entries] in ``dtype``: 1 / each batch entry's mean divisor, Σ w_t over its class-index
-    targets not ignored (their count without ``weight``), as torch's. ``target``: contiguous, the
-    entries' rows in order."""
+    targets not ignored (their count without ``weight``), as torch's. ``target``: the entries'
+    rows in order."""
     scales = empty((entries,), dtype, target.device)
     targets, weight = indexed(target).view(entries, -1) if entries else None, indexed(weight)
-    inputs = (targets,) if weight is None else (targets, weight)
+    inputs, pointers = _present((("target", targets), ("weight", weight)), "grad_scale")
     job = ("mean_grad_scales", ignore_index, n_classes)
     if entries and not targets.shape[1]:
         scales.fill_(float("inf"))
@@ -855,8 +863,7 @@ def mean_grad_scales(target, weight, entries, ignore_index, n_classes, dtype):
         p = plan((targets,), 1, backward=False)
         args = p.arguments("target") | dict(weight_ptr=weight, grad_scale_ptr=scales)
         args |= dict(ignore_index=ignore_index, n_classes=n_classes, HAS_WEIGHT=weight is not None)
-        names = ("target", "grad_scale") if weight is None else ("target", "weight", "grad_scale")
-        _run_ready(job, inputs, scales, kernels().mean_grad_scale_kernel, p, args, names)
+        _run_ready(job, inputs, scales, kernels().mean_grad_scale_kernel, p, args, pointers)
     return scales
 
 
@@ -864,20 +871,19 @@ def reduced_losses(losses, target, weight, batch, divisor, ignore_index, n_class
     """Shaped ``batch``, in ``out_dtype``: the sum of each batch entry's row losses (``losses``,
     contiguous, the entries' rows in order), or their mean: ``divisor`` "rows" divides by the
     entry's rows, "targets" by Σ w_t over its class-index targets not ignored, as torch's
-    (``target`` laid out as the losses)."""
+    (``target`` in the losses' order)."""
     out = empty(batch, out_dtype, losses.device)
     entries, target, weight = out.numel(), indexed(target), indexed(weight)
     rows = losses.view(entries, -1) if entries else None
     named = (("loss", rows), ("target", target), ("weight", weight)) if divisor == "targets" else (("loss", rows),)
-    read = [(name, tensor) for name, tensor in named if tensor is not None]
-    inputs, pointers = tuple(tensor for _, tensor in read), (*[name for name, _ in read], "out")
+    inputs, pointers = _present(named, "out")
     job = ("reduced_losses", pointers, divisor, ignore_index, n_classes)
     if entries and not rows.shape[1]:
         out.fill_(float("nan") if divisor else 0.0)
     elif entries and not _launched_ready(job, inputs, out):
         p = plan((rows,), 1, backward=False)
         args = p.arguments("loss") | dict(target_ptr=None, weight_ptr=None, out_ptr=out)
-        args |= {f"{name}_ptr": tensor for name, tensor in read[1:]}
+        args |= {f"{name}_ptr": tensor for name, tensor in zip(pointers[1:], inputs[1:], strict=False)}
         args |= dict(ignore_index=ignore_index, n_classes=n_classes, DIVISOR=divisor, HAS_WEIGHT="weight" in pointers)
         _run_ready(job, inputs, out, kernels().reduced_loss_kernel, p, args, pointers)
     return out
