@@ -867,25 +867,22 @@ def mean_grad_scales(target, weight, entries, ignore_index, n_classes, dtype):
     return scales
 
 
-def reduced_losses(losses, target, weight, batch, divisor, ignore_index, n_classes, out_dtype):
+def reduced_losses(losses, batch, divisor, out_dtype, scales=None):
     """Shaped ``batch``, in ``out_dtype``: the sum of each batch entry's row losses (``losses``,
     contiguous, the entries' rows in order), or their mean: ``divisor`` "rows" divides by the
-    entry's rows, "targets" by Σ w_t over its class-index targets not ignored, as torch's
-    (``target`` in the losses' order)."""
+    entry's rows, "scale" multiplies by the entry's factor in ``scales`` (``mean_grad_scales``'s,
+    torch's mean)."""
     out = empty(batch, out_dtype, losses.device)
-    entries, target, weight = out.numel(), indexed(target), indexed(weight)
+    entries = out.numel()
     rows = losses.view(entries, -1) if entries else None
-    named = (("loss", rows), ("target", target), ("weight", weight)) if divisor == "targets" else (("loss", rows),)
-    inputs, pointers = _present(named, "out")
-    job = ("reduced_losses", pointers, divisor, ignore_index, n_classes)
+    inputs, pointers = _present((("loss", rows), ("scale", scales if divisor == "scale" else None)), "out")
+    job = ("reduced_losses", pointers, divisor)
     if entries and not rows.shape[1]:
         out.fill_(float("nan") if divisor else 0.0)
     elif entries and not _launched_ready(job, inputs, out):
         p = plan((rows,), 1, backward=False)
-        args = p.arguments("loss") | dict(target_ptr=None, weight_ptr=None, out_ptr=out)
-        args |= {f"{name}_ptr": tensor for name, tensor in zip(pointers[1:], inputs[1:], strict=False)}
-        args |= dict(ignore_index=ignore_index, n_classes=n_classes, DIVISOR=divisor, HAS_WEIGHT="weight" in pointers)
-        _run_ready(job, inputs, out, kernels().reduced_loss_kernel, p, args, pointers)
+        args = p.arguments("loss") | dict(scale_ptr=inputs[1] if divisor == "scale" else None, out_ptr=out)
+        _run_ready(job, inputs, out, kernels().reduced_loss_kernel, p, args | dict(DIVISOR=divisor), pointers)
     return out
 
 

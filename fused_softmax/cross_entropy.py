@@ -112,16 +112,14 @@ def _check_targets(target, classes, ignore_index):
         raise IndexError(f"Target {target[bad][0].item()} is out of bounds.")
 
 
-def _grad_scales(input, target, weight, ignore_index, reduction, entries, classes):
-    """The factor each batch entry's gradient is written with, [entries] (or one for all) in the
-    compute dtype: 1 / its mean divisor for a mean (its rows for probability targets), else 1."""
+def _fixed_grad_scales(input, target, reduction, entries, classes):
+    """The factor each batch entry's gradient is written with where no kernel computes it, [entries]
+    (or one for all) in the compute dtype: 1 / its rows for probability targets' mean, else 1."""
     dtype = _launch.stats_dtype(input.dtype)
     if reduction != "mean":
         return torch.ones(1, dtype=dtype, device=input.device)
-    if target.is_floating_point():
-        rows = target.numel() // max(entries * classes, 1)
-        return torch.full((entries,), 1.0 / rows if rows else math.inf, dtype=dtype, device=input.device)
-    return _launch.mean_grad_scales(target, weight, entries, ignore_index, classes, dtype)
+    rows = target.numel() // max(entries * classes, 1)
+    return torch.full((entries,), 1.0 / rows if rows else math.inf, dtype=dtype, device=input.device)
 
 
 def kernel_cross_entropy(
@@ -132,8 +130,8 @@ def kernel_cross_entropy(
 
     The first ``batch_dims`` dims of ``input`` and ``target`` are a batch of independent calls
     (vmap's): each entry keeps its own reduction and mean divisor, and the kernel sees them all as
-    rows of one launch, the classes along ``_class_dim``. A mean or sum is one more launch, and
-    a mean's gradient factor one before the forward (class-index targets)."""
+    rows of one launch, the classes along ``_class_dim``. A mean or sum is one more launch, and a
+    mean over class-index targets one before the forward, for its factor 1 / Σ w_t."""
     dim = _class_dim(input, batch_dims)
     batch = input.shape[:batch_dims]
     entries = math.prod(batch)
@@ -142,10 +140,16 @@ def kernel_cross_entropy(
     if not probabilities:
         target = (target if target.dim() == 1 else target.reshape(-1)).long()
         _check_targets(target, classes, ignore_index)
+    mean_scales = None  # 1 / each entry's mean divisor, for the loss and the gradient
+    if reduction == "mean" and not probabilities:
+        dtype = _launch.stats_dtype(input.dtype)
+        mean_scales = _launch.mean_grad_scales(target, weight, entries, ignore_index, classes, dtype)
     grad = grad_scale = None
     if store_grad:
         grad = input if inplace else _launch.empty(input.shape, input.dtype, input.device)
-        grad_scale = _grad_scales(input, target, weight, ignore_index, reduction, entries, classes)
+        grad_scale = mean_scales
+        if grad_scale is None:
+            grad_scale = _fixed_grad_scales(input, target, reduction, entries, classes)
     losses = _launch.cross_entropy_forward(
         input,
         target,
@@ -161,8 +165,8 @@ def kernel_cross_entropy(
     )
     if reduction == "none":
         return losses.to(input.dtype), grad
-    divisor = "" if reduction == "sum" else "rows" if probabilities else "targets"
-    return _launch.reduced_losses(losses, target, weight, batch, divisor, ignore_index, classes, input.dtype), grad
+    divisor = "" if reduction == "sum" else "rows" if probabilities else "scale"
+    return _launch.reduced_losses(losses, batch, divisor, input.dtype, mean_scales), grad
 
 
 def _is_one(grad_loss):

@@ -21,9 +21,10 @@ in a second, in reverse (see ``tiles.normalising_sweep``). The gradient's scale 
 one factor per batch entry, for vmap.
 
 A mean or sum reduces each batch entry's row losses in one more launch (``reduced_loss_kernel``,
-its rows seen as the columns of a tile, the mean's divisor Σ w_t from the same targets); a
-mean's gradient factor is one launch before the forward (``mean_grad_scale_kernel``). The
-backward only scales the gradient by the upstream one (``scale_grad_kernel``).
+its rows seen as the columns of a tile); a mean over class-index targets takes the entry's
+factor 1 / Σ w_t from one launch before the forward (``mean_grad_scale_kernel``), which the
+forward's gradient is written with too. The backward only scales the gradient by the upstream
+one (``scale_grad_kernel``).
 
 The same steps run on one slice of the classes, whether the other slices live on other ranks
 (the vocab-parallel cross-entropy) or come later in a loop (``linear_cross_entropy``'s chunks of
@@ -617,31 +618,6 @@ def counted_weights(target, in_bounds, weight_ptr, ignore_index, n_classes, HAS_
 
 
 @triton.jit
-def entry_divisors(
-    target_rows,
-    target_stride_col,
-    row_mask,
-    n_cols,
-    weight_ptr,
-    ignore_index,
-    n_classes,
-    ROWS: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr,
-    COMPUTE_DTYPE: tl.constexpr,
-):
-    """[ROWS, 1]: each batch entry's mean divisor, Σ w_t over its class-index targets not
-    ignored (their count without weights); an entry's targets are a row of ``n_cols``."""
-    total = tl.zeros([ROWS, BLOCK_N], COMPUTE_DTYPE)
-    for start in tl.range(0, n_cols, BLOCK_N):
-        col = column_block(start, BLOCK_N)
-        in_bounds = row_mask & (col < n_cols)
-        target = tl.load(target_rows + col * target_stride_col, mask=in_bounds, other=ignore_index)
-        total += counted_weights(target, in_bounds, weight_ptr, ignore_index, n_classes, HAS_WEIGHT, COMPUTE_DTYPE)
-    return tl.sum(total, axis=1, keep_dims=True)
-
-
-@triton.jit
 def mean_grad_scale_kernel(
     target_ptr,  # [entries, rows] class indices, int64
     weight_ptr,  # [C] class weights (HAS_WEIGHT), else None
@@ -660,33 +636,26 @@ def mean_grad_scale_kernel(
     COMPUTE_DTYPE: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
 ):
-    """The factor a mean's gradient is written with, before the forward that writes it: one
-    launch for what torch ops would take four."""
+    """1 / each batch entry's mean divisor, Σ w_t over its class-index targets not ignored (their
+    count without weights), an entry's targets a row of ``n_cols``: the factor a mean's gradient
+    is written with, before the forward that writes it, and its loss reduced with after."""
     n_cols = n_cols * ALIGN
     for tile in tl.range(tl.program_id(0), tile_count(n_outer, n_inner, ROWS), tl.num_programs(0)):
         outer, inner, row_mask, row = tile_rows(tile, n_inner, ROWS)
         target_rows = row_starts(target_ptr, outer, inner, target_stride_outer, target_stride_inner, ALIGN)
-        divisor = entry_divisors(
-            target_rows,
-            target_stride_col,
-            row_mask,
-            n_cols,
-            weight_ptr,
-            ignore_index,
-            n_classes,
-            ROWS,
-            BLOCK_N,
-            HAS_WEIGHT,
-            COMPUTE_DTYPE,
-        )
-        store_row_values(grad_scale_ptr + row, 1.0 / divisor, row_mask, BLOCK_N)
+        total = tl.zeros([ROWS, BLOCK_N], COMPUTE_DTYPE)
+        for start in tl.range(0, n_cols, BLOCK_N):
+            col = column_block(start, BLOCK_N)
+            in_bounds = row_mask & (col < n_cols)
+            target = tl.load(target_rows + col * target_stride_col, mask=in_bounds, other=ignore_index)
+            total += counted_weights(target, in_bounds, weight_ptr, ignore_index, n_classes, HAS_WEIGHT, COMPUTE_DTYPE)
+        store_row_values(grad_scale_ptr + row, 1.0 / tl.sum(total, axis=1, keep_dims=True), row_mask, BLOCK_N)
 
 
 @triton.jit
 def reduced_loss_kernel(
     loss_ptr,  # [entries, rows] each row's loss, in COMPUTE_DTYPE
-    target_ptr,  # (DIVISOR "targets") class indices, int64, laid out as the losses; else None
-    weight_ptr,  # [C] class weights (HAS_WEIGHT), else None
+    scale_ptr,  # (DIVISOR "scale") [entries]: 1 / each entry's mean divisor (mean_grad_scale_kernel's); else None
     out_ptr,  # output, [entries]: each entry's reduced loss
     n_outer,
     n_cols,  # rows per batch entry, divided by ALIGN, as are the outer and inner strides
@@ -694,14 +663,11 @@ def reduced_loss_kernel(
     loss_stride_outer,
     loss_stride_col,
     loss_stride_inner,
-    ignore_index,
-    n_classes,
     BLOCK_N: tl.constexpr,
     ROWS: tl.constexpr,
     ALIGN: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
-    DIVISOR: tl.constexpr,  # "" (a sum), "rows" (probability targets' mean), "targets" (as torch's)
-    HAS_WEIGHT: tl.constexpr,
+    DIVISOR: tl.constexpr,  # "" (a sum), "rows" (probability targets' mean), "scale" (as torch's mean)
 ):
     """Each batch entry's loss: its rows' sum, or their mean, in one launch, in a fixed order
     (deterministic), cast to the output's dtype."""
@@ -716,21 +682,8 @@ def reduced_loss_kernel(
         loss = tl.sum(total, axis=1, keep_dims=True)
         if DIVISOR == "rows":
             loss = loss / n_cols
-        elif DIVISOR == "targets":
-            target_rows = row_starts(target_ptr, outer, inner, loss_stride_outer, loss_stride_inner, ALIGN)
-            loss = loss / entry_divisors(
-                target_rows,
-                loss_stride_col,
-                row_mask,
-                n_cols,
-                weight_ptr,
-                ignore_index,
-                n_classes,
-                ROWS,
-                BLOCK_N,
-                HAS_WEIGHT,
-                COMPUTE_DTYPE,
-            )
+        elif DIVISOR == "scale":
+            loss = loss * load_row_values(scale_ptr + row, row_mask, BLOCK_N, COMPUTE_DTYPE)
         store_row_values(out_ptr + row, loss, row_mask, BLOCK_N)
 
 

@@ -489,8 +489,8 @@ def test_opcheck(kernels, device, probabilities):
 
 
 def test_compiled_vmap_is_one_launch(kernels, launches):
-    """Under torch.compile the op's vmap rule makes a vmapped cross-entropy one launch too, and
-    its reduction one more, each entry keeping its own mean."""
+    """Under torch.compile the op's vmap rule makes a vmapped cross-entropy one launch too,
+    between its mean's factor and its reduction, each entry keeping its own mean."""
     torch._dynamo.reset()
     x = random((3, 4, 7), torch.float32)
     target = torch.tensor([[0, 6, -100, 3], [1, 1, 2, -100], [5, 4, 3, 2]])
@@ -499,7 +499,11 @@ def test_compiled_vmap_is_one_launch(kernels, launches):
         return torch.func.vmap(lambda x, t: fused_softmax.cross_entropy(x, t, label_smoothing=0.1))(x, target)
 
     actual = torch.compile(losses, fullgraph=True, backend="aot_eager")(x, target)
-    assert [launch.name for launch in launches] == ["cross_entropy_kernel", "reduced_loss_kernel"]
+    assert [launch.name for launch in launches] == [
+        "mean_grad_scale_kernel",
+        "cross_entropy_kernel",
+        "reduced_loss_kernel",
+    ]
     expected = torch.stack([F.cross_entropy(a, t, label_smoothing=0.1) for a, t in zip(x, target, strict=True)])
     torch.testing.assert_close(actual, expected)
 
@@ -587,36 +591,44 @@ def test_bytes_moved(plans, target_kind, store_grad, regime, dtype):
     torch.testing.assert_close(losses.double(), torch.as_tensor(expected), rtol=rtol, atol=atol * 100)
 
 
-REDUCED = {"sum": ("", None), "mean of rows": ("rows", None), "mean": ("targets", None), "weighted": ("targets", 1)}
+REDUCED = {"sum": "", "mean of rows": "rows", "mean": "scale"}
 
 
 @pytest.mark.parametrize("entries", [1, 3])
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("form", REDUCED)
-def test_the_reduction_reads_each_loss_and_target_once(plans, form, out_dtype, entries):
+def test_the_reduction_reads_each_loss_once(plans, form, out_dtype, entries):
     """A mean or sum is one launch over each batch entry's rows (tiny blocks here, several a row),
-    reading each row's loss, its target for a mean as torch's and the weight of each counted
-    target, and writing one value an entry; a mean's gradient factor, one launch before the
-    forward, reads the targets and weights alike."""
-    divisor, weighted = REDUCED[form]
-    rows, classes = 13, 9
+    reading each row's loss and, for torch's mean, the entry's factor, and writing one value an
+    entry."""
+    divisor, rows = REDUCED[form], 13
     losses = random((entries * rows,), torch.float32, scale=1.0) + 3.0
+    scales = random((entries,), torch.float32, scale=1.0, seed=5)
+    with limit_block(8), kernel_traffic() as traffic:
+        out = _launch.reduced_losses(losses, (entries,), divisor, out_dtype, scales)
+    (p,) = plans()
+    assert p.config.block_n < rows  # several blocks an entry
+    sums = losses.double().view(entries, rows).sum(1)
+    expected = {"": sums, "rows": sums / rows, "scale": sums * scales.double()}[divisor]
+    torch.testing.assert_close(out, expected.to(out_dtype))
+    reads = losses.numel() * 4 + (entries * 4 if divisor == "scale" else 0)
+    assert (traffic.loaded, traffic.stored) == (reads, entries * out.element_size())
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["counted", "weighted"])
+@pytest.mark.parametrize("entries", [1, 3])
+def test_a_means_factor_reads_each_target_once(plans, weighted, entries):
+    """1 / each batch entry's Σ w_t over its targets not ignored (their count without weights),
+    one launch reading each target and the weight of each counted one."""
+    rows, classes = 13, 9
     target = index_targets(entries * rows, classes, "cpu", ignored=(0, 4, entries * rows - 2))
     weight = class_weights(classes, torch.float32, "cpu") if weighted else None
     counted = target != -100
     w = torch.where(counted, weight[target.clamp(0)] if weighted else 1.0, 0.0).double().view(entries, rows)
     with limit_block(8), kernel_traffic() as traffic:
-        out = _launch.reduced_losses(losses, target, weight, (entries,), divisor, -100, classes, out_dtype)
+        scales = _launch.mean_grad_scales(target, weight, entries, -100, classes, torch.float32)
     (p,) = plans()
     assert p.config.block_n < rows  # several blocks an entry
-    sums = losses.double().view(entries, rows).sum(1)
-    expected = sums / w.sum(1) if divisor == "targets" else sums / rows if divisor else sums
-    torch.testing.assert_close(out, expected.to(out_dtype))
-    reads = losses.numel() * 4 + (target.numel() * 8 if divisor == "targets" else 0)
+    torch.testing.assert_close(scales, (1 / w.sum(1)).float())
     weights = int(counted.sum()) * 4 if weighted else 0
-    assert (traffic.loaded, traffic.stored) == (reads + weights, entries * out.element_size())
-    if divisor == "targets":
-        with limit_block(8), kernel_traffic() as traffic:
-            scales = _launch.mean_grad_scales(target, weight, entries, -100, classes, torch.float32)
-        torch.testing.assert_close(scales, (1 / w.sum(1)).float())
-        assert (traffic.loaded, traffic.stored) == (target.numel() * 8 + weights, entries * 4)
+    assert (traffic.loaded, traffic.stored) == (target.numel() * 8 + weights, entries * 4)

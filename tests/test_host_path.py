@@ -273,5 +273,5 @@ def test_the_host_time_bench_times_the_other_small_calls(launches):
     assert list(timed) == list(OTHER_CALLS)
     for us in timed.values():
         assert set(us) == {"fused_softmax", "torch", YARDSTICK} and all(t > 0 for t in us.values())
-    kernels = {"masked_softmax_forward_kernel", "cross_entropy_kernel", "reduced_loss_kernel"}
+    kernels = {"masked_softmax_forward_kernel", "mean_grad_scale_kernel", "cross_entropy_kernel", "reduced_loss_kernel"}
     assert {launch.name for launch in launches} == kernels

@@ -344,10 +344,10 @@ def _cross_entropy_launches(n):
 
         yield loss_only, (x,), "cross entropy, loss out"
         losses, targets = torch.empty(n, dtype=_launch.stats_dtype(dtype)), torch.zeros(n, dtype=torch.int64)
-        for divisor, classes, name in (("", None, "sum"), ("rows", None, "mean of rows"), ("targets", weight, "mean")):
+        for divisor, name in (("", "sum"), ("rows", "mean of rows"), ("scale", "mean")):
 
-            def reduction(losses, divisor=divisor, classes=classes, targets=targets, dtype=dtype):
-                _launch.reduced_losses(losses, targets, classes, (1,), divisor, -100, n, dtype)
+            def reduction(losses, divisor=divisor, dtype=dtype, scale=scale):
+                _launch.reduced_losses(losses, (1,), divisor, dtype, scale)
 
             yield reduction, (losses,), f"cross entropy {name} of {n} rows, one value out"
         yield (
