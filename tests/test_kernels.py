@@ -109,8 +109,12 @@ def test_gradient_of_masked_rows(kernels, device, op, max_block):
 @pytest.mark.parametrize("max_block", [None, 4], ids=["on_chip", "online"])
 @pytest.mark.parametrize("dim", [0, 1])
 def test_gradcheck_through_kernels(kernels, device, op, max_block, dim):
-    """fp64 first and second derivatives, computed by the kernels themselves."""
-    x = random((3, 7), torch.float64, device).requires_grad_()
+    """fp64 first and second derivatives, computed by the kernels themselves: two rows of 5, so
+    that a forced block of 4 puts each in two blocks (online)."""
+    x = random((2, 5) if dim == 1 else (5, 2), torch.float64, device).requires_grad_()
+    for backward in (False, True):
+        online = regime(x.shape, x.dtype, backward=backward, max_block=max_block, dim=dim) == "online"
+        assert online == (max_block is not None)
     with limit_block(max_block):
         assert torch.autograd.gradcheck(lambda t: op.fused(t, dim=dim), (x,))
         assert torch.autograd.gradgradcheck(lambda t: op.fused(t, dim=dim), (x,))
