@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ._jacobian import backward_product
-from ._layout import alignment, mask_view, row_views
+from ._layout import alignment, mask_bytes, mask_view, row_views
 from ._runtime import device_properties, kernels, kernels_interpreted
 from ._slices import combined_statistics, losses_from_statistics
 
@@ -671,7 +671,7 @@ def masked_softmax(x, mask, scale, causal_offset, out_dtype):
     layout launched before, the Ready launch goes before the ``Masking`` is built."""
     y = empty_like(x, out_dtype)
     if y.numel():
-        read = [] if mask is None else [("mask", mask.view(torch.uint8) if mask.dtype == torch.bool else mask)]
+        read = [] if mask is None else [("mask", mask_bytes(mask))]
         if _launched_ready(_masked_job(read, scale, causal_offset, None), (x, *[t for _, t in read]), y):
             return y
     return _masked_softmax_forward(x, y, masking(x, mask, scale, causal_offset), None)
@@ -881,7 +881,7 @@ def reduced_losses(losses, batch, divisor, out_dtype, scales=None):
         out.fill_(float("nan") if divisor else 0.0)
     elif entries and not _launched_ready(job, inputs, out):
         p = plan((rows,), 1, backward=False)
-        args = p.arguments("loss") | dict(scale_ptr=inputs[1] if divisor == "scale" else None, out_ptr=out)
+        args = p.arguments("loss") | dict(scale_ptr=scales if divisor == "scale" else None, out_ptr=out)
         _run_ready(job, inputs, out, kernels().reduced_loss_kernel, p, args | dict(DIVISOR=divisor), pointers)
     return out
 

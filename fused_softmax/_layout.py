@@ -80,13 +80,17 @@ def alignment(tensors, strides, n_cols):
     return align
 
 
+def mask_bytes(mask):
+    """A mask as the kernels load it: a bool one as bytes (a view), any other as it is."""
+    return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+
+
 def mask_view(mask, scores):
     """The mask as the kernel reads it: (the mask, bool as bytes; its (batch, head, query, key)
     strides broadcast to the scores, the dims before [Lq, Lk] folded into two runs; the head
     run's size). Only a mask whose leading dims fold into no two runs (rare: three interleaved
     strides) is copied, at its own size times the missing dims."""
-    if mask.dtype == torch.bool:
-        mask = mask.view(torch.uint8)
+    mask = mask_bytes(mask)
     folded = _folded_strides(mask.shape, mask.stride(), scores.shape)
     if folded is None:
         mask = mask.expand(scores.shape).contiguous()
