@@ -6,6 +6,7 @@ The choice is read at call time from ``use_backend`` (innermost wins) or else th
 
 import contextlib
 import contextvars
+import functools
 import os
 
 import torch
@@ -39,8 +40,14 @@ def selected_backend():
     """The backend in force. torch.compile reads it once, when it compiles a graph."""
     name = _selected.get()
     if name is None:
-        name = _check(os.environ.get("FUSED_SOFTMAX_BACKEND", "auto").strip().lower() or "auto")
+        name = _parsed(os.environ.get("FUSED_SOFTMAX_BACKEND", "auto"))
     return name
+
+
+@functools.lru_cache(maxsize=8)
+def _parsed(value):
+    """The backend the environment variable's ``value`` names, parsed once per value."""
+    return _check(value.strip().lower() or "auto")
 
 
 def use_kernels(tensor, dtype):

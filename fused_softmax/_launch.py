@@ -670,11 +670,12 @@ def masked_softmax(x, mask, scale, causal_offset, out_dtype):
     """``masked_softmax_forward`` of a mask (or None), a scale and a causal offset alone: on a
     layout launched before, the Ready launch goes before the ``Masking`` is built."""
     y = empty_like(x, out_dtype)
-    if y.numel():
-        read = [] if mask is None else [("mask", mask_bytes(mask))]
-        if _launched_ready(_masked_job(read, scale, causal_offset, None), (x, *[t for _, t in read]), y):
-            return y
-    return _masked_softmax_forward(x, y, masking(x, mask, scale, causal_offset), None)
+    if not y.numel():
+        return y
+    read = [] if mask is None else [("mask", mask_bytes(mask))]
+    if not _launched_ready(_masked_job(read, scale, causal_offset, None), (x, *[t for _, t in read]), y):
+        _planned_masked_forward(x, y, masking(x, mask, scale, causal_offset), None)
+    return y
 
 
 def masked_softmax_forward_with_lse(x, out_dtype, masking):
@@ -692,24 +693,34 @@ def _masked_job(read, scale, causal_offset, softcap):
     return ("masked_softmax_forward", ("x", *[name for name, _ in read], "y"), scale, causal_offset, softcap)
 
 
+def _masked_job_on(masking, lse):
+    """(the Ready job, its input tensors) of a masked_softmax forward of ``masking``, keeping ``lse`` or not."""
+    read = masking.read_tensors() + ([("lse", lse)] if lse is not None else [])
+    return _masked_job(read, masking.scale, masking.causal_offset, masking.softcap), [tensor for _, tensor in read]
+
+
 def _masked_softmax_forward(x, y, masking, lse):
     """masked_softmax into ``y``, and each row's log-sum-exp into ``lse`` (None: not kept)."""
     if y.numel():
-        read = masking.read_tensors() + ([("lse", lse)] if lse is not None else [])
-        job = _masked_job(read, masking.scale, masking.causal_offset, masking.softcap)
-        inputs = (x, *[tensor for _, tensor in read])
-        if _launched_ready(job, inputs, y):
-            return y
-        p = plan((x, y), x.dim() - 1, backward=False, masking=masking, split=True)
-        if p.config.chunks > 1:
-            _split_masked_forward(p, masking, lse)
-        else:
-            args = p.arguments("x", "y") | masking.arguments(p.align) | masking.extra_arguments(p.align)
-            args |= dict(lse_ptr=lse, ONLINE=p.config.online)
-            _run_ready(job, inputs, y, kernels().masked_softmax_forward_kernel, p, args, job[1])
+        job, read = _masked_job_on(masking, lse)
+        if not _launched_ready(job, (x, *read), y):
+            _planned_masked_forward(x, y, masking, lse)
     elif lse is not None:
         lse.fill_(float("-inf"))
     return y
+
+
+def _planned_masked_forward(x, y, masking, lse):
+    """``_masked_softmax_forward`` of a non-empty y without a kept launch: planned, launched and
+    kept Ready when it is one launch."""
+    p = plan((x, y), x.dim() - 1, backward=False, masking=masking, split=True)
+    if p.config.chunks > 1:
+        _split_masked_forward(p, masking, lse)
+    else:
+        job, read = _masked_job_on(masking, lse)
+        args = p.arguments("x", "y") | masking.arguments(p.align) | masking.extra_arguments(p.align)
+        args |= dict(lse_ptr=lse, ONLINE=p.config.online)
+        _run_ready(job, (x, *read), y, kernels().masked_softmax_forward_kernel, p, args, job[1])
 
 
 def masked_softmax_backward(y, dy, lse, out_dtype, masking, scale):
@@ -929,8 +940,11 @@ def _grad_scale_arguments(rows, entries):
 def scale_cross_entropy_grad(grad, upstream, dim):
     """``grad`` (the forward's gradient, classes along ``dim``) times the upstream gradient, in
     place: ``upstream`` is one value (0-d) or one per row, shaped like grad without ``dim``.
-    Rows whose factor is exactly 1 are not touched, and the host reads nothing."""
-    if not grad.numel():
+    Rows whose factor is exactly 1 are not touched, and the host reads nothing. Kept Ready as
+    a launch that reads and writes ``grad`` (an input and the output), where the kernel reads
+    ``upstream`` itself, not a copy."""
+    job = ("scale_cross_entropy_grad", dim)
+    if not grad.numel() or _launched_ready(job, (grad, upstream), grad):
         return grad
     p = plan((grad,), dim, backward=True, cross_entropy=True)
     if p.tensors[0] is not grad:
@@ -939,9 +953,12 @@ def scale_cross_entropy_grad(grad, upstream, dim):
     if upstream.dim():
         rows = upstream.reshape(p.sizes[0], p.sizes[2])  # a view, unless a copy of one value a row is needed
         args |= dict(upstream_ptr=rows, upstream_stride_outer=rows.stride(0), upstream_stride_inner=rows.stride(1))
+        if rows.data_ptr() != upstream.data_ptr():  # a copy: the next call makes its own
+            _run(kernels().scale_grad_kernel, p, args)
+            return grad
     else:
         args |= dict(upstream_stride_outer=None, upstream_stride_inner=None)
-    _run(kernels().scale_grad_kernel, p, args)
+    _run_ready(job, (grad, upstream), grad, kernels().scale_grad_kernel, p, args, ("grad", "upstream", "grad"))
     return grad
 
 

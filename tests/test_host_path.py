@@ -263,6 +263,26 @@ def test_cross_entropys_launches_keep_every_option_apart(kernels, launches, plan
             assert_same_launch(kept, afresh)
 
 
+@pytest.mark.parametrize("transposed", [False, True], ids=["upstream viewed", "upstream copied"])
+def test_cross_entropys_kept_backward_reads_each_calls_upstream(kernels, launches, planned, transposed):
+    """reduction='none' over [N, C, d1, d2]: the backward's launch reads one upstream value a
+    row over (N, d1·d2), a view of a contiguous grad_output and a copy of a transposed one. A
+    second call on other values scales by its own upstream, kept Ready or not."""
+    import fused_softmax
+
+    for seed in (1, 2):
+        logits = random((2, 8, 3, 2), seed=seed).requires_grad_()
+        target = torch.randint(8, (2, 3, 2), generator=torch.Generator().manual_seed(seed))
+        loss = fused_softmax.cross_entropy(logits, target, reduction="none")
+        dy = random((2, 2, 3), seed=seed + 10, scale=1.0).transpose(1, 2) if transposed else random(loss.shape)
+        launches.clear()
+        (dx,) = torch.autograd.grad(loss, logits, dy)
+        assert_close(dx, reference.cross_entropy_backward(logits.detach(), target, dy, reduction="none"))
+        (scale,) = [launch for launch in launches if launch.name == "scale_grad_kernel"]
+        read = scale.args["upstream_ptr"].data_ptr()
+        assert (read != dy.data_ptr()) if transposed else (read == dy.data_ptr())
+
+
 def test_the_host_time_bench_times_the_other_small_calls(launches):
     """``python -m fused_softmax.bench.host_time``'s second table, with the launches stubbed as
     there: every job times each implementation, and the kernels' path was the one planned."""
