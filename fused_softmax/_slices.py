@@ -7,17 +7,24 @@ The kernels write each slice's statistics fresh; the host combines them with a f
 import torch
 
 
+def exponent_shift(row_max):
+    """What exponents are taken against: the max, or 0 where it is −inf (only −inf, or nothing),
+    so a sum of exp is 0 there, not exp(−inf − −inf) = NaN; the kernels' ``exponent_shift``."""
+    return torch.where(row_max == float("-inf"), 0.0, row_max)
+
+
 def log_sum_exp_parts(maxes, sums):
     """[..., 2]: each row's log-sum-exp, as (M, log Σ_r s_r·exp(m_r − M)) with M = max_r m_r, from
     every slice's (max m_r, Σ exp(x − m_r) s_r), slices along dim 0. Kept in two parts: x − M is
     exact for the large logits, where rounding the sum first would cost exp(x − lse) its
     precision.
 
-    Slices with m_r = −inf (only −inf, or nothing) add nothing, whatever their sum; a row of −inf
-    in every slice gets −inf, so its softmax is NaN, as torch's.
+    A slice of only −inf (or nothing) comes with a sum of 0 and adds nothing; one holding a NaN
+    (which the GPU's max passes over) with a NaN sum, which makes the row NaN, as torch's. A row
+    of −inf in every slice gets −inf, so its softmax is NaN, as torch's.
     """
     row_max = maxes.amax(0)
-    terms = torch.where(maxes == float("-inf"), 0.0, sums * torch.exp(maxes - row_max))
+    terms = sums * torch.exp(maxes - exponent_shift(row_max))
     return torch.stack([row_max, torch.log(terms.sum(0))], -1)
 
 

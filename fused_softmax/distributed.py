@@ -20,14 +20,14 @@ import torch.distributed as dist
 from . import _jacobian, _launch
 from ._backend import use_kernels
 from ._jacobian import backward_product, forward_product
-from ._slices import log_sum_exp_parts
+from ._slices import exponent_shift, log_sum_exp_parts
 from ._transforms import DerivativesRefused, batch_first, legacy_batched, vmapped
 from .functional import _wrap_dim, product_tangent
 
 
 def _row_stats(x, dim, kernels):
-    """[..., 2]: each row's max and Σ exp(x − max) over this shard. Where the max is −inf (the
-    shard holds only −inf, or nothing) the sum is not used: see ``_log_sum_exp``."""
+    """[..., 2]: each row's max and Σ exp(x − max) over this shard, 0 where the shard holds only
+    −inf (or nothing): see ``_log_sum_exp``."""
     if kernels:
         return _launch.row_statistics(x, dim)
     x = x.to(_launch.stats_dtype(x.dtype))
@@ -35,7 +35,7 @@ def _row_stats(x, dim, kernels):
         rows = x.shape[:dim] + x.shape[dim + 1 :]
         return torch.stack([x.new_full(rows, float("-inf")), x.new_zeros(rows)], -1)
     row_max = x.amax(dim, keepdim=True)
-    return torch.stack([row_max.squeeze(dim), torch.exp(x - row_max).sum(dim)], -1)
+    return torch.stack([row_max.squeeze(dim), torch.exp(x - exponent_shift(row_max)).sum(dim)], -1)
 
 
 def _all_gather(t, group):

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from . import _launch
 from ._backend import use_kernels
-from ._slices import combined_statistics, losses_from_statistics
+from ._slices import combined_statistics, exponent_shift, losses_from_statistics
 from ._transforms import DerivativesRefused, batch_first, legacy_batched
 from .cross_entropy import (
     _capped,
@@ -131,8 +131,7 @@ def _vocab_chunk_statistics(logits, target, vocab_start, options, kernels):
     x = _capped(logits.to(_launch.stats_dtype(logits.dtype)), softcap)
     local, in_chunk = _local_targets(target, vocab_start, x.shape[1])
     row_max = x.amax(1)
-    shift = torch.where(row_max == float("-inf"), 0.0, row_max)
-    row_sum = torch.exp(x - shift[:, None]).sum(1)
+    row_sum = torch.exp(x - exponent_shift(row_max)[:, None]).sum(1)
     target_logit = torch.where(in_chunk, x.gather(1, local[:, None]).squeeze(1), 0.0)
     smooth_sum = x.sum(1) if label_smoothing else torch.zeros_like(row_sum)
     return torch.stack([row_max, row_sum, target_logit, smooth_sum], 1)

@@ -193,10 +193,9 @@ def with_sinks(
     COMPUTE_DTYPE: tl.constexpr,
 ):
     """The row statistics with the row's head's sink logit as one more element (none without SINKS).
-    A row with every key hidden has a max of -inf and a NaN sum: a sum of 0, as far as the sink goes."""
+    A row with every key hidden comes with (-inf, 0), and then holds the sink alone."""
     if SINKS:
         sink = load_row_values(sinks_ptr + batch % n_sink_heads, row_mask, BLOCK_N, COMPUTE_DTYPE)
-        row_sum = tl.where(row_max == float("-inf"), 0.0, row_sum)
         row_max, row_sum = online_step(row_max, row_sum, sink)
     return row_max, row_sum
 
@@ -214,8 +213,9 @@ def store_log_sum_exp(
 
 @triton.jit
 def attention_probabilities(x, row_max, row_sum):
-    """softmax, with zeros where a row has every key hidden (its max is -inf)."""
-    return tl.where(row_max == float("-inf"), 0.0, normalise(x, row_max, row_sum, False))
+    """softmax, with zeros where a row has every key hidden (its sum of exp is 0, where a row
+    holding a NaN has a NaN sum, and a NaN softmax, as torch's)."""
+    return tl.where(row_sum == 0.0, 0.0, normalise(x, row_max, row_sum, False))
 
 
 @triton.jit

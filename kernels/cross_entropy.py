@@ -833,7 +833,7 @@ def vocab_slice_statistics_kernel(
             )
         at = stats_ptr + 4 * (row * n_chunks + chunk)
         tl.store(at, row_max, mask=row_mask)
-        tl.store(at + 1, tl.where(row_max == float("-inf"), 0.0, row_sum), mask=row_mask)
+        tl.store(at + 1, row_sum, mask=row_mask)
         tl.store(at + 2, target_logit, mask=row_mask)
         tl.store(at + 3, smooth_sum, mask=row_mask)
 

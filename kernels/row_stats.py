@@ -45,7 +45,7 @@ def row_statistics_kernel(
     ALIGN: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
 ):
-    """A row of only -inf gets (-inf, 0), not exp(-inf - -inf) = NaN: the identity when shards combine."""
+    """A row of only -inf gets (-inf, 0), the identity when shards combine; one holding a NaN, a NaN sum."""
     n_cols = n_cols * ALIGN
     for tile in tl.range(tl.program_id(0), tile_count(n_outer, n_inner, ROWS), tl.num_programs(0)):
         outer, inner, row_mask, row = tile_rows(tile, n_inner, ROWS)
@@ -59,7 +59,7 @@ def row_statistics_kernel(
             x = load_block(x_rows, x_stride_col, col, row_mask & (col < n_cols), float("-inf"), COMPUTE_DTYPE)
             row_max, row_sum = block_statistics(x)
         tl.store(stats_ptr + 2 * row, row_max, mask=row_mask)
-        tl.store(stats_ptr + 2 * row + 1, tl.where(row_max == float("-inf"), 0.0, row_sum), mask=row_mask)
+        tl.store(stats_ptr + 2 * row + 1, row_sum, mask=row_mask)
 
 
 @triton.jit

@@ -54,11 +54,11 @@ def row_chunks(ptr, row, n_chunks, row_mask, CHUNKS: tl.constexpr):
 
 @triton.jit
 def store_chunk_statistics(maxes_ptr, sums_ptr, row, chunk, n_chunks, row_mask, chunk_max, chunk_sum):
-    """A chunk's (max, sum of exp(x - max)) into its rows' slots, the sum 0 where the max is -inf
-    (a chunk of only -inf then adds nothing when the row's chunks combine)."""
+    """A chunk's (max, sum of exp(x - max)) into its rows' slots: a chunk of only -inf has a sum
+    of 0 and adds nothing when the row's chunks combine; one holding a NaN, a NaN sum."""
     at = row * n_chunks + chunk
     tl.store(maxes_ptr + at, chunk_max, mask=row_mask)
-    tl.store(sums_ptr + at, tl.where(chunk_max == float("-inf"), 0.0, chunk_sum), mask=row_mask)
+    tl.store(sums_ptr + at, chunk_sum, mask=row_mask)
     return chunk_max
 
 

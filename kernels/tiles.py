@@ -89,26 +89,37 @@ def store_row_values(ptrs, values, row_mask, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def exponent_shift(row_max):
+    """What a row's exponents are taken against: its max, or 0 where that is -inf (the row, lane
+    or chunk holds only -inf, or nothing). Its sum of exp is then 0, the identity when partial
+    statistics combine, instead of exp(-inf - -inf) = NaN; a NaN among the values, which the
+    GPU's max (and the interpreter's) passes over, still makes the sum NaN."""
+    return tl.where(row_max == float("-inf"), 0.0, row_max)
+
+
+@triton.jit
 def block_statistics(x):
-    """Each row's max and sum of exp(x - max), of a block holding whole rows."""
+    """Each row's max and sum of exp(x - max) (0 for a row of only -inf, NaN for a row holding a
+    NaN), of a block holding whole rows."""
     row_max = tl.max(x, axis=1, keep_dims=True)
-    return row_max, tl.sum(tl.exp(x - row_max), axis=1, keep_dims=True)
+    return row_max, tl.sum(tl.exp(x - exponent_shift(row_max)), axis=1, keep_dims=True)
 
 
 @triton.jit
 def online_step(lane_max, lane_sum, x):
     """One block into per-lane running (max, sum of exp(x - max)), online softmax's update.
-    A lane that has seen only -inf keeps its sum at 0 instead of exp(-inf - -inf) = NaN."""
+    A lane that has seen only -inf keeps its sum at 0 (``exponent_shift``)."""
     new_max = tl.maximum(lane_max, x)
-    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    shift = exponent_shift(new_max)
     return new_max, lane_sum * tl.exp(lane_max - shift) + tl.exp(x - shift)
 
 
 @triton.jit
 def combine_lanes(lane_max, lane_sum):
-    """Each row's (max, sum of exp(x - max)) from its lanes' running statistics."""
+    """Each row's (max, sum of exp(x - max)) from its lanes' running statistics: lanes of only
+    -inf add their 0, a lane's NaN stays (``exponent_shift``)."""
     row_max = tl.max(lane_max, axis=1, keep_dims=True)
-    return row_max, tl.sum(lane_sum * tl.exp(lane_max - row_max), axis=1, keep_dims=True)
+    return row_max, tl.sum(lane_sum * tl.exp(lane_max - exponent_shift(row_max)), axis=1, keep_dims=True)
 
 
 @triton.jit

@@ -204,11 +204,13 @@ def test_byte_targets_and_a_single_row_of_probabilities(backend, device):
 
 
 def test_special_values(backend, device):
-    """Rows with some -inf logits are finite; a row of -inf is NaN; all targets ignored: a NaN
-    mean with zero gradients; an empty batch: NaN mean, 0 sum; as torch."""
-    inf = float("inf")
-    x = torch.tensor([[0.5, -inf, 2.0, -inf], [-inf, -inf, -inf, -inf], [1e4, 1e4 - 1, 0.0, -1e4]], device=device)
-    target = torch.tensor([0, 1, 1], device=device)
+    """Rows with some -inf logits are finite; a row of -inf is NaN, and one of a NaN among -inf
+    (which the GPU's max passes over); all targets ignored: a NaN mean with zero gradients; an
+    empty batch: NaN mean, 0 sum; as torch."""
+    inf, nan = float("inf"), float("nan")
+    rows = [[0.5, -inf, 2.0, -inf], [-inf, -inf, -inf, -inf], [1e4, 1e4 - 1, 0.0, -1e4], [-inf, nan, -inf, -inf]]
+    x = torch.tensor(rows, device=device)
+    target = torch.tensor([0, 1, 1, 0], device=device)
     for reduction in REDUCTIONS:
         torch.testing.assert_close(
             fused_softmax.cross_entropy(x, target, reduction=reduction),

@@ -164,7 +164,29 @@ def test_hidden_rows_give_what_the_one_program_kernels_give(kernels, sinks):
         torch.testing.assert_close(split, one_program, equal_nan=True)
     y, lse, dx, _ = results[1]
     assert (y[:, :, 1] == 0).all() and (dx[:, :, 1] == 0).all() and not dx.isnan().any()
-    assert sinks or lse[:, :, 1].isnan().all()  # as the one-program kernels: -inf + log(0 * nan)
+    assert sinks or (lse[:, :, 1] == float("-inf")).all()  # as the one-program kernels: -inf + log(0)
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one program", "split"])
+@pytest.mark.parametrize("sinks", [False, True], ids=["", "sinks"])
+def test_a_nan_among_hidden_keys_makes_its_row_nan(kernels, split, sinks):
+    """A NaN score at a visible key, every other key of its row (or of its chunk) hidden: the GPU's
+    max passes over the NaN, but the row is NaN, as torch's masked_fill and softmax make it;
+    rows with every key hidden stay zeros."""
+    scores = random((1, 1, 4, 32), torch.float32)
+    mask = torch.ones(4, 32, dtype=torch.bool)
+    mask[0], mask[1, :16] = False, False
+    mask[0, 3] = mask[1, 9] = True
+    scores[0, 0, 0, 3] = scores[0, 0, 1, 9] = float("nan")
+    mask[2] = False  # every key hidden
+    sink_logits = random((1,), torch.float32, seed=2) if sinks else None
+    with split_threshold(0 if split else math.inf), limit_block(8), planned_for(FOUR_SMS):
+        y = fused_softmax.masked_softmax(scores, mask, sinks=sink_logits)
+        plan = _launch.plan(
+            (scores, y), 3, backward=False, masking=_launch.masking(scores, mask, 1.0, None), split=True
+        )
+    assert (plan.config.chunks > 1) == split
+    assert y[0, 0, :2].isnan().all() and (y[0, 0, 2] == 0).all() and not y[0, 0, 3].isnan().any()
 
 
 def test_gradcheck_through_the_split_kernels(kernels, launches, splitting):

@@ -207,6 +207,19 @@ def test_a_target_out_of_range_is_nan_and_never_read_out_of_bounds(kernels, spli
     assert traffic.loaded < 3 * minimum_bytes(x)
 
 
+def test_a_nan_in_a_chunk_of_minus_infinity_makes_its_row_nan(kernels, splitting):
+    """A chunk of -inf adds nothing, but one holding a NaN among -inf (which the GPU's max passes
+    over) makes its row's loss and gradient NaN, as torch's."""
+    x = random((3, 37), torch.float32)
+    x[:, 12:24] = float("-inf")
+    x[1, 13] = float("nan")
+    x[2, 36] = float("nan")  # alone in the last chunk
+    target = torch.tensor([0, 1, 2])
+    loss, dx = loss_and_grad(x, target, "none", torch.ones(3))
+    torch.testing.assert_close(loss, F.cross_entropy(x, target, reduction="none"), equal_nan=True)
+    assert not loss[0].isnan() and loss[1:].isnan().all() and dx[1:].isnan().all()
+
+
 @pytest.mark.parametrize("form", ["class weights", "probability targets"])
 def test_forms_left_to_the_one_program_kernel(kernels, launches, splitting, form):
     """Class weights and probability targets take the one-program kernel, split or not."""

@@ -61,14 +61,20 @@ def test_forward_and_backward_match_the_reference(kernels, launches, splitting, 
 
 
 def test_chunks_of_only_minus_infinity_and_rows_of_it(kernels, splitting, op):
-    """A chunk of -inf adds nothing (its sum is 0, not NaN); a row of -inf is NaN, as torch's."""
-    x = random((3, 40), torch.float32)
+    """A chunk of -inf adds nothing (its sum is 0, not NaN); a row of -inf is NaN, as torch's; and
+    a NaN in a chunk otherwise of -inf, which the GPU's max passes over, makes its row NaN."""
+    x = random((5, 40), torch.float32)
     x[0, 8:24] = float("-inf")  # whole chunks
     x[1, :] = float("-inf")
     x[2, 30:] = float("-inf")  # the ragged last chunk and part of the one before
+    x[3, 8:16] = float("-inf")
+    x[3, 9] = float("nan")
+    x[4, :] = float("-inf")
+    x[4, 37] = float("nan")
     actual = op.fused(x, dim=1)
     expected = op.torch(x, dim=1)
     torch.testing.assert_close(actual, expected, equal_nan=True)
+    assert actual[3:].isnan().all() and not actual[[0, 2]].isnan().any()
 
 
 def test_forward_mode_and_double_backward_through_the_split_kernels(kernels, launches, splitting, op):
