@@ -77,6 +77,12 @@ def torch_cross_entropy(input, target, weight, ignore_index, reduction, label_sm
     return losses.sum() / _index_denominator(target, weight, ignore_index)
 
 
+def applied_smoothing(label_smoothing):
+    """The label smoothing torch applies: ``label_smoothing`` where it is above 0, else none (a
+    negative or NaN one smooths nothing, as torch's); one above 1 is kept, for torch's error."""
+    return float(label_smoothing) if label_smoothing > 0 else 0.0
+
+
 def _unserved_reason(input, target, weight, ignore_index, reduction, label_smoothing):
     """Why the kernels do not serve this call (None when they do): torch rejects it, or it is a
     form torch accepts that the kernels leave to torch (another target or weight dtype)."""
@@ -495,6 +501,7 @@ def cross_entropy(
         reduction = _reduction.legacy_get_string(size_average, reduce)
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be a positive number or None, not {softcap}")
+    label_smoothing = applied_smoothing(label_smoothing)
     options = (ignore_index, reduction, label_smoothing, float(z_loss), None if softcap is None else float(softcap))
     if not use_kernels(input, input.dtype):
         return torch_cross_entropy(input, target, weight, *options)

@@ -22,6 +22,7 @@ from ._backend import use_kernels
 from ._jacobian import backward_product, forward_product
 from ._slices import exponent_shift, log_sum_exp_parts
 from ._transforms import DerivativesRefused, batch_first, legacy_batched, vmapped
+from .cross_entropy import applied_smoothing
 from .functional import _wrap_dim, product_tangent
 
 
@@ -497,8 +498,9 @@ def cross_entropy(
         raise RuntimeError(f"expected target dtype to be Long or Byte (class indices), but got {target.dtype}")
     if reduction not in ("none", "mean", "sum"):
         raise ValueError(f"{reduction} is not a valid value for reduction")
-    if not 0.0 <= label_smoothing <= 1.0:
+    if label_smoothing > 1.0:
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    label_smoothing = applied_smoothing(label_smoothing)
     if vocab_start is None:
         vocab_start = dist.get_rank(group) * logits_local.shape[1]
     losses = VocabParallelCrossEntropyFunction.apply(

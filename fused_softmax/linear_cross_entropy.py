@@ -42,6 +42,7 @@ from .cross_entropy import (
     _index_denominator,
     _is_one,
     _wants_gradient,
+    applied_smoothing,
     torch_cross_entropy,
 )
 
@@ -731,7 +732,8 @@ def _check_like_torch(input, weight, target, bias, ignore_index, reduction, labe
             )
     except (RuntimeError, ValueError, IndexError, TypeError, NotImplementedError) as meta_error:
         _torch_composition(input, weight, target, bias, *options)
-        raise meta_error
+        if target.dtype != torch.uint8:  # torch's meta kernel refuses uint8 targets its real one takes
+            raise meta_error
 
 
 def linear_cross_entropy(
@@ -763,7 +765,12 @@ def linear_cross_entropy(
     _check_like_torch(input, weight, target, bias, ignore_index, reduction, label_smoothing)
     flat_input = input.reshape(-1, input.shape[-1])
     flat_target = target.reshape(-1).long()
-    options = (ignore_index, float(label_smoothing), float(z_loss), None if softcap is None else float(softcap))
+    options = (
+        ignore_index,
+        applied_smoothing(label_smoothing),
+        float(z_loss),
+        None if softcap is None else float(softcap),
+    )
     if torch.compiler.is_compiling():  # the op sizes its chunks when it runs
         wants = [t is not None and t.requires_grad and torch.is_grad_enabled() for t in (input, weight, bias)]
         chunks = _positive_or_none("chunk_size", chunk_size), _positive_or_none("vocab_chunk_size", vocab_chunk_size)

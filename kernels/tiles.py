@@ -139,10 +139,13 @@ def online_statistics(
 
 @triton.jit
 def normalise(x, row_max, row_sum, LOG: tl.constexpr):
-    """softmax = exp(x - max) / sum, with one reciprocal per row; log-softmax = x - max - log(sum)."""
+    """softmax = exp(x - max) / sum, with one reciprocal per row; log-softmax = x - max - log(sum).
+    Against the statistics' ``exponent_shift``, so a block's exp(x - shift) is computed once for
+    both; a row of only -inf is NaN all the same (0 / 0, or -inf + inf)."""
+    shift = exponent_shift(row_max)
     if LOG:
-        return (x - row_max) - tl.log(row_sum)
-    return tl.exp(x - row_max) * (1.0 / row_sum)
+        return (x - shift) - tl.log(row_sum)
+    return tl.exp(x - shift) * (1.0 / row_sum)
 
 
 @triton.jit

@@ -226,6 +226,22 @@ def test_special_values(backend, device):
     assert fused_softmax.cross_entropy(empty, none, reduction="sum") == 0
 
 
+@pytest.mark.parametrize("label_smoothing", [-0.1, float("nan")], ids=["negative", "NaN"])
+def test_a_smoothing_torch_takes_as_none(backend, device, label_smoothing):
+    """torch smooths only above 0: a negative or NaN label_smoothing gives the plain loss and
+    gradient, for class-index and probability targets alike."""
+    x = random((4, 6), torch.float64, device)
+    for target in (index_targets(4, 6, device), random((4, 6), torch.float64, device, seed=3).softmax(1)):
+        loss, dx = loss_and_grad(
+            fused_softmax.cross_entropy, x, target, "mean", torch.tensor(1.0), label_smoothing=label_smoothing
+        )
+        want, want_dx = loss_and_grad(
+            F.cross_entropy, x, target, "mean", torch.tensor(1.0), label_smoothing=label_smoothing
+        )
+        torch.testing.assert_close(loss, want)
+        torch.testing.assert_close(dx, want_dx)
+
+
 def test_legacy_size_average_and_reduce(backend, device):
     x = random((4, 6), torch.float32, device)
     target = index_targets(4, 6, device)

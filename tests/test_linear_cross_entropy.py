@@ -3,6 +3,7 @@ values and input, weight and bias gradients over chunks of tokens and of the voc
 ones included), both backends, torch's errors, torch.compile (fullgraph; a compiled vmap too) and
 opcheck, first derivatives only, and its peak memory, measured, against the full logits'."""
 
+import math
 import re
 
 import numpy as np
@@ -111,6 +112,27 @@ def test_strided_targets(kernels, device, vocab_chunk):
     assert_close(loss, want_loss)
     for grad, want in zip(grads, want_grads, strict=True):
         assert_close(grad, want)
+
+
+@pytest.mark.parametrize("vocab_chunk", [None, 16], ids=["whole-vocabulary", "vocab-chunks"])
+@pytest.mark.parametrize("case", ["uint8 targets", "negative smoothing", "NaN smoothing"])
+def test_what_torch_takes_and_how(kernels, device, vocab_chunk, case):
+    """uint8 targets (which torch's meta kernel refuses but its real one takes), and a negative
+    or NaN label_smoothing, which torch takes as none: torch's loss and gradients."""
+    x, w, b, target = layer(torch.float64, device)
+    options = {"negative smoothing": dict(label_smoothing=-0.1), "NaN smoothing": dict(label_smoothing=math.nan)}
+    options = options.get(case, {})
+    if case == "uint8 targets":
+        target = target.clamp(min=0).to(torch.uint8)  # no ignore_index (-100) in uint8
+    with limit_block(8):
+        loss = fused_softmax.linear_cross_entropy(
+            x, w, target, b, chunk_size=5, vocab_chunk_size=vocab_chunk, **options
+        )
+        grads = torch.autograd.grad(loss, (x, w, b))
+    want_loss = F.cross_entropy(F.linear(x, w, b), target, **options)
+    torch.testing.assert_close(loss, want_loss)
+    for grad, want in zip(grads, torch.autograd.grad(want_loss, (x, w, b)), strict=True):
+        torch.testing.assert_close(grad, want)
 
 
 @pytest.mark.parametrize("options", [{}, CASES[-1][1]], ids=["plain", "every-option"])
