@@ -134,6 +134,16 @@ def test_non_float_input_needs_dtype(device, op, name, dtype):
             op.fused(x, dim=1)
 
 
+@pytest.mark.parametrize("name", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128], ids=str)
+def test_a_complex_dtype_is_refused_as_torch_refuses_it(device, op, name, dtype):
+    """dtype=complex on float input: torch casts, then has no complex softmax (NotImplementedError
+    on CPU, RuntimeError on CUDA); the kernels never see a complex output."""
+    x = torch.randn(3, 4, device=device)
+    with fused_softmax.use_backend(name), pytest.raises(RuntimeError, match="not implemented for"):
+        op.fused(x, dim=1, dtype=dtype)
+
+
 def test_int_input_with_dtype(backend, device, op):
     x = torch.arange(12, device=device).view(3, 4)
     y = op.fused(x, dim=1, dtype=torch.float32)
