@@ -85,9 +85,12 @@ def applied_smoothing(label_smoothing):
 
 def _unserved_reason(input, target, weight, ignore_index, reduction, label_smoothing):
     """Why the kernels do not serve this call (None when they do): torch rejects it, or it is a
-    form torch accepts that the kernels leave to torch (another target or weight dtype)."""
+    form torch accepts that the kernels leave to torch (another target or weight dtype, class
+    weights to differentiate: torch's gradient for probability targets, its error for indices)."""
     if input.dtype not in KERNEL_DTYPES or input.dim() == 0:
         return f"input of dtype {input.dtype} and {input.dim()} dims"
+    if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+        return "class weights that require a gradient"
     if reduction not in REDUCTIONS or not 0.0 <= label_smoothing <= 1.0:
         return f"reduction={reduction!r}, label_smoothing={label_smoothing}"
     classes = input.shape[_class_dim(input)]

@@ -242,6 +242,21 @@ def test_a_smoothing_torch_takes_as_none(backend, device, label_smoothing):
         torch.testing.assert_close(dx, want_dx)
 
 
+def test_class_weights_that_require_a_gradient_are_torchs(device):
+    """Probability targets get torch's weight gradient, class indices torch's error; the
+    'triton' backend, which never falls back, refuses them."""
+    x = random((4, 6), torch.float64, device)
+    weight = (random((6,), torch.float64, device, seed=5).abs() + 0.5).requires_grad_()
+    probabilities = random((4, 6), torch.float64, device, seed=3).softmax(1)
+    (got,) = torch.autograd.grad(fused_softmax.cross_entropy(x, probabilities, weight), weight)
+    (want,) = torch.autograd.grad(F.cross_entropy(x, probabilities, weight), weight)
+    torch.testing.assert_close(got, want)
+    with pytest.raises(RuntimeError, match="not differentiable with respect to argument 'weight'"):
+        fused_softmax.cross_entropy(x, index_targets(4, 6, device), weight)
+    with fused_softmax.use_backend("triton"), pytest.raises(NotImplementedError, match="require a gradient"):
+        fused_softmax.cross_entropy(x, probabilities, weight)
+
+
 def test_legacy_size_average_and_reduce(backend, device):
     x = random((4, 6), torch.float32, device)
     target = index_targets(4, 6, device)
