@@ -35,6 +35,14 @@ def combined_statistics(stats):
     return log_sum_exp_parts(stats[..., 0], stats[..., 1]), stats[..., 2].sum(0), stats[..., 3].sum(0)
 
 
+def probabilities(x, lse):
+    """exp(x − lse) along dim 1 of [rows, classes] logits, in lse's dtype, from the log-sum-exp in
+    two parts [rows, 2] (``log_sum_exp_parts``): (x − M) − log Σ, exact for large logits where
+    exp(x − (M + log Σ)) would cost the rounding of M + log Σ."""
+    row_max, log_sum = lse[:, :1], lse[:, 1:]
+    return torch.exp((x.to(lse.dtype) - row_max) - log_sum)
+
+
 def losses_from_statistics(lse, target_logit, smooth_sum, target, n_classes, options):
     """Each row's loss from its log-sum-exp in two parts ``lse`` [rows, 2], x'_t and Σ x' over
     every class, ``options`` being (ignore_index, ε, z, softcap): (1 - ε)·(lse - x'_t) +

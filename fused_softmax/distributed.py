@@ -20,7 +20,7 @@ import torch.distributed as dist
 from . import _jacobian, _launch
 from ._backend import use_kernels
 from ._jacobian import backward_product, forward_product
-from ._slices import exponent_shift, log_sum_exp_parts
+from ._slices import combined_statistics, exponent_shift, log_sum_exp_parts, losses_from_statistics, probabilities
 from ._transforms import DerivativesRefused, batch_first, legacy_batched, vmapped
 from .cross_entropy import applied_smoothing
 from .functional import _wrap_dim, product_tangent
@@ -256,7 +256,7 @@ def _shard_grad(logits, target, lse, grad_loss, ctx):
         options = dict(vocab_start=ctx.vocab_start, n_classes=ctx.classes, ignore_index=ctx.ignore_index)
         return _launch.vocab_slice_grad(logits, target, lse, grad_loss, smoothing=ctx.label_smoothing, **options)
     grad_row = torch.where(target != ctx.ignore_index, grad_loss, 0.0)
-    grad = _normalise(logits, 1, lse.sum(-1), False, lse.dtype, ctx.kernels)
+    grad = probabilities(logits, lse)
     grad.mul_(grad_row[:, None]).sub_(ctx.label_smoothing / ctx.classes * grad_row[:, None])
     owned, local_target = _local_targets(target, ctx.vocab_start, logits.shape[1], ctx.ignore_index)
     grad[owned, local_target] -= (1 - ctx.label_smoothing) * grad_row[owned]
@@ -341,7 +341,7 @@ def _probabilities_and_grad(logits, target, lse, shard):
     loss for a unit upstream gradient, p − (1 − ε)·onehot − ε/V (0 on ignored rows), and which
     rows are not ignored: in torch ops (vmap-able, no data-dependent indexing), in the stats'
     dtype, for the gradient's own derivatives."""
-    p = _normalise(logits, 1, lse.sum(-1), False, lse.dtype, False)  # lse in two parts
+    p = probabilities(logits, lse)
     valid = target != shard.ignore_index
     classes = torch.arange(logits.shape[1], device=logits.device) + shard.vocab_start
     onehot = (classes == target[:, None]).to(p.dtype)
@@ -437,13 +437,12 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
         if out_of_range.any():
             raise IndexError(f"Target {target[out_of_range][0].item()} is out of bounds.")
         gathered = gathered[:, :-1]
-        lse = log_sum_exp_parts(gathered[..., 0], gathered[..., 1])
         # The target logit is non-zero on the one rank holding it: the sum over ranks is that logit.
-        loss = lse.sum(-1) - (1 - label_smoothing) * gathered[..., 2].sum(0)
-        if label_smoothing:
-            loss = loss - label_smoothing / classes * gathered[..., 3].sum(0)
+        lse, target_logit, smooth_sum = combined_statistics(gathered)
+        options = (ignore_index, label_smoothing, 0.0, None)
+        loss = losses_from_statistics(lse, target_logit, smooth_sum, target, classes, options)
         shard = _VocabShard(kernels, vocab_start, classes, ignore_index, label_smoothing)
-        return torch.where(valid, loss, 0.0), lse, shard
+        return loss, lse, shard
 
     @staticmethod
     def setup_context(ctx, inputs, output):
