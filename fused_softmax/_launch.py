@@ -937,19 +937,24 @@ def _grad_scale_arguments(rows, entries):
     return dict(scale_rows=rows // entries, grad_scale_stride=1)
 
 
-def scale_cross_entropy_grad(grad, upstream, dim):
+def scale_cross_entropy_grad(grad, upstream, dim, target=None, ignore_index=-100):
     """``grad`` (the forward's gradient, classes along ``dim``) times the upstream gradient, in
     place: ``upstream`` is one value (0-d) or one per row, shaped like grad without ``dim``.
-    Rows whose factor is exactly 1 are not touched, and the host reads nothing. Kept Ready as
-    a launch that reads and writes ``grad`` (an input and the output), where the kernel reads
-    ``upstream`` itself, not a copy."""
-    job = ("scale_cross_entropy_grad", dim)
-    if not grad.numel() or _launched_ready(job, (grad, upstream), grad):
+    Rows whose factor is exactly 1 are not touched, nor, with class-index ``target`` (the rows'
+    row-major order), ignored ones, and the host reads nothing. Kept Ready as a launch that
+    reads and writes ``grad`` (an input and the output), where the kernel reads ``upstream``
+    itself, not a copy."""
+    target = indexed(target)
+    named = (("grad", grad), ("upstream", upstream), ("target", target))
+    inputs, pointers = _present(named, "grad")
+    job = ("scale_cross_entropy_grad", dim, ignore_index)
+    if not grad.numel() or _launched_ready(job, inputs, grad):
         return grad
     p = plan((grad,), dim, backward=True, cross_entropy=True)
     if p.tensors[0] is not grad:
         raise ValueError("scale_cross_entropy_grad scales a gradient in place: its rows must have a common stride")
     args = p.arguments("grad") | dict(upstream_ptr=upstream, PER_ROW=upstream.dim() > 0)
+    args |= dict(target_ptr=target, ignore_index=ignore_index, IGNORES=target is not None)
     if upstream.dim():
         rows = upstream.reshape(p.sizes[0], p.sizes[2])  # a view, unless a copy of one value a row is needed
         args |= dict(upstream_ptr=rows, upstream_stride_outer=rows.stride(0), upstream_stride_inner=rows.stride(1))
@@ -958,7 +963,7 @@ def scale_cross_entropy_grad(grad, upstream, dim):
             return grad
     else:
         args |= dict(upstream_stride_outer=None, upstream_stride_inner=None)
-    _run_ready(job, (grad, upstream), grad, kernels().scale_grad_kernel, p, args, ("grad", "upstream", "grad"))
+    _run_ready(job, inputs, grad, kernels().scale_grad_kernel, p, args, pointers)
     return grad
 
 

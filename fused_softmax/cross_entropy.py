@@ -194,10 +194,14 @@ def _row_factors(grad_loss, reduction, rows_dims, batch_dims):
     return grad_loss.reshape(grad_loss.shape + (1,) * (rows_dims - batch_dims))
 
 
-def _times_upstream(grad, grad_loss, reduction, batch_dims):
-    """The logits' gradient ``grad`` of the loss times its upstream gradient, in torch ops."""
+def _times_upstream(grad, grad_loss, reduction, batch_dims, target, ignore_index):
+    """The logits' gradient ``grad`` of the loss times its upstream gradient, in torch ops; 0 on
+    rows whose class-index target is ignored, whatever the upstream (NaN, inf), as torch's."""
     dim = _class_dim(grad, batch_dims)
-    return grad * _row_factors(grad_loss, reduction, grad.dim() - 1, batch_dims).unsqueeze(dim)
+    scaled = grad * _row_factors(grad_loss, reduction, grad.dim() - 1, batch_dims).unsqueeze(dim)
+    if target.is_floating_point():
+        return scaled
+    return torch.where((target == ignore_index).unsqueeze(dim), 0.0, scaled)
 
 
 def _device_scalable(*tensors):
@@ -252,14 +256,15 @@ def _(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, s
 
 def _setup_op(ctx, inputs, output):
     reduction, batch_dims = inputs[4], inputs[9] if len(inputs) > 9 else 0
-    ctx.reduction, ctx.batch_dims = reduction, batch_dims
+    ctx.reduction, ctx.batch_dims, ctx.ignore_index = reduction, batch_dims, inputs[3]
     ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(output[1])
+    ctx.save_for_backward(output[1], inputs[1])
 
 
 def _op_grad(ctx, grad_loss, _):
-    (grad,) = ctx.saved_tensors
-    return _times_upstream(grad, grad_loss, ctx.reduction, ctx.batch_dims), *(None,) * 9
+    grad, target = ctx.saved_tensors
+    upstream = _times_upstream(grad, grad_loss, ctx.reduction, ctx.batch_dims, target, ctx.ignore_index)
+    return upstream, *(None,) * 9
 
 
 def _op_vmap(info, in_dims, input, target, weight, *options):
@@ -371,15 +376,17 @@ class CrossEntropyFunction(torch.autograd.Function):
                     "the first backward: a second backward through the graph has nothing to start from"
                 )
             grad = kernel_cross_entropy(input, target, weight, *ctx.options, True, False, batch_dims)[1]
+        ignore_index = ctx.options[0]
         if not _device_scalable(grad, grad_loss):
-            return _times_upstream(grad, grad_loss, reduction, batch_dims)
+            return _times_upstream(grad, grad_loss, reduction, batch_dims, target, ignore_index)
         ctx.grad_scaled = True
         dim = _class_dim(grad, batch_dims)
         factors = grad_loss
         if grad_loss.dim():  # one value per row
             factors = _row_factors(grad_loss, reduction, grad.dim() - 1, batch_dims)
             factors = factors.expand(grad.shape[:dim] + grad.shape[dim + 1 :])
-        return _launch.scale_cross_entropy_grad(grad, factors, dim)
+        indices = None if target.is_floating_point() else target
+        return _launch.scale_cross_entropy_grad(grad, factors, dim, indices, ignore_index)
 
     @staticmethod
     def jvp(ctx, input_tangent, target_tangent, *_):

@@ -220,8 +220,9 @@ def chunked_cross_entropy(
     """Per-token losses of ``F.linear(input, weight, bias)`` [N, V] against ``target`` [N], a
     chunk of ``rows`` tokens and ``cols`` classes at a time; and, for ``wanted`` among 'input',
     'weight', 'bias', the gradients of Σ loss · grad_scale (times ``upstream``, per token, when
-    given). ``grads``: what takes each chunk's logits' gradient instead (``_Gradients``' add, its
-    'input' per token, e.g. ``_TokenTangents``), ``wanted`` then non-empty.
+    given; 0 on ignored tokens, whose gradient is 0 whatever their upstream, NaN or inf too, as
+    torch's). ``grads``: what takes each chunk's logits' gradient instead (``_Gradients``' add,
+    its 'input' per token, e.g. ``_TokenTangents``), ``wanted`` then non-empty.
 
     With the whole vocabulary in a chunk, the cross-entropy kernel writes the chunk's losses and
     gradient in one pass. Otherwise the chunk's classes are swept twice: each part's logits
@@ -229,6 +230,8 @@ def chunked_cross_entropy(
     its gradient formed from the rows' final log-sum-exp; one part of logits is held at a time."""
     kernels = use_kernels(input, input.dtype)
     n_tokens, vocab = input.shape[0], weight.shape[0]
+    if upstream is not None:
+        upstream = torch.where(target == options[0], 0.0, upstream)
     losses = []
     grads = _Gradients(input, weight, bias, wanted) if grads is None else grads
     for start in range(0, n_tokens, rows):

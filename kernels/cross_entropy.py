@@ -699,15 +699,20 @@ def scale_grad_kernel(
     grad_stride_inner,
     upstream_stride_outer,  # PER_ROW: the upstream gradient's strides over (outer, inner), else None
     upstream_stride_inner,
+    target_ptr,  # IGNORES: class-index targets, in the rows' row-major order
+    ignore_index,
     BLOCK_N: tl.constexpr,
     ROWS: tl.constexpr,
     ALIGN: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
     PER_ROW: tl.constexpr,
+    IGNORES: tl.constexpr,
 ):
     """The backward of a cross-entropy whose forward wrote the gradient: rows whose factor is
     exactly 1 (every row after ``loss.backward()`` on a mean or sum) are neither read nor
-    written, so that backward moves nothing but the factor, and the host never reads it."""
+    written, so that backward moves nothing but the factor, and the host never reads it. Nor
+    are ignored rows (IGNORES): their gradient stays 0 whatever the factor, NaN or inf too, as
+    torch's."""
     n_cols = n_cols * ALIGN
     if not PER_ROW:
         factor = tl.load(upstream_ptr).to(COMPUTE_DTYPE)
@@ -719,6 +724,8 @@ def scale_grad_kernel(
         else:
             row_factor = tl.zeros([ROWS, 1], COMPUTE_DTYPE) + factor
         scaled = row_mask & (row_factor != 1.0)
+        if IGNORES:
+            scaled &= tl.load(target_ptr + row, mask=scaled, other=ignore_index) != ignore_index
         if tl.max(scaled.to(tl.int32)) > 0:
             grad_rows = row_starts(grad_ptr, outer, inner, grad_stride_outer, grad_stride_inner, ALIGN)
             for start in tl.range(0, n_cols, BLOCK_N):

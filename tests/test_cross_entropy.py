@@ -7,6 +7,7 @@ interpreter reaches the online regime (``ONLINE``: a block of 8 classes) in mill
 """
 
 import functools
+import math
 import re
 
 import pytest
@@ -240,6 +241,27 @@ def test_a_smoothing_torch_takes_as_none(backend, device, label_smoothing):
         )
         torch.testing.assert_close(loss, want)
         torch.testing.assert_close(dx, want_dx)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_ignored_rows_have_zero_gradient_whatever_the_upstream(backend, device, reduction):
+    """A NaN or inf upstream gradient: NaN or inf gradients on counted rows, and 0 on ignored ones, as
+    torch's nll backward leaves them; through the in-place scaling and through torch ops (vmap)."""
+    x = random((4, 6), torch.float64, device)
+    target = index_targets(4, 6, device)
+    target[1] = -100
+    for bad in (float("nan"), float("inf")):
+        upstream = torch.full((4,) if reduction == "none" else (), bad, dtype=torch.float64, device=device)
+        loss, dx = loss_and_grad(fused_softmax.cross_entropy, x, target, reduction, upstream)
+        want_loss, want_dx = loss_and_grad(F.cross_entropy, x, target, reduction, upstream)
+        if math.isnan(bad):  # an inf one makes torch's target column NaN (-inf + inf), ours -inf
+            torch.testing.assert_close(dx, want_dx, equal_nan=True)
+        assert (dx[1] == 0).all() and not dx[[0, 2, 3]].isfinite().any()
+    leaf = x.detach().requires_grad_()
+    loss = fused_softmax.cross_entropy(leaf, target, reduction=reduction)
+    upstreams = torch.stack([torch.full_like(loss, float("nan")), torch.ones_like(loss)])
+    (dx,) = torch.autograd.grad(loss, leaf, upstreams, is_grads_batched=True)
+    assert (dx[:, 1] == 0).all() and dx[0, [0, 2, 3]].isnan().all() and not dx[1].isnan().any()
 
 
 def test_class_weights_that_require_a_gradient_are_torchs(device):

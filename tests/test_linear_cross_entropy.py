@@ -135,6 +135,20 @@ def test_what_torch_takes_and_how(kernels, device, vocab_chunk, case):
         torch.testing.assert_close(grad, want)
 
 
+@pytest.mark.parametrize("vocab_chunk", [None, 16], ids=["whole-vocabulary", "vocab-chunks"])
+def test_ignored_tokens_have_zero_gradient_whatever_the_upstream(kernels, device, vocab_chunk):
+    """reduction='none' with a NaN upstream gradient on every token: an ignored token's input
+    gradient is 0, as torch's; the others' NaN."""
+    x, w, b, target = layer(torch.float64, device)
+    ignored = target == -100
+    with limit_block(8):
+        loss = fused_softmax.linear_cross_entropy(
+            x, w, target, b, reduction="none", chunk_size=5, vocab_chunk_size=vocab_chunk
+        )
+        (dx,) = torch.autograd.grad(loss, x, torch.full_like(loss, float("nan")))
+    assert ignored.any() and (dx[ignored] == 0).all() and dx[~ignored].isnan().all()
+
+
 @pytest.mark.parametrize("options", [{}, CASES[-1][1]], ids=["plain", "every-option"])
 @pytest.mark.parametrize("vocab_chunk", [None, 16], ids=["whole-vocabulary", "vocab-chunks"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
