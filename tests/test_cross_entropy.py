@@ -435,7 +435,8 @@ def test_backward_after_a_mean_or_sum_moves_nothing(kernels, device, launches, r
 
 def test_backward_scales_only_the_rows_whose_factor_is_not_one(kernels, device, launches):
     """reduction='none': one factor read per row; the rows whose factor is 1 are not touched, the
-    others read and written once. A 1 broadcast (``loss.sum().backward()``) touches no row."""
+    others' targets read, and those not ignored read and written once. A 1 broadcast
+    (``loss.sum().backward()``) touches no row."""
     rows, classes = 6, 40
     x = random((rows, classes), torch.float32, device).requires_grad_()
     target = index_targets(rows, classes, device, ignored=(1,))
@@ -443,8 +444,8 @@ def test_backward_scales_only_the_rows_whose_factor_is_not_one(kernels, device, 
     dy[[0, 3]] = 1.0
     loss = fused_softmax.cross_entropy(x, target, reduction="none")
     traffic, _, dx = scaling_traffic(loss, x, dy, launches)
-    row_bytes = classes * 4
-    assert (traffic.loaded, traffic.stored) == (rows * 4 + (rows - 2) * row_bytes, (rows - 2) * row_bytes)
+    row_bytes, scaled = classes * 4, rows - 3  # factors of 1 on rows 0 and 3, row 1 ignored
+    assert (traffic.loaded, traffic.stored) == (rows * 4 + (rows - 2) * 8 + scaled * row_bytes, scaled * row_bytes)
     assert_close(dx, reference.cross_entropy_backward(x, target, dy, reduction="none"))
     loss = fused_softmax.cross_entropy(x, target, reduction="none")
     traffic, _, dx = scaling_traffic(loss, x, torch.ones(()).expand(rows), launches)
