@@ -177,7 +177,7 @@ def _fusable(input_dtype, dtype):
     """dtype= is fused into the kernel when it widens: reading the narrower input and casting it
     in registers equals torch's cast-first. A narrowing cast must round the input first, and a
     cast to a dtype the kernels do not write (complex) is torch's, then refused as torch refuses it."""
-    return input_dtype in KERNEL_DTYPES and dtype in KERNEL_DTYPES and torch.promote_types(input_dtype, dtype) == dtype
+    return input_dtype in KERNEL_DTYPES and torch.promote_types(input_dtype, dtype) == dtype and dtype in KERNEL_DTYPES
 
 
 # Captured at import, before any patch() can replace them: the eager fallback.
