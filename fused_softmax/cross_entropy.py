@@ -91,7 +91,7 @@ def _unserved_reason(input, target, weight, ignore_index, reduction, label_smoot
         return f"input of dtype {input.dtype} and {input.dim()} dims"
     if weight is not None and weight.requires_grad and torch.is_grad_enabled():
         return "class weights that require a gradient"
-    if reduction not in REDUCTIONS or not 0.0 <= label_smoothing <= 1.0:
+    if reduction not in REDUCTIONS or label_smoothing > 1.0:  # a negative one is 0 by now (applied_smoothing)
         return f"reduction={reduction!r}, label_smoothing={label_smoothing}"
     classes = input.shape[_class_dim(input)]
     if classes == 0 or target.device != input.device:

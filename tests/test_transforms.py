@@ -252,6 +252,14 @@ def test_batched_gradients(backend, case):
     torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-10)
 
 
+def first_derivatives_check(function, args):
+    """gradcheck in every first-order mode (reverse, forward, each batched), on fast-mode
+    projections: the interpreted launches stay few."""
+    return torch.autograd.gradcheck(
+        function, args, check_batched_grad=True, check_forward_ad=True, check_batched_forward_grad=True, fast_mode=True
+    )
+
+
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_gradcheck_with_batched_and_forward_checks(kernels, case):
     """The batched, forward-mode and second-order checks, on Jacobians projected on random
@@ -261,14 +269,7 @@ def test_gradcheck_with_batched_and_forward_checks(kernels, case):
     test_cross_entropy)."""
     args = [a.requires_grad_() for a in case.first(case.inputs())]
     with limit_block(case.max_block):
-        assert torch.autograd.gradcheck(
-            case.fused,
-            args,
-            check_batched_grad=True,
-            check_forward_ad=True,
-            check_batched_forward_grad=True,
-            fast_mode=True,
-        )
+        assert first_derivatives_check(case.fused, args)
         assert torch.autograd.gradgradcheck(
             case.fused, args, check_batched_grad=True, check_fwd_over_rev=True, check_rev_over_rev=True, fast_mode=True
         )
@@ -517,14 +518,7 @@ def test_linear_cross_entropy_transform_matches_torch(backend, case, transform):
 def test_linear_cross_entropy_gradcheck_with_batched_and_forward_checks(kernels, case):
     """Fast mode (random projections) keeps the interpreted launches few."""
     args = [a.requires_grad_() for a in case.first(case.inputs())]
-    assert torch.autograd.gradcheck(
-        case.fused,
-        args,
-        check_batched_grad=True,
-        check_forward_ad=True,
-        check_batched_forward_grad=True,
-        fast_mode=True,
-    )
+    assert first_derivatives_check(case.fused, args)
 
 
 def test_linear_cross_entropy_vmap_is_more_tokens_of_the_same_chunks(kernels, launches):
