@@ -914,9 +914,11 @@ def _split_cross_entropy(x, target, grad, grad_scale, dim, *, ignore_index, smoo
     classes = x.shape[dim]
     options = dict(ignore_index=ignore_index, smoothing=smoothing, softcap=softcap)
     stats = vocab_slice_statistics(x, target, vocab_start=0, dim=dim, split=True, **options)
-    lse, target_logit, smooth_sum = combined_statistics(stats.transpose(0, 1))
+    chunk_cols = plan((x,), dim, backward=False, cross_entropy=True, split=True).config.chunk_cols
+    widths = (classes - chunk_cols * torch.arange(stats.shape[1], device=x.device)).clamp(max=chunk_cols)
+    lse, target_logit, smooth_deviation = combined_statistics(stats.transpose(0, 1), widths)
     loss_options = (ignore_index, smoothing, z_loss, softcap)
-    losses = losses_from_statistics(lse, target_logit, smooth_sum, target, classes, loss_options)
+    losses = losses_from_statistics(lse, target_logit, smooth_deviation, target, classes, loss_options)
     if grad is not None:
         rows, entries = len(target), grad_scale.numel()
         scale = grad_scale.expand(rows) if entries == 1 else grad_scale.repeat_interleave(rows // entries)
@@ -969,7 +971,7 @@ def scale_cross_entropy_grad(grad, upstream, dim, target=None, ignore_index=-100
 
 def vocab_slice_statistics(x, target, *, vocab_start, ignore_index, smoothing, softcap=None, dim=1, split=False):
     """[rows, 4] in the compute dtype: each row's (max, Σ exp(x' − max), the target's x' if this
-    slice of the classes holds it else 0, Σ x' with smoothing else 0), from logits ``x`` with
+    slice of the classes holds it else 0, Σ (x' − max) with smoothing else 0), from logits ``x`` with
     the slice's classes along ``dim`` (``vocab_start`` on; x' capped by ``softcap``) and global
     class indices in the rows' row-major order. With ``split`` the launch may cut the rows into
     chunks (the split-row regime) and the statistics are each chunk's, [rows, chunks, 4]. The

@@ -28,11 +28,16 @@ def log_sum_exp_parts(maxes, sums):
     return torch.stack([row_max, torch.log(terms.sum(0))], -1)
 
 
-def combined_statistics(stats):
-    """Each row's log-sum-exp in two parts [rows, 2] (``log_sum_exp_parts``), x'_t and Σ x' over
-    every class, from the slices' [slices, rows, 4] statistics (max, Σ exp(x' − max), x'_t where
-    the slice holds the target else 0, Σ x'), as ``vocab_slice_statistics_kernel`` writes them."""
-    return log_sum_exp_parts(stats[..., 0], stats[..., 1]), stats[..., 2].sum(0), stats[..., 3].sum(0)
+def combined_statistics(stats, widths):
+    """Each row's log-sum-exp in two parts [rows, 2] (``log_sum_exp_parts``), x'_t and D = Σ (x' − M)
+    over every class, M the row's max, from the slices' [slices, rows, 4] statistics (max m_r,
+    Σ exp(x' − m_r), x'_t where the slice holds the target else 0, Σ (x' − m_r)), as
+    ``vocab_slice_statistics_kernel`` writes them, and the slices' class counts ``widths``
+    [slices]: moving a slice's Σ to M adds widths·(m_r − M), which rounds to the logits' spread,
+    not their size (the kernels' ``deviation_step``)."""
+    lse = log_sum_exp_parts(stats[..., 0], stats[..., 1])
+    moved = widths[:, None] * (exponent_shift(stats[..., 0]) - exponent_shift(lse[:, 0]))
+    return lse, stats[..., 2].sum(0), (stats[..., 3] + moved).sum(0)
 
 
 def probabilities(x, lse):
@@ -43,16 +48,17 @@ def probabilities(x, lse):
     return torch.exp((x.to(lse.dtype) - row_max) - log_sum)
 
 
-def losses_from_statistics(lse, target_logit, smooth_sum, target, n_classes, options):
-    """Each row's loss from its log-sum-exp in two parts ``lse`` [rows, 2], x'_t and Σ x' over
-    every class, ``options`` being (ignore_index, ε, z, softcap): (1 - ε)·(lse - x'_t) +
-    ε/C·(C·lse - Σ x') + z·lse², 0 where ignored, NaN where the target is not a class (lse - x'_t
-    as (max - x'_t) + log Σ, exact for large logits), as ``cross_entropy_kernel`` computes it."""
+def losses_from_statistics(lse, target_logit, smooth_deviation, target, n_classes, options):
+    """Each row's loss from its log-sum-exp in two parts ``lse`` [rows, 2] (M, log Σ), x'_t and
+    D = Σ (x' − M) over every class, ``options`` being (ignore_index, ε, z, softcap):
+    (1 - ε)·(lse - x'_t) + ε/C·(C·lse - Σ x') + z·lse², 0 where ignored, NaN where the target is
+    not a class, with lse - x'_t as (M - x'_t) + log Σ and C·lse - Σ x' as C·log Σ - D, exact
+    for large logits, as ``cross_entropy_kernel`` computes it."""
     ignore_index, label_smoothing, z_loss, _ = options
     row_max, log_sum = lse.unbind(1)
     full_lse = row_max + log_sum
     loss = (1 - label_smoothing) * ((row_max - target_logit) + log_sum) + z_loss * full_lse * full_lse
     if label_smoothing:
-        loss = loss + label_smoothing / n_classes * (n_classes * full_lse - smooth_sum)
+        loss = loss + label_smoothing / n_classes * (n_classes * log_sum - smooth_deviation)
     in_range = (target >= 0) & (target < n_classes)
     return torch.where(target == ignore_index, 0.0, torch.where(in_range, loss, float("nan")))

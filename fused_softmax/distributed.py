@@ -235,7 +235,7 @@ def _local_targets(target, vocab_start, width, ignore_index):
 
 def _shard_statistics(logits, target, vocab_start, ignore_index, label_smoothing, kernels):
     """[N, 4] in the stats' dtype: each row's (max, Σ exp(x − max), the target's logit if this
-    shard holds it else 0, Σ x with smoothing else 0) over this shard. On the kernels, one read of
+    shard holds it else 0, Σ (x − max) with smoothing else 0) over this shard. On the kernels, one read of
     the logits (``vocab_slice_statistics_kernel``, on the cross-entropy kernel's steps)."""
     if kernels:
         options = dict(vocab_start=vocab_start, ignore_index=ignore_index, smoothing=label_smoothing)
@@ -244,8 +244,11 @@ def _shard_statistics(logits, target, vocab_start, ignore_index, label_smoothing
     owned, local_target = _local_targets(target, vocab_start, logits.shape[1], ignore_index)
     target_logit = stats.new_zeros(len(target))
     target_logit[owned] = logits[owned, local_target].to(stats.dtype)
-    smooth_sum = logits.sum(1, dtype=stats.dtype) if label_smoothing else torch.zeros_like(target_logit)
-    return torch.cat([stats, target_logit[:, None], smooth_sum[:, None]], 1)
+    if label_smoothing:
+        smooth_deviation = (logits.to(stats.dtype) - exponent_shift(stats[:, :1])).sum(1)
+    else:
+        smooth_deviation = torch.zeros_like(target_logit)
+    return torch.cat([stats, target_logit[:, None], smooth_deviation[:, None]], 1)
 
 
 def _shard_grad(logits, target, lse, grad_loss, ctx):
@@ -436,11 +439,12 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
         out_of_range = valid & ((target < 0) | (target >= classes))
         if out_of_range.any():
             raise IndexError(f"Target {target[out_of_range][0].item()} is out of bounds.")
+        widths = gathered[:, -1, 1]
         gathered = gathered[:, :-1]
         # The target logit is non-zero on the one rank holding it: the sum over ranks is that logit.
-        lse, target_logit, smooth_sum = combined_statistics(gathered)
+        lse, target_logit, smooth_deviation = combined_statistics(gathered, widths)
         options = (ignore_index, label_smoothing, 0.0, None)
-        loss = losses_from_statistics(lse, target_logit, smooth_sum, target, classes, options)
+        loss = losses_from_statistics(lse, target_logit, smooth_deviation, target, classes, options)
         shard = _VocabShard(kernels, vocab_start, classes, ignore_index, label_smoothing)
         return loss, lse, shard
 

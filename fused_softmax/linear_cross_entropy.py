@@ -117,8 +117,8 @@ def _chunk_losses_and_grad(logits, target, options, grad_scale, kernels):
 
 def _vocab_chunk_statistics(logits, target, vocab_start, options, kernels):
     """[rows, 4]: the chunk of classes [vocab_start, vocab_start + n)'s (max, Σ exp(x' - max),
-    x'_t if the chunk holds the target else 0, Σ x' with smoothing else 0), for the host to
-    combine over the chunks."""
+    x'_t if the chunk holds the target else 0, Σ (x' - max) with smoothing else 0), for the host
+    to combine over the chunks."""
     ignore_index, label_smoothing, _, softcap = options
     if kernels:
         return _launch.vocab_slice_statistics(
@@ -134,13 +134,15 @@ def _vocab_chunk_statistics(logits, target, vocab_start, options, kernels):
     row_max = x.amax(1)
     row_sum = torch.exp(x - exponent_shift(row_max)[:, None]).sum(1)
     target_logit = torch.where(in_chunk, x.gather(1, local[:, None]).squeeze(1), 0.0)
-    smooth_sum = x.sum(1) if label_smoothing else torch.zeros_like(row_sum)
-    return torch.stack([row_max, row_sum, target_logit, smooth_sum], 1)
+    smooth_deviation = (x - exponent_shift(row_max)[:, None]).sum(1) if label_smoothing else torch.zeros_like(row_sum)
+    return torch.stack([row_max, row_sum, target_logit, smooth_deviation], 1)
 
 
-def _combined_statistics(chunk_statistics):
-    """``_slices.combined_statistics`` of the chunks' [rows, 4] statistics; theirs are not kept."""
-    return combined_statistics(torch.stack(chunk_statistics))
+def _combined_statistics(parts, chunk_statistics):
+    """``_slices.combined_statistics`` of the chunks' [rows, 4] statistics, the chunks being the
+    ``parts`` (slices) of the classes; theirs are not kept."""
+    stats = torch.stack(chunk_statistics)
+    return combined_statistics(stats, stats.new_tensor([part.stop - part.start for part in parts]))
 
 
 def _local_targets(target, vocab_start, width):
@@ -249,8 +251,9 @@ def chunked_cross_entropy(
                 grads.add(grad, chunk, weight, tokens, slice(0, vocab))
             del logits, grad
             continue
-        parts = [slice(v, v + cols) for v in range(0, vocab, cols)]
-        lse, target_logit, smooth_sum = _combined_statistics(
+        parts = [slice(v, min(v + cols, vocab)) for v in range(0, vocab, cols)]
+        lse, target_logit, smooth_deviation = _combined_statistics(
+            parts,
             [
                 _vocab_chunk_statistics(
                     F.linear(chunk, weight[classes], None if bias is None else bias[classes]),
@@ -260,9 +263,9 @@ def chunked_cross_entropy(
                     kernels,
                 )
                 for classes in parts
-            ]
+            ],
         )
-        losses.append(losses_from_statistics(lse, target_logit, smooth_sum, chunk_target, vocab, options))
+        losses.append(losses_from_statistics(lse, target_logit, smooth_deviation, chunk_target, vocab, options))
         if not wanted:
             continue
         row_scale = grad_scale.to(lse.dtype).expand(chunk.shape[0])
@@ -378,10 +381,18 @@ def token_tangents(input, weight, bias, target, tangents, options, rows, cols):
     return dots.input.view(target.shape)
 
 
-def _scaled_by_upstream(grad, grad_loss):
-    """A precomputed gradient of a mean or sum times its upstream gradient: one value per batch
-    entry, the leading dims of ``grad``."""
-    return grad * grad_loss.reshape(grad_loss.shape + (1,) * (grad.dim() - grad_loss.dim()))
+def _scaled_by_upstream(grads, grad_loss, target, ignore_index):
+    """The precomputed (input, weight, bias) gradients of a mean or sum (None where not wanted)
+    times its upstream gradient, one value per batch entry (the gradients' leading dims). An
+    ignored token's input gradient stays 0 whatever the upstream gradient, NaN or inf too, as
+    torch's."""
+    scaled = [
+        None if g is None else g * grad_loss.reshape(grad_loss.shape + (1,) * (g.dim() - grad_loss.dim()))
+        for g in grads
+    ]
+    if scaled[0] is not None:
+        scaled[0] = torch.where((target == ignore_index)[..., None], 0.0, scaled[0])
+    return scaled
 
 
 def _parameter_grads(wanted):
@@ -456,7 +467,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             if ctx.reduction == "none":
                 grads = _per_token_backward(*arguments)
             elif not (_device_scalable(grad_loss) and _is_one(grad_loss)):
-                grads = [None if g is None else _scaled_by_upstream(g, grad_loss) for g in grads]
+                grads = _scaled_by_upstream(grads, grad_loss, target, ctx.options[0])
         if torch.is_grad_enabled():  # create_graph=True: gradients that raise if differentiated
             grads = DerivativesRefused.apply(NO_DOUBLE_BACKWARD, input, weight, bias, *grads)[3:]
         grad_input, grad_weight, grad_bias = grads
@@ -670,7 +681,7 @@ def _setup_op(ctx, inputs, output):
     if reduction == "none":
         ctx.save_for_backward(input, weight, bias, target)
     else:
-        ctx.save_for_backward(*output[1:])
+        ctx.save_for_backward(target, *output[1:])
 
 
 def _op_grad(ctx, grad_loss, *_):
@@ -678,10 +689,10 @@ def _op_grad(ctx, grad_loss, *_):
         input, weight, bias, target = ctx.saved_tensors
         grads = linear_cross_entropy_backward_op(input, weight, bias, target, grad_loss, *ctx.arguments)
     else:
-        grads = ctx.saved_tensors
+        target, *grads = ctx.saved_tensors
     grads = [g if want else None for g, want in zip(grads, ctx.wants, strict=True)]
     if ctx.reduction != "none":
-        grads = [None if g is None else _scaled_by_upstream(g, grad_loss) for g in grads]
+        grads = _scaled_by_upstream(grads, grad_loss, target, ctx.arguments[0])
     return *grads, *(None,) * 11
 
 

@@ -12,6 +12,11 @@ the optional cap (softcap · tanh(x / softcap)), lse = log Σ exp(x') and p = ex
 - class probabilities q (``cross_entropy_probabilities_kernel``), r = (1 - ε)·q + ε/C:
   loss = Σ w·r·(lse - x') + z·lse², grad = p·(Σ w·r + 2z·lse) - w·r.
 
+The weighted sums S = Σ u·x' and Σ w·r·x' are kept as deviations from the row's max m,
+D = Σ u·(x' - m) (or Σ w·r·(x' - m)), and U·lse - S as U·log Σ exp(x' - m) - D (U = Σ u, or
+Σ w·r): at large logits U·lse and S are both huge, and their difference would keep only the
+logits' rounding, where D rounds to their spread (see ``deviation_step``).
+
 The gradient is times the cap's derivative 1 - (x'/softcap)² and the reduction's factor (1/Σ w_t
 for a mean). Ignored rows (target == ignore_index) have loss and gradient 0; a target outside
 [0, C) gives a NaN loss and gradient, never an out-of-bounds read (the host raises first where it
@@ -45,6 +50,7 @@ from .tiles import (
     block_statistics,
     column_block,
     combine_lanes,
+    exponent_shift,
     fp32_pair,
     load_block,
     load_row_values,
@@ -112,15 +118,26 @@ def is_target(target, in_range, start, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def index_block_sums(x, hit, in_bounds, u, SMOOTHING: tl.constexpr):
-    """A block's part of each row's x'_t and of S = Σ u·x' (0 without smoothing: u·x' would be NaN
-    at a -inf logit)."""
-    target_logit = tl.sum(tl.where(hit, x, 0.0), axis=1, keep_dims=True)
-    if SMOOTHING:
-        smooth_sum = tl.sum(tl.where(in_bounds, u * x, 0.0), axis=1, keep_dims=True)
-    else:
-        smooth_sum = tl.zeros(target_logit.shape, x.dtype)
-    return target_logit, smooth_sum
+def target_logits(x, hit):
+    """A block's part of each row's x'_t: 0 where the block does not hold the target."""
+    return tl.sum(tl.where(hit, x, 0.0), axis=1, keep_dims=True)
+
+
+@triton.jit
+def weighted_deviation(x, weights, in_bounds, shift):
+    """Σ w·(x' - shift) over a block's columns, 0 out of bounds."""
+    return tl.sum(tl.where(in_bounds, weights * (x - shift), 0.0), axis=1, keep_dims=True)
+
+
+@triton.jit
+def deviation_step(reference, deviation, weight_sum, x, weights, in_bounds):
+    """One block into each row's running D = Σ w·(x' - shift), shift the ``exponent_shift`` of the
+    running max ``reference``, ``weight_sum`` the Σ w of the blocks before: a rising max moves D
+    by weight_sum times its rise, so D rounds to the logits' spread, not to their size."""
+    new_reference = tl.maximum(reference, tl.max(x, axis=1, keep_dims=True))
+    shift = exponent_shift(new_reference)
+    deviation += weight_sum * (exponent_shift(reference) - shift)
+    return new_reference, deviation + weighted_deviation(x, weights, in_bounds, shift)
 
 
 @triton.jit
@@ -140,12 +157,14 @@ def index_online_statistics(
     SOFTCAP: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
 ):
-    """Rows longer than a block, in one sweep: each row's (max, Σ exp(x' - max), x'_t, S = Σ u·x')
-    and U = Σ u. x'_t is 0 where ``in_range`` is false (the target is not among the columns)."""
+    """Rows longer than a block, in one sweep: each row's (max, Σ exp(x' - max), x'_t, D = Σ u·(x' -
+    max)) and U = Σ u, D and U 0 without smoothing. x'_t is 0 where ``in_range`` is false (the
+    target is not among the columns)."""
     lane_max = tl.full([ROWS, BLOCK_N], float("-inf"), COMPUTE_DTYPE)
     lane_sum = tl.zeros([ROWS, BLOCK_N], COMPUTE_DTYPE)
     target_logit = tl.zeros([ROWS, 1], COMPUTE_DTYPE)
-    smooth_sum = tl.zeros([ROWS, 1], COMPUTE_DTYPE)
+    reference = tl.full([ROWS, 1], float("-inf"), COMPUTE_DTYPE)
+    smooth_deviation = tl.zeros([ROWS, 1], COMPUTE_DTYPE)
     smooth_weight = tl.zeros([1, 1], COMPUTE_DTYPE)
     for start in tl.range(0, n_cols, BLOCK_N):
         col = column_block(start, BLOCK_N)
@@ -154,14 +173,12 @@ def index_online_statistics(
         x = load_capped(x_rows, x_stride_col, col, in_bounds, softcap, SOFTCAP, COMPUTE_DTYPE)
         lane_max, lane_sum = online_step(lane_max, lane_sum, x)
         u = smoothing_weights(weight_ptr, col, col_ok, BLOCK_N, SMOOTHING, HAS_WEIGHT, COMPUTE_DTYPE)
-        block_target, block_smooth = index_block_sums(
-            x, is_target(target, in_range, start, BLOCK_N), in_bounds, u, SMOOTHING
-        )
-        target_logit += block_target
-        smooth_sum += block_smooth
+        target_logit += target_logits(x, is_target(target, in_range, start, BLOCK_N))
+        if SMOOTHING:
+            reference, smooth_deviation = deviation_step(reference, smooth_deviation, smooth_weight, x, u, in_bounds)
         smooth_weight += tl.sum(u, axis=1, keep_dims=True)
     row_max, row_sum = combine_lanes(lane_max, lane_sum)
-    return row_max, row_sum, target_logit, smooth_sum, smooth_weight
+    return row_max, row_sum, target_logit, smooth_deviation, smooth_weight
 
 
 @triton.jit
@@ -188,8 +205,12 @@ def index_block(
     x = load_capped(x_rows, x_stride_col, col, in_bounds, softcap, SOFTCAP, COMPUTE_DTYPE)
     row_max, row_sum = block_statistics(x)
     u = smoothing_weights(weight_ptr, col, col_ok, BLOCK_N, SMOOTHING, HAS_WEIGHT, COMPUTE_DTYPE)
-    target_logit, smooth_sum = index_block_sums(x, is_target(target, in_range, 0, BLOCK_N), in_bounds, u, SMOOTHING)
-    return x, u, row_max, row_sum, target_logit, smooth_sum, tl.sum(u, axis=1, keep_dims=True)
+    if SMOOTHING:
+        smooth_deviation = weighted_deviation(x, u, in_bounds, exponent_shift(row_max))
+    else:
+        smooth_deviation = tl.zeros(row_max.shape, COMPUTE_DTYPE)
+    target_logit = target_logits(x, is_target(target, in_range, 0, BLOCK_N))
+    return x, u, row_max, row_sum, target_logit, smooth_deviation, tl.sum(u, axis=1, keep_dims=True)
 
 
 @triton.jit
@@ -200,12 +221,12 @@ def softmax_block(x, row_max, log_sum):
 
 
 @triton.jit
-def index_row_loss(row_max, log_sum, target_logit, target_weight, smooth_sum, smooth_weight, eps, z_loss, n_cols):
-    """(1 - ε)·w_t·(lse - x'_t) + ε/C·(U·lse - S) + z·lse², with lse - x'_t as (max - x'_t) + log Σ,
-    exact for large logits."""
+def index_row_loss(row_max, log_sum, target_logit, target_weight, smooth_deviation, smooth_weight, eps, z_loss, n_cols):
+    """(1 - ε)·w_t·(lse - x'_t) + ε/C·(U·lse - S) + z·lse², with lse - x'_t as (max - x'_t) + log Σ
+    and U·lse - S as U·log Σ - D, exact for large logits."""
     lse = row_max + log_sum
     loss = (1.0 - eps) * target_weight * ((row_max - target_logit) + log_sum)
-    return loss + eps / n_cols * (smooth_weight * lse - smooth_sum) + z_loss * lse * lse
+    return loss + eps / n_cols * (smooth_weight * log_sum - smooth_deviation) + z_loss * lse * lse
 
 
 @triton.jit
@@ -331,7 +352,7 @@ def cross_entropy_kernel(
             target_weight = tl.full(target.shape, 1.0, COMPUTE_DTYPE)
         x_rows = row_starts(x_ptr, outer, inner, x_stride_outer, x_stride_inner, ALIGN)
         if ONLINE:
-            row_max, row_sum, target_logit, smooth_sum, smooth_weight = index_online_statistics(
+            row_max, row_sum, target_logit, smooth_deviation, smooth_weight = index_online_statistics(
                 x_rows,
                 x_stride_col,
                 weight_ptr,
@@ -348,7 +369,7 @@ def cross_entropy_kernel(
                 COMPUTE_DTYPE,
             )
         else:
-            x, u, row_max, row_sum, target_logit, smooth_sum, smooth_weight = index_block(
+            x, u, row_max, row_sum, target_logit, smooth_deviation, smooth_weight = index_block(
                 x_rows,
                 x_stride_col,
                 weight_ptr,
@@ -366,7 +387,7 @@ def cross_entropy_kernel(
         log_sum = tl.log(row_sum)
         lse = row_max + log_sum
         loss = index_row_loss(
-            row_max, log_sum, target_logit, target_weight, smooth_sum, smooth_weight, eps, z_loss, n_cols
+            row_max, log_sum, target_logit, target_weight, smooth_deviation, smooth_weight, eps, z_loss, n_cols
         )
         tl.store(loss_ptr + row, validated(loss, valid, in_range), mask=row_mask)
         if STORE_GRAD:
@@ -433,13 +454,6 @@ def class_weights(weight_ptr, col, col_ok, BLOCK_N: tl.constexpr, HAS_WEIGHT: tl
 
 
 @triton.jit
-def probability_lane_terms(x, q, w, in_bounds, eps, n_cols):
-    """Per lane: w·r and w·r·x', with r = (1 - ε)·q + ε/C the smoothed probability; 0 out of bounds."""
-    wr = tl.where(in_bounds, w * ((1.0 - eps) * q + eps / n_cols), 0.0)
-    return wr, tl.where(in_bounds, wr * x, 0.0)
-
-
-@triton.jit
 def probability_grad_block(x, wr, row_max, log_sum, probability_coef, scale, row_mask, softcap, SOFTCAP: tl.constexpr):
     """The gradient of a block: (p·(Σ w·r + 2z·lse) - w·r)·cap'·scale."""
     g = softmax_block(x, row_max, log_sum) * probability_coef - wr
@@ -463,14 +477,14 @@ def load_probability_block(
     SOFTCAP: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
 ):
-    """A block's capped logits x' and weighted smoothed probabilities w·r, and its w·r·x'."""
+    """A block's capped logits x' and weighted smoothed probabilities w·r, r = (1 - ε)·q + ε/C;
+    w·r is 0 out of bounds."""
     col_ok = col < n_cols
     in_bounds = row_mask & col_ok
     x = load_capped(x_rows, x_stride_col, col, in_bounds, softcap, SOFTCAP, COMPUTE_DTYPE)
     q = load_block(target_rows, target_stride_col, col, in_bounds, 0.0, COMPUTE_DTYPE)
     w = class_weights(weight_ptr, col, col_ok, BLOCK_N, HAS_WEIGHT, COMPUTE_DTYPE)
-    wr, wrx = probability_lane_terms(x, q, w, in_bounds, eps, n_cols)
-    return x, wr, wrx, in_bounds
+    return x, tl.where(in_bounds, w * ((1.0 - eps) * q + eps / n_cols), 0.0), in_bounds
 
 
 @triton.jit
@@ -522,9 +536,10 @@ def cross_entropy_probabilities_kernel(
             lane_max = tl.full([ROWS, BLOCK_N], float("-inf"), COMPUTE_DTYPE)
             lane_sum = tl.zeros([ROWS, BLOCK_N], COMPUTE_DTYPE)
             weight_sum = tl.zeros([ROWS, 1], COMPUTE_DTYPE)
-            weighted_logits = tl.zeros([ROWS, 1], COMPUTE_DTYPE)
+            reference = tl.full([ROWS, 1], float("-inf"), COMPUTE_DTYPE)
+            deviation = tl.zeros([ROWS, 1], COMPUTE_DTYPE)
             for start in tl.range(0, n_cols, BLOCK_N):
-                x, wr, wrx, in_bounds = load_probability_block(
+                x, wr, in_bounds = load_probability_block(
                     x_rows,
                     x_stride_col,
                     target_rows,
@@ -541,12 +556,12 @@ def cross_entropy_probabilities_kernel(
                     COMPUTE_DTYPE,
                 )
                 lane_max, lane_sum = online_step(lane_max, lane_sum, x)
+                reference, deviation = deviation_step(reference, deviation, weight_sum, x, wr, in_bounds)
                 weight_sum += tl.sum(wr, axis=1, keep_dims=True)
-                weighted_logits += tl.sum(wrx, axis=1, keep_dims=True)
             row_max, row_sum = combine_lanes(lane_max, lane_sum)
         else:
             col = column_block(0, BLOCK_N)
-            x, wr, wrx, in_bounds = load_probability_block(
+            x, wr, in_bounds = load_probability_block(
                 x_rows,
                 x_stride_col,
                 target_rows,
@@ -564,10 +579,10 @@ def cross_entropy_probabilities_kernel(
             )
             row_max, row_sum = block_statistics(x)
             weight_sum = tl.sum(wr, axis=1, keep_dims=True)
-            weighted_logits = tl.sum(wrx, axis=1, keep_dims=True)
+            deviation = weighted_deviation(x, wr, in_bounds, exponent_shift(row_max))
         log_sum = tl.log(row_sum)
         lse = row_max + log_sum
-        loss = weight_sum * log_sum + (weight_sum * row_max - weighted_logits) + z_loss * lse * lse
+        loss = weight_sum * log_sum - deviation + z_loss * lse * lse
         tl.store(loss_ptr + row, loss, mask=row_mask)
         if STORE_GRAD:
             scale = row_grad_scales(
@@ -579,7 +594,7 @@ def cross_entropy_probabilities_kernel(
                 n_blocks = tl.cdiv(n_cols, BLOCK_N)
                 for back in tl.range(0, n_blocks):
                     col = column_block((n_blocks - 1 - back) * BLOCK_N, BLOCK_N)
-                    x, wr, wrx, in_bounds = load_probability_block(
+                    x, wr, in_bounds = load_probability_block(
                         x_rows,
                         x_stride_col,
                         target_rows,
@@ -767,7 +782,7 @@ def chunk_starts(ptr, outer, inner, stride_outer, stride_col, stride_inner, firs
 def vocab_slice_statistics_kernel(
     x_ptr,  # one slice of the logits: classes [vocab_start, vocab_start + n_cols) of each row
     target_ptr,  # [rows] class indices over the whole vocabulary, int64
-    stats_ptr,  # output, [rows, n_chunks, 4] in COMPUTE_DTYPE: max, Σ exp(x' - max), x'_t (0 off it), Σ x' (SMOOTHING)
+    stats_ptr,  # output, [rows, n_chunks, 4] in COMPUTE_DTYPE: max, Σ exp(x' - max), x'_t (0 off it), Σ (x' - max)
     n_outer,
     n_cols,  # the slice's classes, divided by ALIGN, as are the outer and inner strides
     n_inner,
@@ -806,7 +821,7 @@ def vocab_slice_statistics_kernel(
         local, owned = slice_target(target, row_mask & (target != ignore_index), vocab_start + first, n_chunk_cols)
         x_rows = chunk_starts(x_ptr, outer, inner, x_stride_outer, x_stride_col, x_stride_inner, first, ALIGN)
         if ONLINE:
-            row_max, row_sum, target_logit, smooth_sum, _ = index_online_statistics(
+            row_max, row_sum, target_logit, smooth_deviation, _ = index_online_statistics(
                 x_rows,
                 x_stride_col,
                 None,
@@ -823,7 +838,7 @@ def vocab_slice_statistics_kernel(
                 COMPUTE_DTYPE,
             )
         else:
-            _, _, row_max, row_sum, target_logit, smooth_sum, _ = index_block(
+            _, _, row_max, row_sum, target_logit, smooth_deviation, _ = index_block(
                 x_rows,
                 x_stride_col,
                 None,
@@ -842,7 +857,7 @@ def vocab_slice_statistics_kernel(
         tl.store(at, row_max, mask=row_mask)
         tl.store(at + 1, row_sum, mask=row_mask)
         tl.store(at + 2, target_logit, mask=row_mask)
-        tl.store(at + 3, smooth_sum, mask=row_mask)
+        tl.store(at + 3, smooth_deviation, mask=row_mask)
 
 
 @triton.jit

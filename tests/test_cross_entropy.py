@@ -13,7 +13,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from support import DTYPES, ONE_PROGRAM, TOLERANCES, assert_close, random
+from support import DTYPES, ONE_PROGRAM, TOLERANCES, assert_close, assert_no_less_accurate_than_torch, random
 
 import fused_softmax
 from fused_softmax import _launch
@@ -225,6 +225,29 @@ def test_special_values(backend, device):
     none = torch.empty(0, dtype=torch.long, device=device)
     assert fused_softmax.cross_entropy(empty, none).isnan()
     assert fused_softmax.cross_entropy(empty, none, reduction="sum") == 0
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+def test_large_logits_keep_the_smoothing_terms_precise(backend, device, regime):
+    """fp32 logits near 1e4, and a row of fp32's largest: the smoothing and probability-target
+    terms are as accurate as torch's. Summed raw, U·lse - Σ u·x' cancels to the logits' rounding
+    (errors of 1e-4 to 1e-3 at 1e4) and overflows to NaN or 2e31 at the largest."""
+    n, classes = 4, 19
+    x = random((n, classes), torch.float32, device)
+    x[:2] += 1e4
+    x[2] = torch.finfo(torch.float32).max
+    weight = class_weights(classes, torch.float32, device)
+    q = torch.rand(n, classes, generator=torch.Generator().manual_seed(5)).softmax(1).to(device)
+    rows = [0, 1, 3]  # the float64 reference rounds the largest logits' lse - x to 0: torch's is the truth there
+    cases = [(index_targets(n, classes, device), dict(label_smoothing=0.1)), (q, {})]
+    cases += [(target, dict(weight=weight, label_smoothing=0.2)) for target, _ in cases]
+    with limit_block(REGIMES[regime]):
+        for target, options in cases:
+            loss = fused_softmax.cross_entropy(x, target, reduction="none", **options)
+            torch_loss = F.cross_entropy(x, target, reduction="none", **options)
+            expected = reference.cross_entropy(x, target, reduction="none", **options)
+            assert_no_less_accurate_than_torch(loss[rows], expected[rows], torch_loss[rows])
+            torch.testing.assert_close(loss[2], torch_loss[2])
 
 
 @pytest.mark.parametrize("label_smoothing", [-0.1, float("nan")], ids=["negative", "NaN"])

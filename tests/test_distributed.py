@@ -91,11 +91,14 @@ def check_cross_entropy(rank, dtype, widths, reduction, label_smoothing, ignore_
     logits = random((n, classes), dtype, DEVICE, seed=2)
     target = torch.randint(classes, (n,), generator=torch.Generator().manual_seed(3)).to(DEVICE)
     target[1] = ignore_index
+    columns = torch.arange(classes, device=DEVICE)
     if not label_smoothing:  # masked classes: −inf logits on the first shard, off the target (smoothing makes it inf)
-        columns = torch.arange(classes, device=DEVICE)
         logits[2, (columns < widths[0]) & (columns != target[2])] = float("-inf")
-        if dtype.itemsize >= 4:  # large logits: lse − x_t kept exact, as torch's log_softmax keeps it
-            logits[3] += 1e4
+    if (
+        dtype.itemsize >= 4
+    ):  # large logits, on every shard and on the first: lse − x_t and the smoothing term kept exact
+        logits[3] += 1e4
+        logits[4, columns < widths[0]] += 1e4
     grad = random((n,) if reduction == "none" else (), dtype, DEVICE, seed=4, scale=1.0)
     options = {"ignore_index": ignore_index, "reduction": reduction, "label_smoothing": label_smoothing}
 
@@ -410,7 +413,8 @@ def test_shard_kernels_read_the_logits_once(regime):
     logits, per_row = x.numel() * 4, rows * 4
     assert (forward.loaded, forward.stored) == (logits + rows * 8, 4 * per_row)
     assert (backward.loaded, backward.stored) == (logits + rows * 8 + 2 * per_row + 3 * 4, logits)
-    expected = [row_max, torch.exp(x - row_max[:, None]).sum(1), torch.tensor([x[0, 5], 0, 0, x[3, 39]]), x.sum(1)]
+    deviation = (x - row_max[:, None]).sum(1)  # Σ (x - max): exact to the logits' spread, not their size
+    expected = [row_max, torch.exp(x - row_max[:, None]).sum(1), torch.tensor([x[0, 5], 0, 0, x[3, 39]]), deviation]
     torch.testing.assert_close(stats, torch.stack(expected, 1))
     onehot = torch.zeros_like(x)
     onehot[0, 5] = onehot[3, 39] = 1

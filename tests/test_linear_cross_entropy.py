@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from support import TOLERANCES, assert_close, random
+from support import TOLERANCES, assert_close, assert_no_less_accurate_than_torch, random
 
 import fused_softmax
 from fused_softmax import _launch
@@ -135,16 +135,52 @@ def test_what_torch_takes_and_how(kernels, device, vocab_chunk, case):
         torch.testing.assert_close(grad, want)
 
 
+@pytest.mark.parametrize("offset", ["every class", "the last part"])
+def test_large_logits_keep_the_smoothing_term_precise(backend, device, offset):
+    """fp32 logits near 1e4, exact whatever the matmul's order (small integers times halves, plus
+    a bias). With the bias of 1e4 on every class the smoothed losses are as accurate as torch's
+    (summed raw, their error was 6e-5 on losses of 4); with it on the last vocabulary part, of
+    8 classes, each part's Σ (x' - its max) moves to the row's max by its class count times the
+    step."""
+    generator = torch.Generator().manual_seed(6)
+    x = torch.randint(-2, 3, (TOKENS, HIDDEN), generator=generator).float().to(device)
+    w = (torch.randint(-2, 3, (VOCAB, HIDDEN), generator=generator) / 2).to(device)
+    b = random((VOCAB,), torch.float32, device, scale=0.5, seed=2)
+    b[slice(None) if offset == "every class" else slice(32, None)] += 1e4
+    target = torch.randint(VOCAB, (TOKENS,), generator=generator).to(device)
+    with limit_block(8):
+        loss = fused_softmax.linear_cross_entropy(
+            x, w, target, b, reduction="none", label_smoothing=0.1, chunk_size=5, vocab_chunk_size=16
+        )
+    logits = F.linear(x, w, b)
+    torch_loss = F.cross_entropy(logits, target, reduction="none", label_smoothing=0.1)
+    want = reference.cross_entropy(logits, target, reduction="none", label_smoothing=0.1)
+    if offset == "every class":
+        assert_no_less_accurate_than_torch(loss, want, torch_loss)
+    else:
+        assert_close(loss, want)
+
+
+# (path, reduction): a mean and a sum scale the same precomputed gradients, on either path.
+UPSTREAM_PATHS = [("function", "none"), ("function", "mean"), ("op", "sum")]
+
+
+@pytest.mark.parametrize("path, reduction", UPSTREAM_PATHS, ids=["-".join(case) for case in UPSTREAM_PATHS])
 @pytest.mark.parametrize("vocab_chunk", [None, 16], ids=["whole-vocabulary", "vocab-chunks"])
-def test_ignored_tokens_have_zero_gradient_whatever_the_upstream(kernels, device, vocab_chunk):
-    """reduction='none' with a NaN upstream gradient on every token: an ignored token's input
-    gradient is 0, as torch's; the others' NaN."""
+def test_ignored_tokens_have_zero_gradient_whatever_the_upstream(kernels, device, vocab_chunk, reduction, path):
+    """A NaN upstream gradient (on every token for 'none'): an ignored token's input gradient is
+    0, as torch's; the others' NaN. Through the autograd Function and through the custom op
+    (what torch.compile runs), whose mean and sum scale precomputed gradients."""
     x, w, b, target = layer(torch.float64, device)
     ignored = target == -100
     with limit_block(8):
-        loss = fused_softmax.linear_cross_entropy(
-            x, w, target, b, reduction="none", chunk_size=5, vocab_chunk_size=vocab_chunk
-        )
+        if path == "function":
+            loss = fused_softmax.linear_cross_entropy(
+                x, w, target, b, reduction=reduction, chunk_size=5, vocab_chunk_size=vocab_chunk
+            )
+        else:
+            options = (-100, reduction, 0.0, 0.0, None, 5, vocab_chunk, True, True, True)
+            loss = linear_cross_entropy_op(x, w, b, target, *options)[0]
         (dx,) = torch.autograd.grad(loss, x, torch.full_like(loss, float("nan")))
     assert ignored.any() and (dx[ignored] == 0).all() and dx[~ignored].isnan().all()
 
