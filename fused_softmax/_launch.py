@@ -773,7 +773,8 @@ def row_statistics(x, dim):
 
 def normalise_with_lse(x, dim, out_dtype, log, lse):
     """exp(x - lse) (or x - lse) along ``dim``, given each row's log-sum-exp (over other shards
-    too), contiguous, in ``out_dtype``: one read, one write, whatever the row length."""
+    too) in two parts, ``lse`` [..., 2] (``_slices.log_sum_exp_parts``), contiguous, in
+    ``out_dtype``: one read, one write, whatever the row length."""
     y = empty_like(x, out_dtype)
     if y.numel():
         p = plan((x, y), dim, backward=False)

@@ -28,7 +28,7 @@ from .functional import _wrap_dim, product_tangent
 
 def _row_stats(x, dim, kernels):
     """[..., 2]: each row's max and Σ exp(x − max) over this shard, 0 where the shard holds only
-    −inf (or nothing): see ``_log_sum_exp``."""
+    −inf (or nothing): see ``_slices.log_sum_exp_parts``."""
     if kernels:
         return _launch.row_statistics(x, dim)
     x = x.to(_launch.stats_dtype(x.dtype))
@@ -59,17 +59,13 @@ def _batched_alike(info, group, like):
         )
 
 
-def _log_sum_exp(maxes, sums):
-    """Each row's log-sum-exp from every rank's (max, sumexp), ranks along dim 0, exactly (see
-    ``_slices.log_sum_exp_parts``)."""
-    return log_sum_exp_parts(maxes, sums).sum(-1)
-
-
 def _normalise(x, dim, lse, log, out_dtype, kernels):
-    """exp(x − lse), or x − lse for log, along ``dim``, in ``out_dtype``."""
+    """exp(x − lse), or x − lse for log, along ``dim``, in ``out_dtype``, from each row's
+    log-sum-exp in two parts ``lse`` [..., 2] (``_slices.log_sum_exp_parts``): (x − M) − log Σ."""
     if kernels:
         return _launch.normalise_with_lse(x, dim, out_dtype, log, lse)
-    shifted = x.to(lse.dtype) - lse.unsqueeze(dim)
+    row_max, log_sum = (part.unsqueeze(dim) for part in lse.unbind(-1))
+    shifted = (x.to(lse.dtype) - row_max) - log_sum
     return (shifted if log else torch.exp(shifted)).to(out_dtype)
 
 
@@ -184,7 +180,7 @@ class ShardedSoftmaxFunction(torch.autograd.Function):
     def forward(x, dim, group, log):
         kernels = use_kernels(x, x.dtype)
         stats = _all_gather(_row_stats(x, dim, kernels), group)
-        return _normalise(x, dim, _log_sum_exp(stats[..., 0], stats[..., 1]), log, x.dtype, kernels)
+        return _normalise(x, dim, log_sum_exp_parts(stats[..., 0], stats[..., 1]), log, x.dtype, kernels)
 
     @staticmethod
     def setup_context(ctx, inputs, output):

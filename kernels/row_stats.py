@@ -5,7 +5,7 @@ host), and each shard then writes its own slice from the combined values in one 
 for rows too long to stay on chip:
 
 - forward: ``row_statistics_kernel`` writes each row's (max, sum of exp(x - max));
-  ``normalise_with_lse_kernel`` writes y from the rows' log-sum-exp;
+  ``normalise_with_lse_kernel`` writes y from the rows' log-sum-exp, in two parts;
 - backward: ``backward_row_sums_kernel`` writes each row's sum of dy * y (softmax) or of dy
   (log-softmax); ``backward_with_row_sums_kernel`` writes dx from them.
 """
@@ -66,7 +66,7 @@ def row_statistics_kernel(
 def normalise_with_lse_kernel(
     x_ptr,
     y_ptr,  # output: exp(x - lse), or x - lse for log-softmax
-    lse_ptr,  # [rows]: each row's log-sum-exp, over every shard
+    lse_ptr,  # [rows, 2]: each row's log-sum-exp over every shard, as (max, log Σ exp(x - max))
     n_outer,
     n_cols,
     n_inner,
@@ -86,13 +86,17 @@ def normalise_with_lse_kernel(
     for tile in tl.range(tl.program_id(0), tile_count(n_outer, n_inner, ROWS), tl.num_programs(0)):
         outer, inner, row_mask, row = tile_rows(tile, n_inner, ROWS)
         x_rows = row_starts(x_ptr, outer, inner, x_stride_outer, x_stride_inner, ALIGN)
-        lse = tl.load(lse_ptr + row, mask=row_mask).to(COMPUTE_DTYPE)
+        # In two parts: x - max is exact for the large logits, where x - (max + log Σ) would keep
+        # the rounding of max + log Σ (|x|·eps).
+        row_max = tl.load(lse_ptr + 2 * row, mask=row_mask).to(COMPUTE_DTYPE)
+        log_sum = tl.load(lse_ptr + 2 * row + 1, mask=row_mask).to(COMPUTE_DTYPE)
         y_rows = row_starts(y_ptr, outer, inner, y_stride_outer, y_stride_inner, ALIGN)
         for start in tl.range(0, n_cols, BLOCK_N):
             col = column_block(start, BLOCK_N)
             in_bounds = row_mask & (col < n_cols)
             x = load_block(x_rows, x_stride_col, col, in_bounds, float("-inf"), COMPUTE_DTYPE)
-            store_block(y_rows, y_stride_col, col, in_bounds, x - lse if LOG else tl.exp(x - lse))
+            log_y = (x - row_max) - log_sum
+            store_block(y_rows, y_stride_col, col, in_bounds, log_y if LOG else tl.exp(log_y))
 
 
 @triton.jit

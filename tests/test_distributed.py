@@ -59,11 +59,15 @@ def assert_matches(actual, expected, torch_actual):
 def check_softmax(rank, log, dtype, widths, layout):
     """Forward and backward on this rank's shard against torch on the whole tensor. Row 0 is −inf
     everywhere (NaN, as torch); row 1 is −inf on the first shard only (it adds nothing); row 2
-    the same but for a NaN there, which the GPU's max passes over (NaN, as torch)."""
+    the same but for a NaN there, which the GPU's max passes over (NaN, as torch). In fp32 and
+    fp64, rows 3 and 4 are near 1e4, on every shard and on the first: x − max stays exact."""
     base = random((6, sum(widths)), dtype, DEVICE, seed=0)
     base[0] = float("-inf")
     base[1:3, : widths[0]] = float("-inf")
     base[2, 1] = float("nan")
+    if dtype.itemsize >= 4:
+        base[3] += 1e4
+        base[4, : widths[0]] += 1e4
     # 'middle': the sharded dim between two others, strided (a transposed view).
     x, dim = (base, -1) if layout == "last" else (base.reshape(2, 3, -1).transpose(1, 2), 1)
     dy = random(x.shape, dtype, DEVICE, seed=1, scale=1.0)
