@@ -29,7 +29,8 @@ def _implicit_dim(name, ndim, stacklevel):
 
 
 def _wrap_dim(name, dim, ndim):
-    """Check ``dim`` the way torch does (TypeError, IndexError) and make it non-negative."""
+    """Check ``dim`` the way torch does (TypeError, ValueError past int64, IndexError), with its
+    messages, and make it non-negative."""
     if type(dim) is int and -ndim <= dim < ndim:
         return dim % ndim
     try:
@@ -37,7 +38,9 @@ def _wrap_dim(name, dim, ndim):
             raise TypeError
         dim = operator.index(dim)
     except TypeError:
-        raise TypeError(f"{name}(): argument 'dim' must be int, not {type(dim).__name__}") from None
+        raise TypeError(f"{name}(): argument 'dim' (position 1) must be int, not {type(dim).__name__}") from None
+    if not -(2**63) <= dim < 2**63:
+        raise ValueError("Overflow when unpacking long long")
     bound = max(ndim, 1)
     if not -bound <= dim < bound:
         raise IndexError(f"Dimension out of range (expected to be in range of [{-bound}, {bound - 1}], but got {dim})")
@@ -190,6 +193,8 @@ def _dispatch(name, input, dim, stacklevel, dtype):
     if not use_kernels(input, input.dtype if dtype is None else dtype):
         return _TORCH[name](input, dim, dtype=dtype)
     dim = _wrap_dim(name, dim, input.dim())
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"{name}(): argument 'dtype' must be torch.dtype, not {type(dtype).__name__}")
     if dtype is not None and not _fusable(input.dtype, dtype):
         input, dtype = input.to(dtype), None
     if input.dtype not in KERNEL_DTYPES:
