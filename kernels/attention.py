@@ -32,6 +32,7 @@ from .tiles import (
     store_block,
     store_row_values,
     summand,
+    tanh,
     tile_count,
     tile_rows,
 )
@@ -69,28 +70,6 @@ def load_mask(
     strides; the dims before [Lq, Lk] arrive folded into two runs, batch x head."""
     offset = (batch // n_heads) * stride_batch + (batch % n_heads) * stride_head + query * stride_query
     return tl.load(mask_ptr + offset * ALIGN + col * stride_key, mask=in_bounds, other=other)
-
-
-@triton.jit
-def tanh(u, COMPUTE_DTYPE: tl.constexpr):
-    """tanh, which Triton's interpreter lacks: (1 - e) / (1 + e) of e = exp(-2|u|) above 1/8 in
-    magnitude, where 1 - e loses no precision, and below it the Taylor series, to u^15 in fp64
-    (1e-17 relative) and u^7 in fp32 (1e-9), which also spares the registers of fp32's tiles."""
-    magnitude = tl.abs(u)
-    decay = tl.exp(-2.0 * magnitude)
-    large = (1.0 - decay) / (1.0 + decay)
-    u2 = u * u
-    if COMPUTE_DTYPE == tl.float64:
-        series = -929569.0 / 638512875.0
-        series = 21844.0 / 6081075.0 + u2 * series
-        series = -1382.0 / 155925.0 + u2 * series
-        series = 62.0 / 2835.0 + u2 * series
-        series = -17.0 / 315.0 + u2 * series
-    else:
-        series = tl.full(u.shape, -17.0 / 315.0, COMPUTE_DTYPE)
-    series = 2.0 / 15.0 + u2 * series
-    series = -1.0 / 3.0 + u2 * series
-    return tl.where(magnitude < 0.125, u + u * u2 * series, tl.where(u < 0, -large, large))
 
 
 @triton.jit

@@ -250,6 +250,20 @@ def test_large_logits_keep_the_smoothing_terms_precise(backend, device, regime):
             torch.testing.assert_close(loss[2], torch_loss[2])
 
 
+@pytest.mark.parametrize("regime", REGIMES)
+def test_a_cap_far_above_the_logits_keeps_them(backend, device, regime):
+    """softcap 1e3 and 1e6 over logits of a few units: the capped logits stay within ulps of
+    torch's (``tiles.tanh``'s small-argument series), where 1 - exp(-2|u|) alone left them
+    softcap · 2^-24 off: 5e-3 in the loss at 1e6."""
+    x = random((3, 9), torch.float32, device)
+    target = index_targets(3, 9, device)
+    dy = upstream("none", (3,), torch.float32, device)
+    with limit_block(REGIMES[regime]):
+        for softcap in (1e3, 1e6):
+            loss, dx = loss_and_grad(fused_softmax.cross_entropy, x, target, "none", dy, softcap=softcap)
+            assert_matches_reference(x, target, "none", dy, loss, dx, softcap=softcap)
+
+
 @pytest.mark.parametrize("label_smoothing", [-0.1, float("nan")], ids=["negative", "NaN"])
 def test_a_smoothing_torch_takes_as_none(backend, device, label_smoothing):
     """torch smooths only above 0: a negative or NaN label_smoothing gives the plain loss and
