@@ -18,8 +18,14 @@ def constant_under_compile(fn):
 
 
 @constant_under_compile
-@functools.cache
 def triton_available():
+    """Whether Triton can be imported, asked once (``_importable``): torch.compile keeps the
+    answer without tracing the cache, which it would trace through, warning, were it marked."""
+    return _importable()
+
+
+@functools.cache
+def _importable():
     try:
         import triton  # noqa: F401
     except ImportError:

@@ -255,16 +255,20 @@ def _(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, s
 
 
 def _setup_op(ctx, inputs, output):
-    reduction, batch_dims = inputs[4], inputs[9] if len(inputs) > 9 else 0
-    ctx.reduction, ctx.batch_dims, ctx.ignore_index = reduction, batch_dims, inputs[3]
+    input, target, weight, *options = inputs
+    ctx.options, ctx.batch_dims = tuple(options[:5]), options[6] if len(options) > 6 else 0
     ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(output[1], inputs[1])
+    ctx.save_for_backward(output[1], input, target, weight)
 
 
 def _op_grad(ctx, grad_loss, _):
-    grad, target = ctx.saved_tensors
-    upstream = _times_upstream(grad, grad_loss, ctx.reduction, ctx.batch_dims, target, ctx.ignore_index)
-    return upstream, *(None,) * 9
+    grad, input, target, weight = ctx.saved_tensors
+    ignore_index, reduction = ctx.options[:2]
+
+    def input_grad():
+        return _times_upstream(grad, grad_loss, reduction, ctx.batch_dims, target, ignore_index)
+
+    return *_backward_grads(ctx, input, target, weight, grad_loss, input_grad), *(None,) * 8
 
 
 def _op_vmap(info, in_dims, input, target, weight, *options):
@@ -346,21 +350,11 @@ class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _):
         grad, input, target, weight = ctx.saved_tensors
-        need_input, need_target = ctx.needs_input_grad[:2]
-        grad_input = grad_target = None
-        if need_input:
-            grad_input = CrossEntropyFunction._input_grad(ctx, grad, input, target, weight, grad_loss)
-        if need_target or (need_input and torch.is_grad_enabled()):
-            if input is None:
-                raise RuntimeError(
-                    "cross_entropy(inplace_backward=True) wrote its gradient over the logits: it has no "
-                    "double backward, nor a gradient for probability targets"
-                )
-            torch_grad, grad_target = _torch_grads(ctx, input, target, weight, grad_loss, need_target)
-            if need_input and torch.is_grad_enabled():
-                # the kernel's value, torch's derivative: a double backward differentiates this
-                grad_input = torch_grad + (grad_input - torch_grad).detach()
-        return grad_input, grad_target, *(None,) * 9
+
+        def input_grad():
+            return CrossEntropyFunction._input_grad(ctx, grad, input, target, weight, grad_loss)
+
+        return *_backward_grads(ctx, input, target, weight, grad_loss, input_grad), *(None,) * 9
 
     @staticmethod
     def _input_grad(ctx, grad, input, target, weight, grad_loss):
@@ -419,6 +413,26 @@ def _apply_not_inplace(input, target, weight, *options, store_grad):
     expanded view."""
     *options, batch_dims = options
     return CrossEntropyFunction.apply(input, target, weight, *options, store_grad, False, batch_dims)
+
+
+def _backward_grads(ctx, input, target, weight, grad_loss, input_grad):
+    """(the logits' gradient, the probability targets' or None) of the Function's and the op's
+    backward: the kernel's for the logits (``input_grad()``), torch ops on the saved logits
+    (``_torch_grads``) for the targets and under a double backward, which differentiates the
+    kernel's value through torch's derivative."""
+    need_input, need_target = ctx.needs_input_grad[:2]
+    grad_input = input_grad() if need_input else None
+    grad_target = None
+    if need_target or (need_input and torch.is_grad_enabled()):
+        if input is None:
+            raise RuntimeError(
+                "cross_entropy(inplace_backward=True) wrote its gradient over the logits: it has no "
+                "double backward, nor a gradient for probability targets"
+            )
+        torch_grad, grad_target = _torch_grads(ctx, input, target, weight, grad_loss, need_target)
+        if need_input and torch.is_grad_enabled():
+            grad_input = torch_grad + (grad_input - torch_grad).detach()
+    return grad_input, grad_target
 
 
 def _torch_grads(ctx, input, target, weight, grad_loss, need_target):

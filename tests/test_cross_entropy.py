@@ -566,6 +566,47 @@ def test_fullgraph_forward_and_backward(kernels, device, launches, compiler):
     assert [launch.name for launch in launches[eager:]] == forward
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_compiled_targets_gradient_and_double_backward(kernels, device, reduction):
+    """Under torch.compile (the custom op's autograd) as eagerly: probability targets get their
+    gradient, alone or beside the logits', and a double backward differentiates the logits'
+    gradient, through a per-row weight that requires grad too. Before, the op returned no
+    target gradient and a second derivative of None, silently."""
+    x = random((4, 7), torch.float64, device).requires_grad_()
+    q = torch.rand(4, 7, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(device)
+    q.requires_grad_()
+    row_weight = (torch.rand(4, generator=torch.Generator().manual_seed(6), dtype=torch.float64) + 0.5).to(device)
+    row_weight.requires_grad_()
+    target = index_targets(4, 7, device, ignored=(2,))
+
+    def probability_loss(x, q):
+        return fused_softmax.cross_entropy(x, q, reduction=reduction, label_smoothing=0.1)
+
+    def weighted_loss(x, w):
+        return (fused_softmax.cross_entropy(x, target, reduction="none") * w).sum()
+
+    def torch_probability_loss(x, q):
+        return F.cross_entropy(x, q, reduction=reduction, label_smoothing=0.1)
+
+    def torch_weighted_loss(x, w):
+        return (F.cross_entropy(x, target, reduction="none") * w).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(probability_loss, fullgraph=True, backend="eager")
+    upstream = torch.ones(()) if reduction == "mean" else random((4,), torch.float64, device, scale=1.0, seed=4)
+    for wrt in ((x, q), (q,)):
+        grads = torch.autograd.grad(compiled(x, q), wrt, upstream)
+        expected = torch.autograd.grad(torch_probability_loss(x, q), wrt, upstream)
+        torch.testing.assert_close(grads, expected)
+    torch._dynamo.reset()
+    compiled = torch.compile(weighted_loss, fullgraph=True, backend="eager")
+    seconds = []
+    for loss in (compiled, torch_weighted_loss):
+        (dx,) = torch.autograd.grad(loss(x, row_weight), x, create_graph=True)
+        seconds.append(torch.autograd.grad((dx**2).sum(), (x, row_weight)))
+    torch.testing.assert_close(*seconds)
+
+
 @pytest.mark.parametrize("probabilities", [False, True], ids=["index", "probabilities"])
 def test_opcheck(kernels, device, probabilities):
     x = random((4, 7), torch.float32, device).requires_grad_()
