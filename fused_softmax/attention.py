@@ -169,10 +169,10 @@ def _masked_softmax_torch(scores, mask, scale, causal_offset, dtype, softcap=Non
     if keep is not None:
         z = z.masked_fill(~keep, float("-inf"))
     if sinks is not None:
-        sink_column = sinks.to(z.dtype)[:, None, None].expand(*z.shape[:-1], 1)
-        return torch.softmax(torch.cat([z, sink_column], -1), -1)[..., :-1].to(out_dtype)
-    hidden = (z == float("-inf")).all(-1, keepdim=True)
-    return torch.softmax(z.masked_fill(hidden, 0.0), -1).masked_fill(hidden, 0.0).to(out_dtype)
+        z = torch.cat([z, sinks.to(z.dtype)[:, None, None].expand(*z.shape[:-1], 1)], -1)
+    hidden = (z == float("-inf")).all(-1, keepdim=True)  # with sinks, only where a sink is -inf too
+    y = torch.softmax(z.masked_fill(hidden, 0.0), -1).masked_fill(hidden, 0.0)
+    return (y if sinks is None else y[..., :-1]).to(out_dtype)
 
 
 def masked_softmax(scores, mask=None, *, scale=1.0, causal=False, softcap=None, sinks=None, bias=None, dtype=None):

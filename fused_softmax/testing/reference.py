@@ -64,10 +64,10 @@ def masked_softmax(scores, mask=None, scale=1.0, causal_offset=None, softcap=Non
         z = z + _f64(bias)
     z = np.where(keep, z, -np.inf)
     if sinks is not None:
-        sink_column = np.broadcast_to(_f64(sinks)[:, None, None], (*z.shape[:-1], 1))
-        return softmax(np.concatenate([z, sink_column], axis=-1))[..., :-1]
-    hidden = np.all(z == -np.inf, axis=-1, keepdims=True)
-    return np.where(hidden, 0.0, softmax(np.where(hidden, 0.0, z)))
+        z = np.concatenate([z, np.broadcast_to(_f64(sinks)[:, None, None], (*z.shape[:-1], 1))], axis=-1)
+    hidden = np.all(z == -np.inf, axis=-1, keepdims=True)  # with sinks, only where a sink is -inf too
+    y = np.where(hidden, 0.0, softmax(np.where(hidden, 0.0, z)))
+    return y if sinks is None else y[..., :-1]
 
 
 def _numpy(a):
