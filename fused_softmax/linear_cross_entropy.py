@@ -739,6 +739,10 @@ def _check_like_torch(input, weight, target, bias, ignore_index, reduction, labe
     try:
         meta = [None if t is None else t.to("meta") for t in (input, weight, target, bias)]
         _torch_composition(*meta, *options)
+        if not (input.is_floating_point() and weight.is_floating_point()):  # meta kernels take integers
+            raise TypeError(
+                f"linear_cross_entropy: expected floating-point input and weight, got {input.dtype} and {weight.dtype}"
+            )
         if target.dtype not in (torch.int64, torch.uint8) or target.shape != input.shape[:-1]:
             raise ValueError(
                 f"linear_cross_entropy: expected class-index targets (int64) of shape {list(input.shape[:-1])}, "

@@ -325,6 +325,7 @@ BAD = {
     "int32 target": lambda x, w, t: (x, w, t.int()),
     "target out of range": lambda x, w, t: (x, w, t.clone().fill_(VOCAB)),
     "weight dtype": lambda x, w, t: (x, w.double(), t),
+    "integer input and weight": lambda x, w, t: ((x * 4).long(), (w * 4).long(), t),
 }
 
 
