@@ -8,6 +8,7 @@ every key hidden give zeros (and zero gradients), as torch's SDPA does, not NaN.
 """
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -175,6 +176,16 @@ def _masked_softmax_torch(scores, mask, scale, causal_offset, dtype, softcap=Non
     return (y if sinks is None else y[..., :-1]).to(out_dtype)
 
 
+def _float_argument(function, name, value):
+    """``value`` as a float, taken as torch's argument parser takes one: a real number, or a 0-d
+    tensor that needs no gradient (one that does would lose it in the float); else its TypeError."""
+    if isinstance(value, torch.Tensor) and not value.dim() and not value.requires_grad:
+        return value.item()
+    if isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt)):
+        return float(value)
+    raise TypeError(f"{function}(): argument '{name}' must be float, not {type(value).__name__}")
+
+
 def masked_softmax(scores, mask=None, *, scale=1.0, causal=False, softcap=None, sinks=None, bias=None, dtype=None):
     """softmax(scale * scores + mask) over the last dim of ``scores`` [..., Lq, Lk], in one kernel.
 
@@ -198,7 +209,7 @@ def masked_softmax(scores, mask=None, *, scale=1.0, causal=False, softcap=None, 
         raise TypeError(f"masked_softmax needs floating point scores, got {scores.dtype}")
     mask = _check_mask(mask, scores)
     causal_offset = _causal_offset(causal, scores)
-    scale = float(scale)
+    scale = _float_argument("masked_softmax", "scale", scale)
     softcap, sinks, bias = _check_softcap(softcap), _check_sinks(sinks, scores), _check_bias(bias, scores)
     if not use_kernels(scores, scores.dtype if dtype is None else dtype):
         return _masked_softmax_torch(scores, mask, scale, causal_offset, dtype, softcap, sinks, bias)
@@ -274,6 +285,7 @@ def attention(
     if scale is None:
         # Empty heads give all-zero scores, whatever the scale: SDPA's 1/sqrt(0) would make 0 * inf.
         scale = 1.0 / math.sqrt(query.size(-1)) if query.size(-1) else 1.0
+    scale = _float_argument("scaled_dot_product_attention", "scale", scale)
     groups = 1
     if enable_gqa and query.dim() >= 3 and query.size(-3) != key.size(-3):
         heads, kv_heads = query.size(-3), key.size(-3)

@@ -6,6 +6,7 @@ through the online regime.
 """
 
 import math
+import re
 
 import pytest
 import torch
@@ -191,8 +192,23 @@ def test_long_rows_stream_online(kernels, launches, device):
         (lambda s: fused_softmax.masked_softmax(s, torch.ones(3, 5, dtype=torch.int32)), TypeError),
         (lambda s: fused_softmax.masked_softmax(s.long()), TypeError),
         (lambda s: fused_softmax.masked_softmax(s, [[True]]), TypeError),
+        # As torch's argument parser: a scale requiring grad would lose it in a float.
+        (lambda s: fused_softmax.masked_softmax(s, scale=torch.tensor(0.5, requires_grad=True)), TypeError),
+        (lambda s: fused_softmax.masked_softmax(s, scale=torch.tensor([0.5])), TypeError),
+        (lambda s: fused_softmax.masked_softmax(s, scale="0.5"), TypeError),
     ],
-    ids=["causal-name", "causal-1d", "mask-shape", "mask-more-dims", "mask-int", "scores-int", "mask-list"],
+    ids=[
+        "causal-name",
+        "causal-1d",
+        "mask-shape",
+        "mask-more-dims",
+        "mask-int",
+        "scores-int",
+        "mask-list",
+        "scale-requiring-grad",
+        "scale-1d",
+        "scale-str",
+    ],
 )
 def test_bad_input_raises(call, error, backend):
     with pytest.raises(error):
@@ -308,6 +324,16 @@ def test_zero_dim_scores_and_empty_heads(backend, device):
 
 def test_attention_errors_like_sdpa(device):
     q, k, v = sdpa_inputs(device, torch.float32, heads=4, kv_heads=3)
+    for scale in (torch.tensor(0.5, requires_grad=True), torch.tensor([0.5]), "0.5"):
+        with pytest.raises(TypeError) as expected:
+            F.scaled_dot_product_attention(q, k[:, :1], v[:, :1], scale=scale, enable_gqa=True)
+        with pytest.raises(TypeError, match=re.escape(str(expected.value))):
+            fused_softmax.attention(q, k[:, :1], v[:, :1], scale=scale, enable_gqa=True)
+    half = torch.tensor(0.5)  # a 0-d tensor needing no gradient is a float to torch
+    torch.testing.assert_close(
+        fused_softmax.attention(q, k[:, :1], v[:, :1], scale=half, enable_gqa=True),
+        F.scaled_dot_product_attention(q, k[:, :1], v[:, :1], scale=half, enable_gqa=True),
+    )
     with pytest.raises(RuntimeError):
         fused_softmax.attention(q, k, v, enable_gqa=True)
     with pytest.raises(RuntimeError):
