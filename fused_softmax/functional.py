@@ -1,7 +1,6 @@
 """``softmax`` and ``log_softmax``, drop-ins for torch.nn.functional's, and their autograd Functions."""
 
 import operator
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -21,11 +20,11 @@ from ._transforms import (
 
 
 def _implicit_dim(name, ndim, stacklevel):
-    warnings.warn(
-        f"Implicit dimension choice for {name} has been deprecated. Change the call to include dim=X as an argument.",
-        stacklevel=stacklevel,
-    )
-    return 0 if ndim in (0, 1, 3) else 1
+    """torch's dim for dim=None (``F._get_softmax_dim``), with its deprecation warning; under
+    torch.compile, which cannot trace a warning (fullgraph would fail), the dim alone."""
+    if torch.compiler.is_compiling():
+        return 0 if ndim in (0, 1, 3) else 1
+    return F._get_softmax_dim(name, ndim, stacklevel + 1)
 
 
 def _wrap_dim(name, dim, ndim):

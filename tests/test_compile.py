@@ -36,6 +36,20 @@ def test_fullgraph_forward_and_backward_match_eager(device, launches, compiler, 
         assert len(launches) == 0
 
 
+@pytest.mark.parametrize("name", ["torch", "triton"])
+def test_the_implicit_dim_compiles(device, name):
+    """dim=None (torch's deprecated implicit dim), as a function and as the modules, under
+    fullgraph: torch's dim, without the warning, which dynamo cannot trace."""
+    torch._dynamo.reset()
+    x = torch.randn(2, 3, 4, device=device)
+    with fused_softmax.use_backend(name):
+        for call, expected in (
+            (fused_softmax.softmax, torch.softmax(x, 0)),
+            (fused_softmax.LogSoftmax(), torch.log_softmax(x, 0)),
+        ):
+            torch.testing.assert_close(torch.compile(call, fullgraph=True, backend="eager")(x), expected)
+
+
 def test_compiled_online_regime(kernels, device):
     torch._dynamo.reset()
     x = torch.randn(3, 300, device=device, requires_grad=True)
