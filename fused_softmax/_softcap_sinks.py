@@ -50,11 +50,26 @@ def kernel_backward(y, dy, lse, mask, sinks, scale, softcap, out_dtype):
 
 def differentiable_backward(y, dy, lse, mask, sinks, scale, softcap, out_dtype):
     """``kernel_backward`` as differentiable Functions: ``SoftcapSinksBackwardFunction``, or for a
-    bias alone softmax's Jacobian product."""
+    bias alone softmax's Jacobian product. In torch ops (``torch_backward``) where the older vmap
+    of ``is_grads_batched`` builds a graph: it drops the graph of a Function applied in a backward."""
+    if torch.is_grad_enabled() and legacy_batched(y, dy):
+        return torch_backward(y, dy, lse, mask, sinks, scale, softcap, out_dtype)
     if softcap is None and sinks is None:
         return functional.JacobianProductFunction.apply(y, dy, -1, out_dtype, "softmax", scale), None
     dx, rows = SoftcapSinksBackwardFunction.apply(y, dy, lse, mask, sinks, scale, softcap, out_dtype)
     return dx, rows if sinks is not None else None
+
+
+def torch_backward(y, dy, lse, mask, sinks, scale, softcap, out_dtype):
+    """``kernel_backward`` in torch ops, differentiable, in fp32 at least: with r = sum(dy * y)
+    and t the cap's tanh, dx = scale * (1 - t^2) * y * (dy - r) and rows = -p * r."""
+    wide_y, wide_dy, wide_lse = widened(y, dy, lse)
+    r = (wide_dy * wide_y).sum(-1, keepdim=True)
+    dx = scale * _cap_slope(_cap_tanh(wide_y, wide_lse, mask, softcap)) * wide_y * (wide_dy - r)
+    if sinks is None:
+        return dx.to(out_dtype), None
+    rows = -_sink_probability(wide_lse, sinks.to(wide_lse.dtype)) * r.squeeze(-1)
+    return dx.to(out_dtype), rows.to(lse.dtype)
 
 
 def _cap_tanh(y, lse, mask, softcap):

@@ -431,7 +431,9 @@ def _backward_grads(ctx, input, target, weight, grad_loss, input_grad):
             )
         torch_grad, grad_target = _torch_grads(ctx, input, target, weight, grad_loss, need_target)
         if need_input and torch.is_grad_enabled():
-            grad_input = torch_grad + (grad_input - torch_grad).detach()
+            # The older vmap of is_grads_batched cannot batch detach: torch's value there.
+            legacy = _functorch.is_legacy_batchedtensor(grad_loss)
+            grad_input = torch_grad if legacy else torch_grad + (grad_input - torch_grad).detach()
     return grad_input, grad_target
 
 

@@ -56,7 +56,11 @@ def _setup_context(ctx, inputs, y):
 def jacobian_product(y, v, dim, dtype, kind, scale=1.0):
     """``JacobianProductFunction``'s product, through the Function only when it will be
     differentiated (a double backward, forward-mode AD, torch.func): a plain backward launches
-    the kernel directly, without a second Function's host time."""
+    the kernel directly, without a second Function's host time. In torch ops where the older
+    vmap of ``is_grads_batched`` builds a graph (create_graph): it drops the graph of a Function
+    applied in a backward."""
+    if torch.is_grad_enabled() and legacy_batched(y, v):
+        return (_jacobian.product(y, v, dim, kind) * scale).to(dtype)
     if needs_autograd(y, v) or legacy_batched(y, v):
         return JacobianProductFunction.apply(y, v, dim, dtype, kind, scale)
     return _launch.jacobian_product(y, v, dim, dtype, kind, scale)
