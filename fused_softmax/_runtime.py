@@ -19,8 +19,8 @@ def constant_under_compile(fn):
 
 @constant_under_compile
 def triton_available():
-    """Whether Triton can be imported, asked once (``_importable``): torch.compile keeps the
-    answer without tracing the cache, which it would trace through, warning, were it marked."""
+    """Whether Triton can be imported, asked once (``_importable``). torch.compile takes this
+    marked function's answer as a constant; a marked cache, dynamo traced through, warning."""
     return _importable()
 
 

@@ -255,10 +255,24 @@ def _(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, s
 
 
 def _setup_op(ctx, inputs, output):
+    """Saves the forward's gradient and the targets, and the logits only where the targets need
+    a gradient: a compiled loss keeps no more than its gradient, as it kept before (a double
+    backward then raises, naming the eager call that has one)."""
     input, target, weight, *options = inputs
     ctx.options, ctx.batch_dims = tuple(options[:5]), options[6] if len(options) > 6 else 0
+    ctx.logits_gone = _COMPILED_KEEPS_NO_LOGITS
     ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(output[1], input, target, weight)
+    ctx.save_for_backward(output[1], input if ctx.needs_input_grad[1] else None, target, weight)
+
+
+_COMPILED_KEEPS_NO_LOGITS = (
+    "cross_entropy under torch.compile keeps no logits, only its gradient, unless probability targets need "
+    "a gradient: it has no double backward; call it eagerly (outside the compiled region) for one"
+)
+_INPLACE_KEEPS_NO_LOGITS = (
+    "cross_entropy(inplace_backward=True) wrote its gradient over the logits: it has no "
+    "double backward, nor a gradient for probability targets"
+)
 
 
 def _op_grad(ctx, grad_loss, _):
@@ -342,7 +356,7 @@ class CrossEntropyFunction(torch.autograd.Function):
             ctx.mark_non_differentiable(grad)
         ctx.options = (ignore_index, reduction, label_smoothing, z_loss, softcap)
         ctx.batch_dims = batch[0] if batch else 0
-        ctx.inplace, ctx.grad_scaled = inplace, False
+        ctx.inplace, ctx.grad_scaled, ctx.logits_gone = inplace, False, _INPLACE_KEEPS_NO_LOGITS
         saved = (grad, None if inplace else input, target, weight)
         ctx.save_for_backward(*saved)
         ctx.save_for_forward(*saved)
@@ -425,10 +439,7 @@ def _backward_grads(ctx, input, target, weight, grad_loss, input_grad):
     grad_target = None
     if need_target or (need_input and torch.is_grad_enabled()):
         if input is None:
-            raise RuntimeError(
-                "cross_entropy(inplace_backward=True) wrote its gradient over the logits: it has no "
-                "double backward, nor a gradient for probability targets"
-            )
+            raise RuntimeError(ctx.logits_gone)
         torch_grad, grad_target = _torch_grads(ctx, input, target, weight, grad_loss, need_target)
         if need_input and torch.is_grad_enabled():
             # The older vmap of is_grads_batched cannot batch detach: torch's value there.

@@ -567,11 +567,11 @@ def test_fullgraph_forward_and_backward(kernels, device, launches, compiler):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_compiled_targets_gradient_and_double_backward(kernels, device, reduction):
-    """Under torch.compile (the custom op's autograd) as eagerly: probability targets get their
-    gradient, alone or beside the logits', and a double backward differentiates the logits'
-    gradient, through a per-row weight that requires grad too. Before, the op returned no
-    target gradient and a second derivative of None, silently."""
+def test_compiled_targets_gradient_and_refused_double_backward(kernels, device, reduction):
+    """Under torch.compile (the custom op's autograd): probability targets get their gradient,
+    alone or beside the logits'. The op keeps no logits otherwise, only the gradient, so a double
+    backward raises, also through a per-row weight that requires grad, where it would silently
+    lose the logits' second derivative; eagerly both are torch's."""
     x = random((4, 7), torch.float64, device).requires_grad_()
     q = torch.rand(4, 7, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(device)
     q.requires_grad_()
@@ -585,23 +585,19 @@ def test_compiled_targets_gradient_and_double_backward(kernels, device, reductio
     def weighted_loss(x, w):
         return (fused_softmax.cross_entropy(x, target, reduction="none") * w).sum()
 
-    def torch_probability_loss(x, q):
-        return F.cross_entropy(x, q, reduction=reduction, label_smoothing=0.1)
-
-    def torch_weighted_loss(x, w):
-        return (F.cross_entropy(x, target, reduction="none") * w).sum()
-
     torch._dynamo.reset()
     compiled = torch.compile(probability_loss, fullgraph=True, backend="eager")
     upstream = torch.ones(()) if reduction == "mean" else random((4,), torch.float64, device, scale=1.0, seed=4)
     for wrt in ((x, q), (q,)):
         grads = torch.autograd.grad(compiled(x, q), wrt, upstream)
-        expected = torch.autograd.grad(torch_probability_loss(x, q), wrt, upstream)
+        expected = torch.autograd.grad(F.cross_entropy(x, q, reduction=reduction, label_smoothing=0.1), wrt, upstream)
         torch.testing.assert_close(grads, expected)
     torch._dynamo.reset()
     compiled = torch.compile(weighted_loss, fullgraph=True, backend="eager")
+    with pytest.raises(RuntimeError, match="under torch.compile keeps no logits"):
+        torch.autograd.grad(compiled(x, row_weight), x, create_graph=True)
     seconds = []
-    for loss in (compiled, torch_weighted_loss):
+    for loss in (weighted_loss, lambda x, w: (F.cross_entropy(x, target, reduction="none") * w).sum()):
         (dx,) = torch.autograd.grad(loss(x, row_weight), x, create_graph=True)
         seconds.append(torch.autograd.grad((dx**2).sum(), (x, row_weight)))
     torch.testing.assert_close(*seconds)
