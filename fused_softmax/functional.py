@@ -18,6 +18,17 @@ from ._transforms import (
     vmapped,
 )
 
+# The dtypes torch's argument parser reads Python's number types as.
+_PYTHON_DTYPES = {float: torch.float64, int: torch.int64, bool: torch.bool, complex: torch.complex128}
+
+
+def _python_dtype(name, dtype):
+    """A dtype= that is not a torch.dtype, as torch's argument parser takes it: Python's float
+    (float64), int, bool and complex; anything else its TypeError."""
+    if isinstance(dtype, type) and dtype in _PYTHON_DTYPES:
+        return _PYTHON_DTYPES[dtype]
+    raise TypeError(f"{name}(): argument 'dtype' must be torch.dtype, not {type(dtype).__name__}")
+
 
 def _implicit_dim(name, ndim, stacklevel):
     """torch's dim for dim=None (``F._get_softmax_dim``), with its deprecation warning; under
@@ -197,7 +208,7 @@ def _dispatch(name, input, dim, stacklevel, dtype):
         return _TORCH[name](input, dim, dtype=dtype)
     dim = _wrap_dim(name, dim, input.dim())
     if dtype is not None and not isinstance(dtype, torch.dtype):
-        raise TypeError(f"{name}(): argument 'dtype' must be torch.dtype, not {type(dtype).__name__}")
+        dtype = _python_dtype(name, dtype)
     if dtype is not None and not _fusable(input.dtype, dtype):
         input, dtype = input.to(dtype), None
     if input.dtype not in KERNEL_DTYPES:

@@ -127,6 +127,18 @@ def test_bad_dims_raise_torchs_errors(device, op, name):
 
 
 @pytest.mark.parametrize("name", ["torch", "triton"])
+def test_a_python_type_as_dtype_is_torchs(device, op, name):
+    """dtype=float is float64 to torch's argument parser, and so here; int's error is torch's type."""
+    x = random((3, 4), device=device, scale=1.0)
+    with fused_softmax.use_backend(name):
+        y = op.fused(x, 1, dtype=float)
+        assert y.dtype == torch.float64
+        torch.testing.assert_close(y, op.torch(x, 1, dtype=float))
+        with pytest.raises(NotImplementedError):
+            op.fused(x, 1, dtype=int)
+
+
+@pytest.mark.parametrize("name", ["torch", "triton"])
 @pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64], ids=str)
 def test_non_float_input_needs_dtype(device, op, name, dtype):
     x = torch.ones(3, 4, dtype=dtype, device=device)
