@@ -214,12 +214,22 @@ def softmax(x_local, dim=-1, group=None):
     be 0); the other dims must match across ranks. ``group=None`` is the default group. The result
     has ``x_local``'s shape and dtype, and is differentiable in both modes, to any order.
     """
-    return ShardedSoftmaxFunction.apply(x_local, _wrap_dim("softmax", dim, x_local.dim()), group, False)
+    return ShardedSoftmaxFunction.apply(x_local, _sharded_dim("softmax", x_local, dim), group, False)
 
 
 def log_softmax(x_local, dim=-1, group=None):
     """This rank's slice of the log-softmax over a sharded ``dim``; see ``softmax``."""
-    return ShardedSoftmaxFunction.apply(x_local, _wrap_dim("log_softmax", dim, x_local.dim()), group, True)
+    return ShardedSoftmaxFunction.apply(x_local, _sharded_dim("log_softmax", x_local, dim), group, True)
+
+
+def _sharded_dim(name, x_local, dim):
+    """``dim``, checked as torch checks it and made non-negative, for a floating-point shard with a
+    dim to shard; torch's NotImplementedError for other dtypes (cast back, they would be zeros)."""
+    if not x_local.is_floating_point():
+        raise NotImplementedError(f'"{name}" not implemented for {x_local.dtype}')
+    if x_local.dim() == 0:
+        raise ValueError(f"fused_softmax.distributed.{name}: a 0-d tensor has no dim to shard")
+    return _wrap_dim(name, dim, x_local.dim())
 
 
 def _local_targets(target, vocab_start, width, ignore_index):

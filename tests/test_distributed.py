@@ -134,6 +134,11 @@ def check_errors(rank, widths):
         distributed.cross_entropy(logits[None], torch.tensor([[0, 1, 1]], device=DEVICE))
     with pytest.raises(ValueError, match="shards of different widths need vocab_start"):
         distributed.cross_entropy(logits, torch.tensor([0, 1, 1], device=DEVICE))
+    for name in ("softmax", "log_softmax"):  # raised before any collective, on every rank alike
+        with pytest.raises(NotImplementedError, match="not implemented for torch.int64"):
+            getattr(distributed, name)(logits.long())  # cast back, its result would be zeros
+        with pytest.raises(ValueError, match="a 0-d tensor has no dim to shard"):
+            getattr(distributed, name)(logits.new_zeros(()))
     return logits.numel()
 
 
