@@ -80,3 +80,33 @@ def test_command_line(capsys):
     main(["4x131072", "--dtype", "bfloat16", "--device", "h200"])
     out = capsys.readouterr().out
     assert "regime: split" in out and "NVIDIA H200" in out and "predicted:" in out
+
+
+def test_a_shape_too_large_for_this_machine_is_explained():
+    """64 GiB of fp16 (4 x 2^33): the stand-in tensors are meta tensors, never allocated."""
+    e = fused_softmax.explain((4, 2**33), dtype=torch.float16)
+    assert e.minimum_bytes == 2 * 4 * 2**33 * 2 and e.predicted_fraction > 0.85
+
+
+@pytest.mark.parametrize(
+    "args, error, message",
+    [
+        (((4, 8), 2), IndexError, r"Dimension out of range \(expected to be in range of \[-2, 1\], but got 2\)"),
+        (((4, 8), 1.0), TypeError, "argument 'dim'"),
+        (((0, 8),), ValueError, "is empty, and softmax launches nothing"),
+        (((4, -8),), ValueError, "no negative sizes"),
+        ((8,), TypeError, "x is a tensor or a shape"),
+    ],
+    ids=["dim-out-of-range", "dim-float", "empty", "negative-size", "not-a-shape"],
+)
+def test_what_softmax_refuses_explain_refuses(args, error, message):
+    with pytest.raises(error, match=message):
+        fused_softmax.explain(*args)
+    with pytest.raises(TypeError, match="the kernels take"):
+        fused_softmax.explain((4, 8), dtype=torch.int32)
+
+
+def test_the_command_line_reports_bad_input_as_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["4x8", "--dim", "7"])
+    assert exit_.value.code == 2 and "Dimension out of range" in capsys.readouterr().err

@@ -15,11 +15,15 @@ of it that reaches HBM when a second sweep's reads come back from L2.
 
 import argparse
 import dataclasses
+import math
+import operator
 
 import torch
 
 from .. import _launch
+from .._backend import KERNEL_DTYPES
 from .._runtime import device_properties, kernels
+from ..functional import _wrap_dim
 
 DEVICES = ("h100", "h200", "current")
 
@@ -114,18 +118,24 @@ def explain(x, dim=-1, *, backward=False, dtype=None, device=None, cooperative=N
     """The launch softmax (or, with ``backward``, its backward) makes for ``x`` along ``dim``:
     ``x`` a tensor or a shape (then ``dtype``, default float32). ``device``: 'h100' (default),
     'h200', 'current' (this process's GPU) or a ``DeviceProperties``. ``cooperative``: plan the
-    cooperative split-row regime or not (default: as FUSED_SOFTMAX_COOPERATIVE says, off)."""
-    if isinstance(x, torch.Tensor):
-        shape, dtype, strides = tuple(x.shape), x.dtype, x.stride()
-    else:
-        shape, dtype, strides = tuple(x), dtype or torch.float32, None
+    cooperative split-row regime or not (default: as FUSED_SOFTMAX_COOPERATIVE says, off).
+    A shape, dtype or dim softmax would refuse raises as softmax does; an empty tensor, which
+    launches nothing, raises ValueError."""
+    shape, dtype, strides = _described(x, dtype)
+    dim = _wrap_dim("explain", dim, len(shape))
+    if not math.prod(shape):
+        raise ValueError(f"explain: {list(shape)} is empty, and softmax launches nothing for it")
     properties = _properties(device)
-    # Unwritten CPU tensors stand for the GPU's: the plan reads only shapes, strides and addresses.
-    tensor = torch.empty_strided(shape, strides, dtype=dtype) if strides else torch.empty(shape, dtype=dtype)
+    # Meta tensors stand for the GPU's, of any size: the plan reads only shapes, strides and
+    # addresses, and a meta tensor's address is 0, aligned as a fresh allocation is.
+    if strides:
+        tensor = torch.empty_strided(shape, strides, dtype=dtype, device="meta")
+    else:
+        tensor = torch.empty(shape, dtype=dtype, device="meta")
     tensors = (tensor, tensor, tensor) if backward else (tensor, tensor)
     choice = {} if cooperative is None else dict(cooperative=cooperative)
     with _launch.overridden(device=properties, **choice):
-        p = _launch.plan(tensors, dim % max(len(shape), 1), backward=backward, split=True)
+        p = _launch.plan(tensors, dim, backward=backward, split=True)
     config, heuristics = p.config, kernels().heuristics
     n_rows, n_cols = p.n_rows, p.sizes[1]
     element = tensor.element_size()
@@ -158,6 +168,23 @@ def explain(x, dim=-1, *, backward=False, dtype=None, device=None, cooperative=N
     )
 
 
+def _described(x, dtype):
+    """(shape, dtype, strides or None) of ``x``, a tensor or a shape, checked as softmax checks them."""
+    if isinstance(x, torch.Tensor):
+        shape, dtype, strides = tuple(x.shape), x.dtype, x.stride()
+    else:
+        try:
+            shape = tuple(operator.index(n) for n in x)
+        except TypeError:
+            raise TypeError(f"explain: x is a tensor or a shape (a sequence of ints), not {x!r}") from None
+        dtype, strides = dtype or torch.float32, None
+        if any(n < 0 for n in shape):
+            raise ValueError(f"explain: a shape has no negative sizes, got {list(shape)}")
+    if dtype not in KERNEL_DTYPES:
+        raise TypeError(f"explain: the kernels take {', '.join(map(str, KERNEL_DTYPES))}, not {dtype!r}")
+    return shape, dtype, strides
+
+
 def _shape(text):
     return tuple(int(s) for s in text.replace("x", ",").split(",") if s)
 
@@ -175,6 +202,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     cooperative = True if args.cooperative else None
-    print(
-        explain(args.shape, args.dim, backward=args.backward, dtype=dtype, device=args.device, cooperative=cooperative)
-    )
+    try:
+        explanation = explain(
+            args.shape, args.dim, backward=args.backward, dtype=dtype, device=args.device, cooperative=cooperative
+        )
+    except (TypeError, ValueError, IndexError) as error:
+        parser.error(str(error))
+    print(explanation)
