@@ -132,9 +132,10 @@ def _vocab_chunk_statistics(logits, target, vocab_start, options, kernels):
     x = _capped(logits.to(_launch.stats_dtype(logits.dtype)), softcap)
     local, in_chunk = _local_targets(target, vocab_start, x.shape[1])
     row_max = x.amax(1)
-    row_sum = torch.exp(x - exponent_shift(row_max)[:, None]).sum(1)
+    shift = exponent_shift(row_max)[:, None]
+    row_sum = torch.exp(x - shift).sum(1)
     target_logit = torch.where(in_chunk, x.gather(1, local[:, None]).squeeze(1), 0.0)
-    smooth_deviation = (x - exponent_shift(row_max)[:, None]).sum(1) if label_smoothing else torch.zeros_like(row_sum)
+    smooth_deviation = (x - shift).sum(1) if label_smoothing else torch.zeros_like(row_sum)
     return torch.stack([row_max, row_sum, target_logit, smooth_deviation], 1)
 
 
