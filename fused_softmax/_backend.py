@@ -15,6 +15,13 @@ from ._runtime import constant_under_compile, kernels_interpreted, triton_availa
 
 BACKENDS = ("auto", "triton", "torch")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_KERNEL_DTYPE_SET = frozenset(KERNEL_DTYPES)  # membership by hash: a call's host time is the product
+
+
+def is_kernel_dtype(dtype):
+    """Whether the kernels read and write ``dtype`` (one of ``KERNEL_DTYPES``)."""
+    return dtype in _KERNEL_DTYPE_SET
+
 
 _selected = contextvars.ContextVar("fused_softmax_backend", default=None)
 
@@ -40,14 +47,21 @@ def selected_backend():
     """The backend in force. torch.compile reads it once, when it compiles a graph."""
     name = _selected.get()
     if name is None:
-        name = _parsed(os.environ.get("FUSED_SOFTMAX_BACKEND", "auto"))
+        name = _parsed(_environ_data.get(_ENVIRON_KEY, _AUTO))
     return name
+
+
+# os.environ's own store, read without its per-call key encoding and value decoding (os.environ.get
+# costs about 1 µs, most of an inference call's budget). os.environ writes through to it.
+_environ_data, _ENVIRON_KEY = os.environ._data, os.environ.encodekey("FUSED_SOFTMAX_BACKEND")
+_AUTO = os.environ.encodevalue("auto")
 
 
 @functools.lru_cache(maxsize=8)
 def _parsed(value):
-    """The backend the environment variable's ``value`` names, parsed once per value."""
-    return _check(value.strip().lower() or "auto")
+    """The backend the environment variable's ``value`` (as os.environ stores it) names, parsed
+    once per value."""
+    return _check(os.environ.decodevalue(value).strip().lower() or "auto")
 
 
 def use_kernels(tensor, dtype):
@@ -59,13 +73,13 @@ def use_kernels(tensor, dtype):
     Triton's interpreter) or raises.
     """
     backend = selected_backend()
+    if backend == "auto":
+        return tensor.is_cuda and dtype in _KERNEL_DTYPE_SET and triton_available()
     if backend == "torch":
         return False
-    if backend == "auto":
-        return tensor.is_cuda and dtype in KERNEL_DTYPES and triton_available()
     if not triton_available():
         raise RuntimeError("fused_softmax backend 'triton' needs the triton package, which is not installed")
-    if tensor.device.type == "cpu":
+    if tensor.is_cpu:
         if not kernels_interpreted():
             raise RuntimeError(
                 "fused_softmax backend 'triton' runs CPU tensors only under Triton's interpreter: "

@@ -199,14 +199,17 @@ def plan(tensors, dim, *, backward, masking=None, cross_entropy=False, split=Fal
     Plans are cached by what decides them (shapes, strides, dtypes, device, each start's offset
     in a 16-byte vector, a mask's too, the overrides): a small call's host time is mostly
     planning. Plans that copy an input into a layout the kernels read are made afresh."""
-    key = (
-        dim,
-        backward,
-        _masks_layout(masking),
-        cross_entropy,
-        split,
-        _overrides.plan_key,  # COOPERATIVE, the default, is fixed at import
-    ) + _layouts(tensors)
+    key = _layouts(
+        tensors,
+        (
+            dim,
+            backward,
+            _masks_layout(masking),
+            cross_entropy,
+            split,
+            _overrides.plan_key,  # COOPERATIVE, the default, is fixed at import
+        ),
+    )
     cached = _PLANS.get(key)
     if cached is not None:
         return cached.with_tensors(tuple(tensors))
@@ -216,10 +219,9 @@ def plan(tensors, dim, *, backward, masking=None, cross_entropy=False, split=Fal
     return p
 
 
-def _layouts(tensors):
-    """What of each tensor decides a plan: shape, strides, dtype, device, its start in a 16-byte
-    vector; in one flat tuple, the cheapest key to build and hash."""
-    key = ()
+def _layouts(tensors, key):
+    """``key`` followed by what of each tensor decides a plan: shape, strides, dtype, device, its
+    start in a 16-byte vector; in one flat tuple, the cheapest key to build and hash."""
     for t in tensors:
         key += (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16)
     return key
@@ -384,7 +386,7 @@ def _ready_key(job, inputs, out):
     writing ``out``: a new contiguous tensor on the inputs' device, whose shape the inputs' decide
     (``empty_like`` of the first, or one value a batch entry), so its dtype and alignment are all
     it adds."""
-    return (job, _overrides.ready_key, out.dtype, out.data_ptr() % 16) + _layouts(inputs)
+    return _layouts(inputs, (job, _overrides.ready_key, out.dtype, out.data_ptr() % 16))
 
 
 def _launched_ready(job, inputs, out):

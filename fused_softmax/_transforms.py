@@ -108,20 +108,31 @@ class DerivativesRefused(torch.autograd.Function):
         raise RuntimeError(ctx.message)
 
 
+# torch's C queries, bound once: a small call's host time is the product, and each attribute
+# lookup through torch._C._functorch costs it.
+_is_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
+_is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_transforms_active = torch._C._are_functorch_transforms_active
+_forward_ad = torch.autograd.forward_ad  # its _current_level changes: read at each call
+
+
 def legacy_batched(*tensors):
     """Whether any tensor is batched by the older vmap of ``is_grads_batched``."""
-    return any(map(torch._C._functorch.is_legacy_batchedtensor, tensors))
+    for t in tensors:  # a loop, not any(map()): cheaper for the one or two tensors of a call
+        if _is_legacy_batched(t):
+            return True
+    return False
 
 
 def needs_autograd(*tensors):
     """Whether a call on ``tensors`` must go through its autograd Function: a gradient will be
     asked for, a forward-mode level is open, or torch.func is transforming them. Otherwise the
     kernels run directly, without the Function's host time."""
-    if torch.autograd.forward_ad._current_level >= 0:
+    if _forward_ad._current_level >= 0:
         return True
     grad = torch.is_grad_enabled()
     for t in tensors:  # a loop, not any(): a small call's host time is the product here
-        if t is not None and ((grad and t.requires_grad) or torch._C._functorch.is_functorch_wrapped_tensor(t)):
+        if t is not None and ((grad and t.requires_grad) or _is_functorch_wrapped(t)):
             return True
     return False
 
@@ -130,7 +141,7 @@ def save_for_jvp(ctx, *tensors):
     """``ctx.save_for_forward(*tensors)`` where a jvp can follow this forward: a forward-mode
     level is open or torch.func is transforming. Elsewhere no jvp runs, and saving costs torch's
     apply a few µs a call."""
-    if torch.autograd.forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active():
+    if _forward_ad._current_level >= 0 or _transforms_active():
         ctx.save_for_forward(*tensors)
 
 
@@ -153,11 +164,11 @@ def bound_quickly(function):
             kwargs
             or len(args) != arity
             or torch.compiler.is_compiling()  # dynamo traces torch's apply, not this one
-            or torch._C._are_functorch_transforms_active()
+            or _transforms_active()
         ):
             return torch_apply(*args, **kwargs)
         for a in args:
-            if isinstance(a, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(a):
+            if isinstance(a, torch.Tensor) and _is_functorch_wrapped(a):
                 return torch_apply(*args)
         return c_apply(*args)
 

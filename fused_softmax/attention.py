@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _launch, _softcap_sinks_ops, ops
-from ._backend import KERNEL_DTYPES, use_kernels
+from ._backend import is_kernel_dtype, use_kernels
 from ._softcap_sinks import SoftcapSinksFunction
 from ._transforms import bound_quickly, needs_autograd, vmapped_masked_softmax
 from .functional import JacobianProductFunction, _fusable, jacobian_product
@@ -217,7 +217,7 @@ def masked_softmax(scores, mask=None, *, scale=1.0, causal=False, softcap=None, 
         mask, bias = _merge_bias(mask, bias), None
     if dtype is not None and not _fusable(scores.dtype, dtype):
         scores, dtype = scores.to(dtype), None
-    if scores.dtype not in KERNEL_DTYPES:
+    if not is_kernel_dtype(scores.dtype):
         raise NotImplementedError(f'"masked_softmax" not implemented for {scores.dtype}')
     if not _launch.fits_fp32(scale):
         # The kernel receives the scale as fp32 parts: one past their range is applied first.

@@ -26,7 +26,7 @@ from torch.nn import _reduction
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import _launch
-from ._backend import KERNEL_DTYPES, selected_backend, use_kernels
+from ._backend import is_kernel_dtype, selected_backend, use_kernels
 from ._transforms import batch_first, bound_quickly, needs_autograd
 
 # Captured at import, before any patch() can replace it: the eager path.
@@ -87,7 +87,7 @@ def _unserved_reason(input, target, weight, ignore_index, reduction, label_smoot
     """Why the kernels do not serve this call (None when they do): torch rejects it, or it is a
     form torch accepts that the kernels leave to torch (another target or weight dtype, class
     weights to differentiate: torch's gradient for probability targets, its error for indices)."""
-    if input.dtype not in KERNEL_DTYPES or input.dim() == 0:
+    if not is_kernel_dtype(input.dtype) or input.dim() == 0:
         return f"input of dtype {input.dtype} and {input.dim()} dims"
     if weight is not None and weight.requires_grad and torch.is_grad_enabled():
         return "class weights that require a gradient"

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch.overrides import handle_torch_function, has_torch_function_unary
 
 from . import _jacobian, _launch, ops
-from ._backend import KERNEL_DTYPES, use_kernels
+from ._backend import is_kernel_dtype, use_kernels
 from ._jacobian import backward_product, forward_product
 from ._transforms import (
     bound_quickly,
@@ -70,9 +70,10 @@ def jacobian_product(y, v, dim, dtype, kind, scale=1.0):
     the kernel directly, without a second Function's host time. In torch ops where the older
     vmap of ``is_grads_batched`` builds a graph (create_graph): it drops the graph of a Function
     applied in a backward."""
-    if torch.is_grad_enabled() and legacy_batched(y, v):
+    batched = legacy_batched(y, v)
+    if batched and torch.is_grad_enabled():
         return (_jacobian.product(y, v, dim, kind) * scale).to(dtype)
-    if needs_autograd(y, v) or legacy_batched(y, v):
+    if batched or needs_autograd(y, v):
         return JacobianProductFunction.apply(y, v, dim, dtype, kind, scale)
     return _launch.jacobian_product(y, v, dim, dtype, kind, scale)
 
@@ -194,7 +195,7 @@ def _fusable(input_dtype, dtype):
     """dtype= is fused into the kernel when it widens: reading the narrower input and casting it
     in registers equals torch's cast-first. A narrowing cast must round the input first, and a
     cast to a dtype the kernels do not write (complex) is torch's, then refused as torch refuses it."""
-    return input_dtype in KERNEL_DTYPES and torch.promote_types(input_dtype, dtype) == dtype and dtype in KERNEL_DTYPES
+    return is_kernel_dtype(input_dtype) and torch.promote_types(input_dtype, dtype) == dtype and is_kernel_dtype(dtype)
 
 
 # Captured at import, before any patch() can replace them: the eager fallback.
@@ -211,7 +212,7 @@ def _dispatch(name, input, dim, stacklevel, dtype):
         dtype = _python_dtype(name, dtype)
     if dtype is not None and not _fusable(input.dtype, dtype):
         input, dtype = input.to(dtype), None
-    if input.dtype not in KERNEL_DTYPES:
+    if not is_kernel_dtype(input.dtype):
         raise NotImplementedError(f'"{name}" not implemented for {input.dtype}')
     if torch.compiler.is_compiling():
         return getattr(ops, name)(input, dim, dtype)
