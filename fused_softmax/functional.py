@@ -39,22 +39,28 @@ def _implicit_dim(name, ndim, stacklevel):
 
 
 def _wrap_dim(name, dim, ndim):
-    """Check ``dim`` the way torch does (TypeError, ValueError past int64, IndexError), with its
-    messages, and make it non-negative."""
+    """Check ``dim`` the way torch does (``_dim_error``) and make it non-negative."""
     if type(dim) is int and -ndim <= dim < ndim:
         return dim % ndim
-    try:
-        if isinstance(dim, bool):
-            raise TypeError
-        dim = operator.index(dim)
-    except TypeError:
-        raise TypeError(f"{name}(): argument 'dim' (position 1) must be int, not {type(dim).__name__}") from None
+    error = _dim_error(name, dim, ndim)
+    if error is not None:
+        raise error
+    return operator.index(dim) % max(ndim, 1)
+
+
+def _dim_error(name, dim, ndim):
+    """The error torch raises for ``dim`` of an ``ndim``-dim tensor, with its message (TypeError,
+    ValueError past int64, IndexError); None for a dim it takes. Returned, not raised: under
+    torch.compile a call that torch refuses goes to torch's op, which raises where dynamo cannot."""
+    if isinstance(dim, bool) or not hasattr(type(dim), "__index__"):
+        return TypeError(f"{name}(): argument 'dim' (position 1) must be int, not {type(dim).__name__}")
+    dim = operator.index(dim)
     if not -(2**63) <= dim < 2**63:
-        raise ValueError("Overflow when unpacking long long")
+        return ValueError("Overflow when unpacking long long")
     bound = max(ndim, 1)
     if not -bound <= dim < bound:
-        raise IndexError(f"Dimension out of range (expected to be in range of [{-bound}, {bound - 1}], but got {dim})")
-    return dim % bound
+        return IndexError(f"Dimension out of range (expected to be in range of [{-bound}, {bound - 1}], but got {dim})")
+    return None
 
 
 def _setup_context(ctx, inputs, y):
@@ -207,21 +213,38 @@ def _dispatch(name, input, dim, stacklevel, dtype):
         dim = _implicit_dim(name, input.dim(), stacklevel + 1)
     if not use_kernels(input, input.dtype if dtype is None else dtype):
         return _TORCH[name](input, dim, dtype=dtype)
+    if torch.compiler.is_compiling():
+        return _compiled(name, input, dim, dtype)
     dim = _wrap_dim(name, dim, input.dim())
-    if dtype is not None and not isinstance(dtype, torch.dtype):
-        dtype = _python_dtype(name, dtype)
-    if dtype is not None and not _fusable(input.dtype, dtype):
-        input, dtype = input.to(dtype), None
+    input, dtype = _kernel_input(name, input, dtype)
     if not is_kernel_dtype(input.dtype):
         raise NotImplementedError(f'"{name}" not implemented for {input.dtype}')
-    if torch.compiler.is_compiling():
-        return getattr(ops, name)(input, dim, dtype)
     if not needs_autograd(input):
         return _launch.softmax_forward(input, dim, dtype or input.dtype, name == "log_softmax")
     return _FUNCTIONS[name].apply(input, dim, dtype)
 
 
 _FUNCTIONS = {"softmax": SoftmaxFunction, "log_softmax": LogSoftmaxFunction}
+
+
+def _kernel_input(name, input, dtype):
+    """(input, dtype) as the kernels take them: dtype= read as torch's parser reads it, and
+    cast first where the kernels cannot fuse the cast (``_fusable``; the dtype then None)."""
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        dtype = _python_dtype(name, dtype)
+    if dtype is not None and not _fusable(input.dtype, dtype):
+        return input.to(dtype), None
+    return input, dtype
+
+
+def _compiled(name, input, dim, dtype):
+    """The call under torch.compile: the custom op; or torch's own function where torch
+    refuses the call (a bad dim, a dtype the kernels do not take), so that torch raises its own
+    error: dynamo cannot trace a raise under fullgraph."""
+    input, dtype = _kernel_input(name, input, dtype)
+    if _dim_error(name, dim, input.dim()) is not None or not is_kernel_dtype(input.dtype):
+        return _TORCH[name](input, dim, dtype=dtype)
+    return getattr(ops, name)(input, _wrap_dim(name, dim, input.dim()), dtype)
 
 
 def softmax(input, dim=None, _stacklevel=3, dtype=None):

@@ -50,6 +50,30 @@ def test_the_implicit_dim_compiles(device, name):
             torch.testing.assert_close(torch.compile(call, fullgraph=True, backend="eager")(x), expected)
 
 
+REFUSED_CALLS = {
+    "dim out of range": (lambda f, x: f(x, 5), lambda x: x),
+    "integer input": (lambda f, x: f(x, -1), lambda x: x.long()),
+}
+
+
+@pytest.mark.parametrize("refused", list(REFUSED_CALLS))
+@pytest.mark.parametrize("op_name", ["softmax", "log_softmax"])
+def test_a_refused_call_raises_torchs_error_under_fullgraph(device, op_name, refused):
+    """Under fullgraph, dynamo cannot trace a raise (it would report Unsupported): a call torch
+    refuses must fail with torch's own error type and message, as torch's function does there."""
+    call, make = REFUSED_CALLS[refused]
+    x = make(torch.randn(4, 8, device=device))
+    errors = []
+    for function in (getattr(torch.nn.functional, op_name), getattr(fused_softmax, op_name)):
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda t, function=function: call(function, t), fullgraph=True, backend="eager")
+        with fused_softmax.use_backend("triton"), pytest.raises(Exception) as caught:
+            compiled(x)
+        errors.append((type(caught.value), str(caught.value).splitlines()[0]))  # less dynamo's trace of the user code
+    assert errors[1] == errors[0]
+    assert errors[0][0] in (IndexError, NotImplementedError)
+
+
 def test_compiled_online_regime(kernels, device):
     torch._dynamo.reset()
     x = torch.randn(3, 300, device=device, requires_grad=True)
