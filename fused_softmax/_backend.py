@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from ._runtime import constant_under_compile, kernels_interpreted, triton_available
+from ._runtime import constant_under_compile, jit_tracing, kernels_interpreted, triton_available
 
 BACKENDS = ("auto", "triton", "torch")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -66,7 +66,7 @@ def _parsed(value):
 
 def use_kernels(tensor, dtype):
     """True when ``tensor``, computed in ``dtype``, goes to the Triton kernels; raises if 'triton'
-    was asked for and cannot run.
+    was asked for and cannot run, and under torch.jit.trace (``_refuse_jit_trace``).
 
     'auto' sends CUDA tensors of kernel dtypes to Triton when it is installed and everything
     else to eager PyTorch. 'triton' never falls back: it runs the kernels (CUDA, or CPU under
@@ -74,7 +74,9 @@ def use_kernels(tensor, dtype):
     """
     backend = selected_backend()
     if backend == "auto":
-        return tensor.is_cuda and dtype in _KERNEL_DTYPE_SET and triton_available()
+        if tensor.is_cuda and dtype in _KERNEL_DTYPE_SET and triton_available():
+            return _refuse_jit_trace()
+        return False
     if backend == "torch":
         return False
     if not triton_available():
@@ -89,5 +91,17 @@ def use_kernels(tensor, dtype):
         raise RuntimeError(
             f"fused_softmax backend 'triton' runs on CUDA tensors (or CPU tensors under Triton's "
             f"interpreter), not on {tensor.device.type}"
+        )
+    return _refuse_jit_trace()
+
+
+def _refuse_jit_trace():
+    """True, or a RuntimeError under torch.jit.trace: it records torch ops, not Triton's launches,
+    so its graph would replay the kernels' outputs unwritten."""
+    if jit_tracing():
+        raise RuntimeError(
+            "torch.jit.trace cannot record fused_softmax's Triton kernels (its graph would return their "
+            "outputs unwritten): use torch.compile or torch.export, or trace under "
+            "fused_softmax.use_backend('torch')"
         )
     return True

@@ -33,6 +33,13 @@ def _importable():
     return True
 
 
+@constant_under_compile
+def jit_tracing():
+    """Whether torch.jit.trace is recording the call. torch.compile, which dynamo cannot trace
+    this query for, keeps the answer (False) as a constant."""
+    return torch._C._is_tracing()
+
+
 @functools.cache
 def kernels():
     """The device code, ``fused_softmax.kernels``, imported (with Triton) on first use."""
@@ -73,3 +80,16 @@ def device_properties(device):
     if device.type == "cuda":
         return _cuda_properties(device.index if device.index is not None else torch.cuda.current_device())
     return kernels().H100
+
+
+class Unscriptable:
+    """A module base for fused_softmax's nn.Modules: TorchScript (torch.jit.script) cannot
+    compile a forward that launches Triton kernels from Python, so scripting one refuses it
+    clearly, before it reaches that code."""
+
+    def __prepare_scriptable__(self):
+        name = type(self).__name__
+        raise RuntimeError(
+            f"torch.jit.script cannot compile fused_softmax.{name}, whose forward runs Triton "
+            f"kernels from Python: use torch.compile or torch.export, or script torch.nn.{name}"
+        )

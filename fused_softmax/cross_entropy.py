@@ -27,6 +27,7 @@ from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import _launch
 from ._backend import is_kernel_dtype, selected_backend, use_kernels
+from ._runtime import Unscriptable
 from ._transforms import batch_first, bound_quickly, needs_autograd
 
 # Captured at import, before any patch() can replace it: the eager path.
@@ -557,7 +558,7 @@ def cross_entropy(
     return CrossEntropyFunction.apply(input, target, weight, *options, store_grad, inplace, 0)[0]
 
 
-class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
+class CrossEntropyLoss(Unscriptable, torch.nn.CrossEntropyLoss):
     """Drop-in for ``torch.nn.CrossEntropyLoss`` running ``fused_softmax.cross_entropy`` (a
     subclass: isinstance, repr and state dicts carry over). ``z_loss``, ``softcap`` and
     ``inplace_backward`` as in ``cross_entropy``."""

@@ -13,6 +13,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from ._runtime import Unscriptable
 from .attention import masked_softmax
 
 
@@ -72,7 +73,7 @@ def _merge_masks(masks, dtype):
     return functools.reduce(torch.add, additive)
 
 
-class MultiheadAttention(torch.nn.MultiheadAttention):
+class MultiheadAttention(Unscriptable, torch.nn.MultiheadAttention):
     """Drop-in for ``torch.nn.MultiheadAttention`` whose softmax, scale and masks run as one
     ``masked_softmax`` per call.
 

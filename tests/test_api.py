@@ -113,6 +113,31 @@ def test_modules_warn_like_torchs(device, op):
     assert record[0].filename == expected[0].filename
 
 
+MODULE_ARGUMENTS = {"Softmax": (-1,), "LogSoftmax": (-1,), "CrossEntropyLoss": (), "MultiheadAttention": (8, 2)}
+
+
+@pytest.mark.parametrize("name", list(MODULE_ARGUMENTS))
+def test_torchscript_refuses_the_modules_clearly(name):
+    """torch.jit.script compiles torch's module but cannot compile code that launches Triton
+    kernels: for ours it says so, naming what to use, instead of failing on whatever line of
+    ours it reaches first."""
+    arguments = MODULE_ARGUMENTS[name]
+    torch.jit.script(getattr(torch.nn, name)(*arguments))
+    with pytest.raises(RuntimeError, match=f"torch.jit.script cannot compile fused_softmax.{name}"):
+        torch.jit.script(getattr(fused_softmax, name)(*arguments))
+
+
+def test_jit_trace_refuses_the_kernels(device):
+    """torch.jit.trace records torch ops, not Triton launches: a traced kernel call would replay
+    an unwritten output, so tracing one raises; under the torch backend it traces torch's ops."""
+    x = random((3, 8), device=device, scale=1.0)
+    with fused_softmax.use_backend("triton"), pytest.raises(RuntimeError, match="torch.jit.trace cannot record"):
+        torch.jit.trace(lambda t: fused_softmax.softmax(t, -1), x)
+    with fused_softmax.use_backend("torch"):
+        traced = torch.jit.trace(lambda t: fused_softmax.softmax(t, -1), x)
+    assert_close(traced(x + 1), reference.softmax(x + 1))
+
+
 @pytest.mark.parametrize("name", ["torch", "triton"])
 def test_bad_dims_raise_torchs_errors(device, op, name):
     """torch's error types and messages: a dim not an int, out of int64's range, out of range."""
