@@ -8,6 +8,7 @@ serve (by the backend in force) to fused_softmax and everything else to torch's 
 
 import contextlib
 import functools
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -115,14 +116,27 @@ def disable():
 
 @contextlib.contextmanager
 def patch():
-    """``enable()`` for the block; on exit, the state from before it (so blocks nest)."""
-    was_enabled = is_enabled()
-    enable()
+    """``enable()`` for the block; when the last open block exits, the state from before the
+    first (so blocks nest, in one thread or across threads). The switch is process-wide: while
+    any thread is inside a block, every thread's calls are routed."""
+    global _open_blocks, _enabled_by_blocks
+    with _blocks_lock:
+        if _open_blocks == 0:
+            _enabled_by_blocks = not is_enabled()
+            enable()
+        _open_blocks += 1
     try:
         yield
     finally:
-        if not was_enabled:
-            disable()
+        with _blocks_lock:
+            _open_blocks -= 1
+            if _open_blocks == 0 and _enabled_by_blocks:
+                disable()
+
+
+_blocks_lock = threading.Lock()
+_open_blocks = 0  # patch() blocks open, in every thread
+_enabled_by_blocks = False  # whether the first of them enabled the switch (so the last disables it)
 
 
 _SWAPS = {torch.nn.Softmax: modules.Softmax, torch.nn.LogSoftmax: modules.LogSoftmax}

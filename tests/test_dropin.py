@@ -1,6 +1,7 @@
 """The global switch reaches every torch entry point, restores them exactly, and swaps modules."""
 
 import functools
+import threading
 
 import numpy as np
 import pytest
@@ -247,6 +248,35 @@ def test_enable_disable_nesting_and_exceptions_restore_exactly():
     with pytest.raises(ZeroDivisionError):
         with fused_softmax.patch():
             raise ZeroDivisionError
+    assert originals() == before
+
+
+def test_patch_blocks_overlapping_across_threads_restore_when_the_last_exits():
+    """The switch is process-wide: a thread leaving its block must not unpatch another thread
+    still inside one; the last block out restores the state from before the first."""
+    before = originals()
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def first():
+        with fused_softmax.patch():
+            first_in.set()
+            second_in.wait(10)
+        first_out.set()
+
+    def second():
+        first_in.wait(10)
+        with fused_softmax.patch():
+            second_in.set()
+            first_out.wait(10)
+            seen["inside after the first left"] = F.softmax is fused_softmax.softmax
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    assert seen == {"inside after the first left": True}
     assert originals() == before
 
 
