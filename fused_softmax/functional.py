@@ -52,9 +52,12 @@ def _dim_error(name, dim, ndim):
     """The error torch raises for ``dim`` of an ``ndim``-dim tensor, with its message (TypeError,
     ValueError past int64, IndexError); None for a dim it takes. Returned, not raised: under
     torch.compile a call that torch refuses goes to torch's op, which raises where dynamo cannot."""
-    if isinstance(dim, bool) or not hasattr(type(dim), "__index__"):
+    try:
+        if isinstance(dim, bool):
+            raise TypeError
+        dim = operator.index(dim)  # refuses a tensor of more than one element, or of floats
+    except TypeError:
         return TypeError(f"{name}(): argument 'dim' (position 1) must be int, not {type(dim).__name__}")
-    dim = operator.index(dim)
     if not -(2**63) <= dim < 2**63:
         return ValueError("Overflow when unpacking long long")
     bound = max(ndim, 1)

@@ -143,7 +143,7 @@ def test_bad_dims_raise_torchs_errors(device, op, name):
     """torch's error types and messages: a dim not an int, out of int64's range, out of range."""
     x = random((3, 4), device=device, scale=1.0)
     with fused_softmax.use_backend(name):
-        for bad in (1.0, True, "1", 2, -3, 2**70, -(2**63) - 1):
+        for bad in (1.0, True, "1", torch.tensor([1, 0]), torch.tensor(1.0), 2, -3, 2**70, -(2**63) - 1):
             with pytest.raises(Exception) as expected:
                 op.torch(x, dim=bad)
             with pytest.raises(type(expected.value)) as raised:
