@@ -16,6 +16,14 @@
   for masked_softmax's scores (a decoding step's few long rows): ``split_attention``.
 """
 
+if __name__ == "kernels":
+    raise ImportError(
+        "this is fused_softmax's device code (fused_softmax.kernels) imported as the top-level package 'kernels': "
+        "a fused_softmax checkout's root is on sys.path (python -m from the checkout), where its kernels/ folder "
+        "shadows PyPI's 'kernels', which transformers imports. Run Python with PYTHONSAFEPATH=1 (or -P), or "
+        "from another directory"
+    )
+
 from .attention import masked_softmax_backward_kernel, masked_softmax_forward_kernel
 from .cooperative import cooperative_product_kernel, cooperative_softmax_kernel
 from .cross_entropy import (

@@ -331,6 +331,26 @@ def test_output_dtype_is_input_dtype(backend, device, op, dtype):
     assert_close(y, op.reference(x))
 
 
+def test_the_device_code_refuses_to_pose_as_pypis_kernels():
+    """A checkout's root on sys.path puts its kernels/ where PyPI's ``kernels`` (which
+    transformers imports) is looked for: that import says why, instead of failing later on a
+    missing name; the package itself still imports as fused_softmax.kernels."""
+    root = Path(__file__).resolve().parents[1]
+    code = f"""
+import sys
+sys.path.insert(0, {str(root)!r})
+try:
+    import kernels
+except ImportError as e:
+    assert 'PYTHONSAFEPATH' in str(e), e
+else:
+    raise SystemExit(f'imported {{kernels.__file__}} as the top-level kernels')
+import fused_softmax.kernels
+"""
+    shadowed = run_python(code)
+    assert shadowed.returncode == 0, shadowed.stderr
+
+
 def _package_imports():
     """{module: the package's modules it imports}, from the source: module-level imports and
     those inside functions alike, ``kernels/`` as ``fused_softmax.kernels``."""
