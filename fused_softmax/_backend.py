@@ -66,7 +66,8 @@ def _parsed(value):
 
 def use_kernels(tensor, dtype):
     """True when ``tensor``, computed in ``dtype``, goes to the Triton kernels; raises if 'triton'
-    was asked for and cannot run, and under torch.jit.trace (``_refuse_jit_trace``).
+    was asked for and cannot run, and under torch.jit.trace, which records torch ops, not
+    Triton's launches: its graph would replay the kernels' outputs unwritten.
 
     'auto' sends CUDA tensors of kernel dtypes to Triton when it is installed and everything
     else to eager PyTorch. 'triton' never falls back: it runs the kernels (CUDA, or CPU under
@@ -74,14 +75,13 @@ def use_kernels(tensor, dtype):
     """
     backend = selected_backend()
     if backend == "auto":
-        if tensor.is_cuda and dtype in _KERNEL_DTYPE_SET and triton_available():
-            return _refuse_jit_trace()
+        if not (tensor.is_cuda and dtype in _KERNEL_DTYPE_SET and triton_available()):
+            return False
+    elif backend == "torch":
         return False
-    if backend == "torch":
-        return False
-    if not triton_available():
+    elif not triton_available():
         raise RuntimeError("fused_softmax backend 'triton' needs the triton package, which is not installed")
-    if tensor.is_cpu:
+    elif tensor.is_cpu:
         if not kernels_interpreted():
             raise RuntimeError(
                 "fused_softmax backend 'triton' runs CPU tensors only under Triton's interpreter: "
@@ -92,12 +92,6 @@ def use_kernels(tensor, dtype):
             f"fused_softmax backend 'triton' runs on CUDA tensors (or CPU tensors under Triton's "
             f"interpreter), not on {tensor.device.type}"
         )
-    return _refuse_jit_trace()
-
-
-def _refuse_jit_trace():
-    """True, or a RuntimeError under torch.jit.trace: it records torch ops, not Triton's launches,
-    so its graph would replay the kernels' outputs unwritten."""
     if jit_tracing():
         raise RuntimeError(
             "torch.jit.trace cannot record fused_softmax's Triton kernels (its graph would return their "

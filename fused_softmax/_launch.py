@@ -328,7 +328,9 @@ class Ready:
             self.direct.launch(tensors)
             return
         args = self.args.copy()
-        for name, tensor in zip(self.pointers, tensors):  # a loop: cheaper than update() for a few
+        # A loop, cheaper than update(); no strict=, whose keyword alone costs 1.5k instructions a call:
+        # the key this Ready was found by holds one layout for each of its tensors.
+        for name, tensor in zip(self.pointers, tensors):  # noqa: B905
             args[name] = tensor
         observed = _overrides.observers and self.plan.with_tensors(tuple(tensors[i] for i in self.planned))
         _run(self.kernel, observed or self.plan, args)

@@ -152,25 +152,27 @@ def bound_quickly(function):
     at every call, and unwraps tensors that outlived a torch.func transform: tens of µs on a
     small call. When every argument is given, no transform is active and no argument is such a
     tensor, neither does anything, so the C apply it ends in is called directly. Otherwise (and
-    under torch.compile) torch's apply runs, with the forward's signature computed once."""
+    under torch.compile) torch's apply runs, with the forward's signature computed once.
+    ``function.apply_eagerly`` is the same for a caller that has checked it is not being
+    compiled and passes every argument positionally (a small call's dispatch)."""
     forward = function.forward
     forward.__signature__ = inspect.signature(forward)
     arity = len(forward.__signature__.parameters)
     torch_apply = function.apply
     c_apply = super(torch.autograd.Function, function).apply
 
-    def apply(*args, **kwargs):
-        if (
-            kwargs
-            or len(args) != arity
-            or torch.compiler.is_compiling()  # dynamo traces torch's apply, not this one
-            or _transforms_active()
-        ):
-            return torch_apply(*args, **kwargs)
+    def apply_eagerly(*args):
+        if _transforms_active():
+            return torch_apply(*args)
         for a in args:
             if isinstance(a, torch.Tensor) and _is_functorch_wrapped(a):
                 return torch_apply(*args)
         return c_apply(*args)
 
-    function.apply = apply
+    def apply(*args, **kwargs):
+        if kwargs or len(args) != arity or torch.compiler.is_compiling():  # dynamo traces torch's apply
+            return torch_apply(*args, **kwargs)
+        return apply_eagerly(*args)
+
+    function.apply, function.apply_eagerly = apply, apply_eagerly
     return function

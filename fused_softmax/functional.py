@@ -87,9 +87,13 @@ def jacobian_product(y, v, dim, dtype, kind, scale=1.0):
     return _launch.jacobian_product(y, v, dim, dtype, kind, scale)
 
 
+# Each backward's product, named once (``_jacobian``), looked up rather than asked for per call.
+_BACKWARD_PRODUCTS = {log: backward_product(log) for log in (False, True)}
+
+
 def _backward(ctx, dy, log):
     (y,) = ctx.saved_tensors
-    return jacobian_product(y, dy, ctx.dim, ctx.input_dtype, backward_product(log)), None, None
+    return jacobian_product(y, dy, ctx.dim, ctx.input_dtype, _BACKWARD_PRODUCTS[log]), None, None
 
 
 def _jvp(ctx, tangent, log):
@@ -219,12 +223,13 @@ def _dispatch(name, input, dim, stacklevel, dtype):
     if torch.compiler.is_compiling():
         return _compiled(name, input, dim, dtype)
     dim = _wrap_dim(name, dim, input.dim())
-    input, dtype = _kernel_input(name, input, dtype)
+    if dtype is not None:
+        input, dtype = _kernel_input(name, input, dtype)
     if not is_kernel_dtype(input.dtype):
         raise NotImplementedError(f'"{name}" not implemented for {input.dtype}')
     if not needs_autograd(input):
         return _launch.softmax_forward(input, dim, dtype or input.dtype, name == "log_softmax")
-    return _FUNCTIONS[name].apply(input, dim, dtype)
+    return _FUNCTIONS[name].apply_eagerly(input, dim, dtype)
 
 
 _FUNCTIONS = {"softmax": SoftmaxFunction, "log_softmax": LogSoftmaxFunction}

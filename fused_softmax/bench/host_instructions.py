@@ -1,0 +1,136 @@
+"""Instructions per call of the small calls ``host_time`` times, counted by valgrind's callgrind.
+
+Wall time on a shared CPU moves by 2x between runs minutes apart, and a change of a few hundred
+nanoseconds to the host path is lost in it. Callgrind counts the instructions a call executes,
+the same count each run: each call runs in a process of its own under callgrind with counting
+off, and counting is switched on (``callgrind_control -i on``) only around a loop of ``calls``
+calls, after a warm-up. Counts are host-path instructions with the launch stubbed, against
+``torch.empty_like``'s in the same way; they rank changes to the host path, the GPU's wall
+time per call (``host_time`` on a GPU) is the figure users see.
+
+    python -m fused_softmax.bench.host_instructions [--calls 2000] [--shape 8,512]
+"""
+
+import argparse
+import concurrent.futures
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .host_time import LEAST_FUNCTION, MODES, YARDSTICK
+
+CALLS = ("fused_softmax", "torch", LEAST_FUNCTION, YARDSTICK)
+_POLL_S = 0.05
+
+
+def _wait_for(path, process):
+    while not path.exists():
+        if process.poll() is not None:
+            errors = process.stderr.read()[-2000:]
+            raise RuntimeError(f"the measured process ended early (exit status {process.returncode}):\n{errors}")
+        time.sleep(_POLL_S)
+
+
+def count(mode, name, calls, shape):
+    """Instructions per call of ``name`` (one of CALLS) in ``mode``, on a float32 tensor of ``shape``."""
+    with tempfile.TemporaryDirectory() as folder:
+        marks, out = Path(folder), Path(folder) / "callgrind.out"
+        child = [
+            sys.executable,
+            "-m",
+            "fused_softmax.bench.host_instructions",
+            "--child",
+            mode,
+            name,
+            str(calls),
+            ",".join(map(str, shape)),
+            folder,
+        ]
+        command = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}", *child]
+        env = os.environ | {"TRITON_INTERPRET": "1", "PYTHONSAFEPATH": "1"}
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            _wait_for(marks / "ready", process)
+            subprocess.run(["callgrind_control", "-i", "on", str(process.pid)], check=True, capture_output=True)
+            (marks / "go").touch()
+            _wait_for(marks / "done", process)
+            subprocess.run(["callgrind_control", "-i", "off", str(process.pid)], check=True, capture_output=True)
+            (marks / "stop").touch()
+            _, errors = process.communicate(timeout=600)
+        finally:
+            if process.poll() is None:
+                process.kill()
+        if process.returncode:
+            raise RuntimeError(f"callgrind of {name} ({mode}) failed:\n{errors[-2000:]}")
+        return total_instructions(out) / calls
+
+
+def total_instructions(path):
+    """The instructions a callgrind output file counts: the sum of its cost lines, less the
+    inclusive costs it gives after each ``calls=`` line (those are counted where they ran)."""
+    total, after_call = 0, False
+    for line in Path(path).read_text().splitlines():
+        if line.startswith("calls="):
+            after_call = True
+            continue
+        if line[:1].isdigit() or line[:1] in "+-*":  # a position, then its cost (none: 0)
+            fields = line.split()
+            if not after_call and len(fields) > 1:
+                total += int(fields[1])
+            after_call = False
+    return total
+
+
+def _child(mode, name, calls, shape, folder):
+    """The measured process: warm ``name`` up, then run it ``calls`` times between the marks."""
+    import torch
+
+    from .._backend import use_backend
+    from .._launch import overridden
+    from .host_time import _calls
+
+    torch.set_num_threads(1)
+    x = torch.randn(*shape)
+    call = _calls(x, torch.randn_like(x), mode)[name]
+    marks = Path(folder)
+    with overridden(run=False), use_backend("triton"):
+        for _ in range(200):
+            call()
+        (marks / "ready").touch()
+        while not (marks / "go").exists():
+            time.sleep(_POLL_S)
+        for _ in range(calls):
+            call()
+        (marks / "done").touch()
+        while not (marks / "stop").exists():
+            time.sleep(_POLL_S)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--shape", default="8,512")
+    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    options = parser.parse_args(argv)
+    if options.child:
+        mode, name, calls, shape, folder = options.child
+        return _child(mode, name, int(calls), tuple(map(int, shape.split(","))), folder)
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        raise SystemExit("needs valgrind (callgrind and callgrind_control)")
+    shape = tuple(map(int, options.shape.split(",")))
+    jobs = [(mode, name) for mode in MODES for name in CALLS if mode == "training" or name != LEAST_FUNCTION]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        counts = dict(zip(jobs, pool.map(lambda job: count(*job, options.calls, shape), jobs), strict=True))
+    print(f"Instructions per call, launch stubbed, float32 {list(shape)} (callgrind, {options.calls} calls)\n")
+    print(f"| mode | call | instructions | / {YARDSTICK} |")
+    print("|---|---|---|---|")
+    for (mode, name), instructions in counts.items():
+        print(f"| {mode} | {name} | {instructions:,.0f} | {instructions / counts[mode, YARDSTICK]:.1f}x |")
+
+
+if __name__ == "__main__":
+    main()
