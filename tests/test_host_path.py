@@ -295,3 +295,26 @@ def test_the_host_time_bench_times_the_other_small_calls(launches):
         assert set(us) == {"fused_softmax", "torch", YARDSTICK} and all(t > 0 for t in us.values())
     kernels = {"masked_softmax_forward_kernel", "mean_grad_scale_kernel", "cross_entropy_kernel", "reduced_loss_kernel"}
     assert {launch.name for launch in launches} == kernels
+
+
+def test_the_instruction_count_sums_callgrinds_own_costs(tmp_path):
+    """``bench.host_instructions``'s total: every cost line, positions relative or not, but the
+    inclusive cost after a ``calls=`` line, which its callee's lines count already."""
+    from fused_softmax.bench.host_instructions import total_instructions
+
+    out = tmp_path / "callgrind.out"
+    out.write_text("events: Ir\nsummary: 0\nfn=(1) a\n0 100\n+2 50\ncalls=3 0\n0 999\nfn=(2) b\n* 7\n-1\n")
+    assert total_instructions(out) == 157
+
+
+def test_the_instruction_counts_child_runs_its_call_between_the_marks(tmp_path, launches):
+    """The measured process of ``bench.host_instructions``, run here without valgrind (its marks
+    to go on and to stop already there): it warms up, marks ready, runs the calls, marks done,
+    and the kernels' path was the one it ran."""
+    from fused_softmax.bench.host_instructions import _child
+
+    (tmp_path / "go").touch()
+    (tmp_path / "stop").touch()
+    _child("training", "fused_softmax", 3, (2, 8), tmp_path)
+    assert (tmp_path / "ready").exists() and (tmp_path / "done").exists()
+    assert {launch.name for launch in launches} == {"softmax_forward_kernel", "softmax_backward_kernel"}

@@ -12,5 +12,9 @@
 - ``python -m fused_softmax.bench.traffic``: bytes each kernel moves, counted under Triton's
   interpreter (``traffic``);
 - ``python -m fused_softmax.bench.machine_code_report``: registers, spills and access widths of
-  every shipped kernel, compiled offline for sm_90 (``machine_code``).
+  every shipped kernel, compiled offline for sm_90 (``machine_code``);
+- ``python -m fused_softmax.bench.host_time``: wall time per small call against
+  ``torch.empty_like`` (on CPU under TRITON_INTERPRET=1, the launch stubbed);
+  ``python -m fused_softmax.bench.host_instructions``: the same calls' instructions per call,
+  counted by valgrind's callgrind, the same count each run (``host_instructions``).
 """

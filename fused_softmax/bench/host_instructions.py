@@ -4,15 +4,19 @@ Wall time on a shared CPU moves by 2x between runs minutes apart, and a change o
 nanoseconds to the host path is lost in it. Callgrind counts the instructions a call executes,
 the same count each run: each call runs in a process of its own under callgrind with counting
 off, and counting is switched on (``callgrind_control -i on``) only around a loop of ``calls``
-calls, after a warm-up. Counts are host-path instructions with the launch stubbed, against
-``torch.empty_like``'s in the same way; they rank changes to the host path, the GPU's wall
-time per call (``host_time`` on a GPU) is the figure users see.
+calls, after a warm-up, with Python's garbage collector off: a full collection, which any
+allocation may set off, walks the whole heap (some 70 million instructions here, 37k more a
+call over 2,000 training calls) and would land in one count and not the next. Counts are
+host-path instructions with the launch stubbed, against ``torch.empty_like``'s in the same
+way; they rank changes to the host path, the GPU's wall time per call (``host_time`` on a
+GPU) is the figure users see.
 
     python -m fused_softmax.bench.host_instructions [--calls 2000] [--shape 8,512]
 """
 
 import argparse
 import concurrent.futures
+import gc
 import os
 import shutil
 import subprocess
@@ -93,18 +97,22 @@ def _child(mode, name, calls, shape, folder):
     from .._launch import overridden
     from .host_time import _calls
 
-    torch.set_num_threads(1)
     x = torch.randn(*shape)
     call = _calls(x, torch.randn_like(x), mode)[name]
     marks = Path(folder)
     with overridden(run=False), use_backend("triton"):
         for _ in range(200):
             call()
-        (marks / "ready").touch()
-        while not (marks / "go").exists():
-            time.sleep(_POLL_S)
-        for _ in range(calls):
-            call()
+        gc.collect()  # before counting starts: it walks the whole heap
+        gc.disable()  # see the module's docstring
+        try:
+            (marks / "ready").touch()
+            while not (marks / "go").exists():
+                time.sleep(_POLL_S)
+            for _ in range(calls):
+                call()
+        finally:
+            gc.enable()
         (marks / "done").touch()
         while not (marks / "stop").exists():
             time.sleep(_POLL_S)
@@ -117,6 +125,9 @@ def main(argv=None):
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
     if options.child:
+        import torch
+
+        torch.set_num_threads(1)  # as host_time's CPU run: torch's own small calls wait on no pool
         mode, name, calls, shape, folder = options.child
         return _child(mode, name, int(calls), tuple(map(int, shape.split(","))), folder)
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
