@@ -13,6 +13,9 @@
 set -euo pipefail
 started=$(date +%s)
 cd "$(dirname "$0")/.."
+# The checkout root off sys.path (Python 3.11+): there kernels/ would shadow PyPI's kernels, which
+# transformers (and peers built on it) import.
+export PYTHONSAFEPATH=1
 python=${PYTHON:-python3}
 budget=${GPU_CHECK_BUDGET_S:-450}
 
