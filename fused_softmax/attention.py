@@ -277,6 +277,10 @@ def attention(
             f"scaled_dot_product_attention: expected query, key and value to be at least 2 dimensional, "
             f"got {query.dim()}-D, {key.dim()}-D and {value.dim()}-D"
         )
+    if attn_mask is not None and attn_mask.dim() < 2:  # SDPA reads its (L, S) dims before broadcasting it
+        if not attn_mask.dim():
+            raise IndexError("Dimension specified as -2 but tensor has no dimensions")
+        raise IndexError("Dimension out of range (expected to be in range of [-1, 0], but got -2)")
     if attn_mask is not None and attn_mask.dtype not in (torch.bool, query.dtype):
         raise RuntimeError(
             f"Expected attn_mask dtype to be bool or float or to match query dtype, but got attn_mask.dtype: "

@@ -348,3 +348,23 @@ def test_attention_errors_like_sdpa(device):
             fused_softmax.attention(q, k[:, :1], v[:, :1], attn_mask=mask, enable_gqa=True)
     with pytest.raises(RuntimeError):
         fused_softmax.attention(q[0, 0, 0], k[0, 0], v[0, 0])
+
+
+@pytest.mark.parametrize("shape", [(6,), ()], ids=["1-d", "0-d"])
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32], ids=str)
+def test_a_mask_without_its_query_and_key_dims_is_refused_as_sdpa_refuses_it(shape, mask_dtype, backend, device):
+    """SDPA takes a mask of at least (L, S) dims: one of fewer raises torch's own error (taken
+    from torch here, on this device), on both backends, where torch takes it, ours matches; the
+    same values as an [L, S] mask are served."""
+    q, k, v = sdpa_inputs(device, torch.float32)
+    mask = (torch.rand(shape, device=device) > 0.3).to(mask_dtype)
+    try:
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    except Exception as error:  # what torch raises is the contract
+        with pytest.raises(type(error), match=re.escape(str(error))):
+            fused_softmax.attention(q, k, v, attn_mask=mask)
+    else:
+        torch.testing.assert_close(fused_softmax.attention(q, k, v, attn_mask=mask), expected)
+    square = mask.expand(4, 6)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=square)
+    torch.testing.assert_close(fused_softmax.attention(q, k, v, attn_mask=square), expected)
