@@ -25,9 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from .host_time import LEAST_FUNCTION, MODES, YARDSTICK
+from .host_time import LEAST_FUNCTION, MODES, OTHER_CALLS, YARDSTICK
 
-CALLS = ("fused_softmax", "torch", LEAST_FUNCTION, YARDSTICK)
+CALLS = ("fused_softmax", "torch", LEAST_FUNCTION, YARDSTICK)  # a mode's; an OTHER_CALLS job's are these but the least
 _POLL_S = 0.05
 
 
@@ -40,7 +40,8 @@ def _wait_for(path, process):
 
 
 def count(mode, name, calls, shape):
-    """Instructions per call of ``name`` (one of CALLS) in ``mode``, on a float32 tensor of ``shape``."""
+    """Instructions per call of ``name`` (one of CALLS) in ``mode`` (one of MODES, on a float32
+    tensor of ``shape``, or a job of ``host_time.OTHER_CALLS``, on its own tensors)."""
     with tempfile.TemporaryDirectory() as folder:
         marks, out = Path(folder), Path(folder) / "callgrind.out"
         child = [
@@ -97,8 +98,11 @@ def _child(mode, name, calls, shape, folder):
     from .._launch import overridden
     from .host_time import _calls
 
-    x = torch.randn(*shape)
-    call = _calls(x, torch.randn_like(x), mode)[name]
+    if mode in OTHER_CALLS:
+        call = OTHER_CALLS[mode](torch.device("cpu"))[name]
+    else:
+        x = torch.randn(*shape)
+        call = _calls(x, torch.randn_like(x), mode)[name]
     marks = Path(folder)
     with overridden(run=False), use_backend("triton"):
         for _ in range(200):
@@ -133,11 +137,16 @@ def main(argv=None):
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         raise SystemExit("needs valgrind (callgrind and callgrind_control)")
     shape = tuple(map(int, options.shape.split(",")))
-    jobs = [(mode, name) for mode in MODES for name in CALLS if mode == "training" or name != LEAST_FUNCTION]
+    jobs = [
+        (mode, name)
+        for mode in (*MODES, *OTHER_CALLS)
+        for name in CALLS
+        if mode == "training" or name != LEAST_FUNCTION
+    ]
     with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         counts = dict(zip(jobs, pool.map(lambda job: count(*job, options.calls, shape), jobs), strict=True))
     print(f"Instructions per call, launch stubbed, float32 {list(shape)} (callgrind, {options.calls} calls)\n")
-    print(f"| mode | call | instructions | / {YARDSTICK} |")
+    print(f"| mode or job | call | instructions | / {YARDSTICK} |")
     print("|---|---|---|---|")
     for (mode, name), instructions in counts.items():
         print(f"| {mode} | {name} | {instructions:,.0f} | {instructions / counts[mode, YARDSTICK]:.1f}x |")
