@@ -362,7 +362,7 @@ class DirectLaunch:
 
     def launch(self, tensors):
         arguments = list(self.arguments)
-        for place, tensor in zip(self.places, tensors, strict=True):
+        for place, tensor in zip(self.places, tensors):  # noqa: B905 (as in Ready.launch)
             arguments[place] = tensor
         self.runner(*arguments)
 

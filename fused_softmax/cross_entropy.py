@@ -208,7 +208,10 @@ def _times_upstream(grad, grad_loss, reduction, batch_dims, target, ignore_index
 def _device_scalable(*tensors):
     """Whether the kernels can scale a gradient by these tensors: plain tensors, not ones that
     torch.func or ``is_grads_batched`` wrap."""
-    return not any(_functorch.is_functorch_wrapped_tensor(t) or _functorch.is_legacy_batchedtensor(t) for t in tensors)
+    for t in tensors:  # a loop, not any() over a generator: a small call's host time is the product
+        if _functorch.is_functorch_wrapped_tensor(t) or _functorch.is_legacy_batchedtensor(t):
+            return False
+    return True
 
 
 def _batched(apply, info, in_dims, input, target, weight, *options, batch_dims):
