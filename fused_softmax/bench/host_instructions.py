@@ -31,11 +31,11 @@ CALLS = ("fused_softmax", "torch", LEAST_FUNCTION, YARDSTICK)  # a mode's; an OT
 _POLL_S = 0.05
 
 
-def _wait_for(path, process):
+def _wait_for(path, process, errors):
     while not path.exists():
         if process.poll() is not None:
-            errors = process.stderr.read()[-2000:]
-            raise RuntimeError(f"the measured process ended early (exit status {process.returncode}):\n{errors}")
+            tail = errors.read_text()[-2000:]
+            raise RuntimeError(f"the measured process ended early (exit status {process.returncode}):\n{tail}")
         time.sleep(_POLL_S)
 
 
@@ -43,7 +43,7 @@ def count(mode, name, calls, shape):
     """Instructions per call of ``name`` (one of CALLS) in ``mode`` (one of MODES, on a float32
     tensor of ``shape``, or a job of ``host_time.OTHER_CALLS``, on its own tensors)."""
     with tempfile.TemporaryDirectory() as folder:
-        marks, out = Path(folder), Path(folder) / "callgrind.out"
+        marks, out, errors = Path(folder), Path(folder) / "callgrind.out", Path(folder) / "stderr"
         child = [
             sys.executable,
             "-m",
@@ -57,20 +57,21 @@ def count(mode, name, calls, shape):
         ]
         command = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}", *child]
         env = os.environ | {"TRITON_INTERPRET": "1", "PYTHONSAFEPATH": "1"}
-        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        with errors.open("w") as stderr:  # a file, not a pipe, which a chatty child could fill
+            process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
         try:
-            _wait_for(marks / "ready", process)
+            _wait_for(marks / "ready", process, errors)
             subprocess.run(["callgrind_control", "-i", "on", str(process.pid)], check=True, capture_output=True)
             (marks / "go").touch()
-            _wait_for(marks / "done", process)
+            _wait_for(marks / "done", process, errors)
             subprocess.run(["callgrind_control", "-i", "off", str(process.pid)], check=True, capture_output=True)
             (marks / "stop").touch()
-            _, errors = process.communicate(timeout=600)
+            process.wait(timeout=600)
         finally:
             if process.poll() is None:
                 process.kill()
         if process.returncode:
-            raise RuntimeError(f"callgrind of {name} ({mode}) failed:\n{errors[-2000:]}")
+            raise RuntimeError(f"callgrind of {name} ({mode}) failed:\n{errors.read_text()[-2000:]}")
         return total_instructions(out) / calls
 
 
@@ -145,7 +146,10 @@ def main(argv=None):
     ]
     with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         counts = dict(zip(jobs, pool.map(lambda job: count(*job, options.calls, shape), jobs), strict=True))
-    print(f"Instructions per call, launch stubbed, float32 {list(shape)} (callgrind, {options.calls} calls)\n")
+    print(
+        f"Instructions per call, launch stubbed (callgrind, {options.calls} calls); the modes on float32 "
+        f"{list(shape)}, the other jobs on their own tensors\n"
+    )
     print(f"| mode or job | call | instructions | / {YARDSTICK} |")
     print("|---|---|---|---|")
     for (mode, name), instructions in counts.items():
