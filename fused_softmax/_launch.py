@@ -677,8 +677,9 @@ def masked_softmax(x, mask, scale, causal_offset, out_dtype):
     y = empty_like(x, out_dtype)
     if not y.numel():
         return y
-    read = [] if mask is None else [("mask", mask_bytes(mask))]
-    if not _launched_ready(_masked_job(read, scale, causal_offset, None), (x, *[t for _, t in read]), y):
+    inputs = (x,) if mask is None else (x, mask_bytes(mask))
+    read = [("mask", inputs[1])] if mask is not None else []
+    if not _launched_ready(_masked_job(read, scale, causal_offset, None), inputs, y):
         _planned_masked_forward(x, y, masking(x, mask, scale, causal_offset), None)
     return y
 
