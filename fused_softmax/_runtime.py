@@ -82,14 +82,26 @@ def device_properties(device):
     return kernels().H100
 
 
+def _unscriptable_message(name):
+    return (
+        f"torch.jit.script cannot compile fused_softmax.{name}, which runs Triton kernels from "
+        "Python: use torch.compile or torch.export. While fused_softmax.patch() is on, torch's "
+        "softmax, log_softmax and cross-entropy reach fused_softmax too: script them outside it"
+    )
+
+
+def unscriptable(function):
+    """Marks a public function that TorchScript refuses clearly, before it tries to compile the
+    Python that launches the kernels (torch.jit.script's own hook, which torch.amp's autocast
+    decorator sets too). TorchScript resolves Tensor methods itself: a scripted ``x.softmax``
+    stays torch's, patched or not."""
+    function.__script_unsupported = _unscriptable_message(function.__name__)
+    return function
+
+
 class Unscriptable:
-    """A module base for fused_softmax's nn.Modules: TorchScript (torch.jit.script) cannot
-    compile a forward that launches Triton kernels from Python, so scripting one refuses it
-    clearly, before it reaches that code."""
+    """A module base for fused_softmax's nn.Modules: scripting one refuses it as ``unscriptable``
+    refuses the functions its forward calls."""
 
     def __prepare_scriptable__(self):
-        name = type(self).__name__
-        raise RuntimeError(
-            f"torch.jit.script cannot compile fused_softmax.{name}, whose forward runs Triton "
-            f"kernels from Python: use torch.compile or torch.export, or script torch.nn.{name}"
-        )
+        raise RuntimeError(_unscriptable_message(type(self).__name__))

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from . import _launch, _softcap_sinks_ops, ops
 from ._backend import is_kernel_dtype, use_kernels
+from ._runtime import unscriptable
 from ._softcap_sinks import SoftcapSinksFunction
 from ._transforms import bound_quickly, needs_autograd, vmapped_masked_softmax
 from .functional import JacobianProductFunction, _fusable, jacobian_product
@@ -194,6 +195,7 @@ def _float_argument(function, name, value):
     raise TypeError(f"{function}(): argument '{name}' must be float, not {type(value).__name__}")
 
 
+@unscriptable
 def masked_softmax(scores, mask=None, *, scale=1.0, causal=False, softcap=None, sinks=None, bias=None, dtype=None):
     """softmax(scale * scores + mask) over the last dim of ``scores`` [..., Lq, Lk], in one kernel.
 
@@ -253,6 +255,7 @@ def _softcap_sinks(scores, mask, scale, causal_offset, dtype, softcap, sinks, bi
     return SoftcapSinksFunction.apply(scores, mask, scale, causal_offset, dtype, softcap, sinks, bias)[0]
 
 
+@unscriptable
 def attention(
     query,
     key,

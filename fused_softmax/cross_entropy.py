@@ -27,7 +27,7 @@ from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import _launch
 from ._backend import is_kernel_dtype, selected_backend, use_kernels
-from ._runtime import Unscriptable
+from ._runtime import Unscriptable, unscriptable
 from ._transforms import batch_first, bound_quickly, needs_autograd
 
 # Captured at import, before any patch() can replace it: the eager path.
@@ -498,6 +498,7 @@ def _served_or_torch(reason, call):
     return result
 
 
+@unscriptable
 def cross_entropy(
     input,
     target,

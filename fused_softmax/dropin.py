@@ -16,6 +16,7 @@ from torch.overrides import has_torch_function_unary
 
 from . import modules
 from ._backend import use_kernels
+from ._runtime import unscriptable
 from .cross_entropy import CrossEntropyLoss, cross_entropy
 from .functional import log_softmax, softmax
 
@@ -63,6 +64,7 @@ def _dim_first(fused, original, form):
     and 0-d tensor dims and subclasses, and raises its own errors for the calls it rejects.
     """
 
+    @unscriptable
     @functools.wraps(original)
     def wrapper(*args, **kwargs):
         served = _served(form, args, kwargs)
@@ -83,11 +85,23 @@ def _replacements():
         (torch, "log_softmax", _dim_first(log_softmax, torch.log_softmax, _function_form)),
         (torch.Tensor, "softmax", _dim_first(softmax, torch.Tensor.softmax, _method_form)),
         (torch.Tensor, "log_softmax", _dim_first(log_softmax, torch.Tensor.log_softmax, _method_form)),
-        (torch.nn.Softmax, "forward", modules.Softmax.forward),
-        (torch.nn.LogSoftmax, "forward", modules.LogSoftmax.forward),
         (F, "cross_entropy", cross_entropy),
-        (torch.nn.CrossEntropyLoss, "forward", CrossEntropyLoss.forward),
+        *[
+            (torch_module, name, getattr(ours, name))
+            for torch_module, ours in _MODULES.items()
+            for name in ("forward", "__prepare_scriptable__")
+        ],
     ]
+
+
+# Each routed torch module and ours. Ours refuse TorchScript in __prepare_scriptable__, before
+# it makes a type for the class: a refusal while compiling forward would leave torch's class
+# half-defined for TorchScript, and every later script of it would fail ("Can't redefine method").
+_MODULES = {
+    torch.nn.Softmax: modules.Softmax,
+    torch.nn.LogSoftmax: modules.LogSoftmax,
+    torch.nn.CrossEntropyLoss: CrossEntropyLoss,
+}
 
 
 def is_enabled():

@@ -9,6 +9,7 @@ from torch.overrides import handle_torch_function, has_torch_function_unary
 from . import _jacobian, _launch, ops
 from ._backend import is_kernel_dtype, use_kernels
 from ._jacobian import backward_product, forward_product
+from ._runtime import unscriptable
 from ._transforms import (
     bound_quickly,
     legacy_batched,
@@ -255,6 +256,7 @@ def _compiled(name, input, dim, dtype):
     return getattr(ops, name)(input, _wrap_dim(name, dim, input.dim()), dtype)
 
 
+@unscriptable
 def softmax(input, dim=None, _stacklevel=3, dtype=None):
     """Drop-in for ``torch.nn.functional.softmax``: same signature, results, warnings and errors.
 
@@ -266,6 +268,7 @@ def softmax(input, dim=None, _stacklevel=3, dtype=None):
     return _dispatch("softmax", input, dim, _stacklevel, dtype)
 
 
+@unscriptable
 def log_softmax(input, dim=None, _stacklevel=3, dtype=None):
     """Drop-in for ``torch.nn.functional.log_softmax``, on the same kernels as ``softmax``."""
     if has_torch_function_unary(input):

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from . import _launch
 from ._backend import use_kernels
+from ._runtime import unscriptable
 from ._slices import combined_statistics, exponent_shift, losses_from_statistics
 from ._transforms import DerivativesRefused, batch_first, legacy_batched
 from .cross_entropy import (
@@ -755,6 +756,7 @@ def _check_like_torch(input, weight, target, bias, ignore_index, reduction, labe
             raise meta_error
 
 
+@unscriptable
 def linear_cross_entropy(
     input,
     weight,

@@ -127,6 +127,48 @@ def test_torchscript_refuses_the_modules_clearly(name):
         torch.jit.script(getattr(fused_softmax, name)(*arguments))
 
 
+def _scripted_softmax(x):
+    return fused_softmax.softmax(x, -1)
+
+
+def _scripted_log_softmax(x):
+    return fused_softmax.log_softmax(x, -1)
+
+
+def _scripted_masked_softmax(x):
+    return fused_softmax.masked_softmax(x, causal=True)
+
+
+def _scripted_attention(x):
+    return fused_softmax.attention(x, x, x)
+
+
+def _scripted_cross_entropy(x):
+    return fused_softmax.cross_entropy(x, x.argmax(-1))
+
+
+def _scripted_linear_cross_entropy(x):
+    return fused_softmax.linear_cross_entropy(x, x, x.argmax(-1))
+
+
+@pytest.mark.parametrize(
+    "name, function",
+    [
+        ("softmax", _scripted_softmax),
+        ("log_softmax", _scripted_log_softmax),
+        ("masked_softmax", _scripted_masked_softmax),
+        ("attention", _scripted_attention),
+        ("cross_entropy", _scripted_cross_entropy),
+        ("linear_cross_entropy", _scripted_linear_cross_entropy),
+    ],
+)
+def test_torchscript_refuses_code_calling_the_functions_clearly(name, function):
+    """Scripting user code that calls a public function says so at script time, by name, instead
+    of TorchScript failing on the first line of ours it cannot compile (a ContextVar lookup)."""
+    with pytest.raises(RuntimeError, match=f"torch.jit.script cannot compile fused_softmax.{name}, "):
+        torch.jit.script(function)
+
+
 def test_jit_trace_refuses_the_kernels(device):
     """torch.jit.trace records torch ops, not Triton launches: a traced kernel call would replay
     an unwritten output, so tracing one raises; under the torch backend it traces torch's ops."""

@@ -305,6 +305,71 @@ def test_small_model_is_unchanged_by_the_patch(device, name):
         torch.testing.assert_close(y, expected)
 
 
+def _scripted_torch_calls():
+    """Fresh functions each time: TorchScript keeps what it compiled per function object."""
+
+    def f_softmax(x):
+        return F.softmax(x, 1)
+
+    def f_log_softmax(x):
+        return F.log_softmax(x, dim=1)
+
+    def torch_softmax(x):
+        return torch.softmax(x, 1)
+
+    def torch_log_softmax(x):
+        return torch.log_softmax(x, 1)
+
+    def f_cross_entropy(x):
+        return F.cross_entropy(x, x.argmax(1))
+
+    return {
+        "F.softmax": f_softmax,
+        "F.log_softmax": f_log_softmax,
+        "torch.softmax": torch_softmax,
+        "torch.log_softmax": torch_log_softmax,
+        "F.cross_entropy": f_cross_entropy,
+        "nn.Softmax": torch.nn.Softmax(1),
+        "nn.LogSoftmax": torch.nn.LogSoftmax(1),
+        "nn.CrossEntropyLoss": _CrossEntropyOfArgmax(),
+    }
+
+
+class _CrossEntropyOfArgmax(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.loss = torch.nn.CrossEntropyLoss()
+
+    def forward(self, x):
+        return self.loss(x, x.argmax(1))
+
+
+@pytest.mark.parametrize("entry", list(_scripted_torch_calls()))
+def test_torchscript_refuses_the_routed_entry_points_while_patched(entry):
+    """While patched, scripting code that calls a routed torch entry point refuses it clearly at
+    script time (it would compile the Python that launches the kernels); outside the patch the
+    same code scripts and runs torch's own."""
+    with fused_softmax.patch(), pytest.raises(RuntimeError, match="torch.jit.script cannot compile fused_softmax"):
+        torch.jit.script(_scripted_torch_calls()[entry])
+    eager = _scripted_torch_calls()[entry]
+    x = torch.randn(3, 5, dtype=torch.float64)
+    assert_close(torch.jit.script(_scripted_torch_calls()[entry])(x), eager(x), torch.float64)
+
+
+def test_a_scripted_tensor_method_stays_torchs_while_patched():
+    """TorchScript resolves Tensor methods itself, never through Python's torch.Tensor, so the
+    switch cannot reach a scripted ``x.softmax``: it scripts and runs torch's, as the README says."""
+
+    def method(x):
+        return x.softmax(1) + x.log_softmax(1)
+
+    x = torch.randn(3, 5, dtype=torch.float64)
+    with fused_softmax.patch():
+        scripted = torch.jit.script(method)
+    assert "aten::softmax" in str(scripted.graph)
+    assert_close(scripted(x), torch.softmax(x, 1) + torch.log_softmax(x, 1), torch.float64)
+
+
 def test_swap_modules_in_nested_models(device, launches):
     model = Block().to(device)
     attend = model.attend
