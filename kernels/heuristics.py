@@ -55,11 +55,14 @@ IN_FLIGHT_MARGIN = 1.25
 # as in ``launch_config``. Under ptxas 12.8 (Triton 3.6) the online rule's warps spilled 4 to
 # 88 bytes: fp32 under softcapping or sinks at 4 warps, fp64 at 8 or 16 (values kept across
 # the subroutine calls of the 64-bit index divisions; fp64's backward at 128 registers, its
-# cap at 16 warps). These compile spill-free under ptxas 12.8 and 13.4 (Triton 3.9), found by
-# compiling the neighbouring tiles and warps of every audited shape under both.
+# cap at 16 warps), and the masked forward's normalising phase 8 bytes in fp16/bf16 at 4 warps
+# and 160-232 in fp64 at 2,048-element tiles (255 registers). These compile spill-free under
+# ptxas 12.8 and 13.4 (Triton 3.9), found by compiling the neighbouring tiles and warps of
+# every audited shape under both.
 SPLIT_SCORE_TILES = {
+    (2, 1, False): (ONLINE_BLOCK >> 1, 1, 4),
     (4, 2, False): (ONLINE_BLOCK >> 2, 1, 4),
-    (8, 1, False): (ONLINE_BLOCK >> 1, 4, 4),
+    (8, 1, False): (ONLINE_BLOCK >> 2, 4, 4),
     (8, 2, False): (ONLINE_BLOCK >> 3, 1, 4),
     (8, 2, True): (ONLINE_BLOCK >> 3, 2, 4),
 }

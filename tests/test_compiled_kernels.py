@@ -1,12 +1,12 @@
 """Every kernel an H100 is given, compiled offline for sm_90: no register spills, and global
 accesses as wide as the host's proven alignment allows, under whichever Triton is installed
 (CI's 3.9). Under the GPU image's 3.6, whose ptxas 12.8 spills where 3.9's 13.4 does not
-(values kept across the subroutine calls of 64-bit index divisions), these spilled at commit
-71a3aaf (2026-12-02): 4-16 bytes in an fp64 streamed tangent, an fp64 masked softcap tile,
-fp32 row statistics at 131,072 columns, bf16 cross-entropy and vocabulary-slice online tiles at
-16,384 classes, fp16/bf16 masked split-row normalising at 32,768 and an fp64 cooperative chunk;
-200-340 bytes in fp64 masked split-row normalising at 131,072. Under 3.9 one masked kernel
-spills (``_known_division_spill``).
+(values kept across the subroutine calls of 64-bit index divisions), 11 of 2,075 kernels
+spilled 4-16 bytes when the masked split tiles were last set (2026-12-04): 16 bytes in fp16/bf16 online
+masked forwards with softcap, sinks, a bool mask and causal at 16,384; 8 in an fp64 streamed
+tangent; 4 in an fp64 masked softcap tile, fp32 row statistics at 131,072, bf16 and fp32
+cross-entropy online tiles at 16,384, three vocabulary-slice tiles and an fp64 cooperative
+chunk. Under 3.9 one masked kernel spills (``_known_division_spill``).
 
 The kernels are the ones the host launches (``fused_softmax.machine_code.shipped_kernels``): for
 contiguous rows of every length from 1 to 4M, each dtype (and fused upcast), forward and
