@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from ._runtime import constant_under_compile, jit_tracing, kernels_interpreted, triton_available
+from ._runtime import constant_under_compile, interpreter_problem, jit_tracing, kernels_interpreted, triton_available
 
 BACKENDS = ("auto", "triton", "torch")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -87,6 +87,9 @@ def use_kernels(tensor, dtype):
                 "fused_softmax backend 'triton' runs CPU tensors only under Triton's interpreter: "
                 "set TRITON_INTERPRET=1 before triton is first imported"
             )
+        problem = interpreter_problem()
+        if problem is not None:
+            raise RuntimeError(problem)
     elif not tensor.is_cuda:
         raise RuntimeError(
             f"fused_softmax backend 'triton' runs on CUDA tensors (or CPU tensors under Triton's "

@@ -64,6 +64,36 @@ def _interpreted():
     return all(isinstance(f, InterpretedFunction) for f in (kernels().softmax_forward_kernel, standard.cdiv))
 
 
+@constant_under_compile
+def interpreter_problem():
+    """Why Triton's interpreter cannot run the kernels here, or None: asked once
+    (``_interpreter_problem``), when the kernels are interpreted."""
+    return _interpreter_problem()
+
+
+@functools.cache
+def _interpreter_problem():
+    import numpy
+    import triton
+    from triton.runtime.errors import InterpreterError
+
+    items = torch.zeros(3, dtype=torch.int64)
+    try:
+        kernels().persistent_loop_probe_kernel[(2,)](items, 3)
+    except InterpreterError as error:
+        found = repr(error.__cause__ or error)
+    else:
+        if items.tolist() == [1, 2, 3]:
+            return None
+        found = f"it wrote {items.tolist()} where [1, 2, 3] was due"
+    return (
+        f"Triton {triton.__version__}'s interpreter cannot run fused_softmax's kernels with NumPy "
+        f"{numpy.__version__}: {found}. Triton 3.6's reads loop bounds with int() of a one-element "
+        f"array, which NumPy 2.4 refuses (triton-lang/triton#9171): install numpy<2.4, or a Triton "
+        f"whose interpreter takes them (3.9's does)"
+    )
+
+
 @functools.cache
 def _cuda_properties(index):
     props = torch.cuda.get_device_properties(index)

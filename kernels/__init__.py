@@ -13,7 +13,8 @@
   from them: ``row_stats``;
 - the split-row regime, rows too few to fill the GPU cut into chunks: ``split_row``; its
   cooperative form, each chunk read once and held on chip across a barrier: ``cooperative``;
-  for masked_softmax's scores (a decoding step's few long rows): ``split_attention``.
+  for masked_softmax's scores (a decoding step's few long rows): ``split_attention``;
+- the interpreter's probe, run once before its first launch: ``probe``.
 """
 
 if __name__ == "kernels":
@@ -36,6 +37,7 @@ from .cross_entropy import (
     vocab_slice_statistics_kernel,
 )
 from .heuristics import H100, H200, DeviceProperties, LaunchConfig, launch_config
+from .probe import persistent_loop_probe_kernel
 from .row_stats import (
     backward_row_sums_kernel,
     backward_with_row_sums_kernel,
@@ -69,6 +71,7 @@ __all__ = [
     "masked_softmax_forward_kernel",
     "mean_grad_scale_kernel",
     "normalise_with_lse_kernel",
+    "persistent_loop_probe_kernel",
     "reduced_loss_kernel",
     "row_statistics_kernel",
     "scale_grad_kernel",

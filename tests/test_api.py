@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import TOLERANCES, assert_close, random
+from support import INTERPRETED, TOLERANCES, assert_close, random
 
 import fused_softmax
+from fused_softmax import _runtime
 from fused_softmax.testing import reference
 
 
@@ -329,6 +330,43 @@ with fused_softmax.use_backend('triton'):
 """
     without_interpreter = run_python(code, TRITON_INTERPRET=None, CUDA_VISIBLE_DEVICES="")
     assert without_interpreter.returncode == 0, without_interpreter.stderr
+
+
+class _ProbeThat:
+    """A stand-in for the interpreter's probe kernel: ``fails`` raises as Triton 3.6's interpreter
+    does under NumPy 2.4, else it runs and writes nothing."""
+
+    def __init__(self, fails):
+        self.fails = fails
+
+    def __getitem__(self, grid):
+        return self
+
+    def __call__(self, items, n_items):
+        from triton.runtime.errors import InterpreterError
+
+        if self.fails:
+            cause = TypeError("only 0-dimensional arrays can be converted to Python scalars")
+            raise InterpreterError(repr(cause)) from cause
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="the probe runs where the kernels are interpreted")
+@pytest.mark.parametrize(
+    "fails, found", [(True, "TypeError"), (False, "it wrote \\[0, 0, 0\\]")], ids=["raises", "wrong"]
+)
+def test_an_interpreter_that_cannot_run_the_kernels_is_refused_clearly(monkeypatch, fails, found):
+    """The 'triton' backend on CPU tensors first runs a probe of the loop every kernel runs: an
+    interpreter that cannot (Triton 3.6's under NumPy 2.4: every launch raised a TypeError from
+    inside Triton) is refused with what it found, its versions and the remedy."""
+    monkeypatch.setattr(_runtime.kernels(), "persistent_loop_probe_kernel", _ProbeThat(fails))
+    _runtime._interpreter_problem.cache_clear()
+    try:
+        with fused_softmax.use_backend("triton"), pytest.raises(RuntimeError, match=f"NumPy .*: {found}.*numpy<2.4"):
+            fused_softmax.softmax(random((2, 3), scale=1.0), dim=1)
+    finally:
+        _runtime._interpreter_problem.cache_clear()
+    monkeypatch.undo()
+    assert _runtime.interpreter_problem() is None  # this machine's interpreter runs the real probe
 
 
 def run_python(code, **env):
