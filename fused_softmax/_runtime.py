@@ -88,9 +88,9 @@ def _interpreter_problem():
         found = f"it wrote {items.tolist()} where [1, 2, 3] was due"
     return (
         f"Triton {triton.__version__}'s interpreter cannot run fused_softmax's kernels with NumPy "
-        f"{numpy.__version__}: {found}. Triton 3.6's reads loop bounds with int() of a one-element "
-        f"array, which NumPy 2.4 refuses (triton-lang/triton#9171): install numpy<2.4, or a Triton "
-        f"whose interpreter takes them (3.9's does)"
+        f"{numpy.__version__}: {found}. Known cause: Triton 3.6's interpreter reads loop bounds with "
+        f"int() of a one-element array, which NumPy 2.4 refuses (triton-lang/triton#9171): install "
+        f"numpy<2.4, or a Triton whose interpreter takes them (3.9's does)"
     )
 
 

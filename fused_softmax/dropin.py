@@ -94,14 +94,12 @@ def _replacements():
     ]
 
 
+# The torch modules swap_modules turns into ours.
+_SWAPS = {torch.nn.Softmax: modules.Softmax, torch.nn.LogSoftmax: modules.LogSoftmax}
 # Each routed torch module and ours. Ours refuse TorchScript in __prepare_scriptable__, before
 # it makes a type for the class: a refusal while compiling forward would leave torch's class
 # half-defined for TorchScript, and every later script of it would fail ("Can't redefine method").
-_MODULES = {
-    torch.nn.Softmax: modules.Softmax,
-    torch.nn.LogSoftmax: modules.LogSoftmax,
-    torch.nn.CrossEntropyLoss: CrossEntropyLoss,
-}
+_MODULES = {**_SWAPS, torch.nn.CrossEntropyLoss: CrossEntropyLoss}
 
 
 def is_enabled():
@@ -151,9 +149,6 @@ def patch():
 _blocks_lock = threading.Lock()
 _open_blocks = 0  # patch() blocks open, in every thread
 _enabled_by_blocks = False  # whether the first of them enabled the switch (so the last disables it)
-
-
-_SWAPS = {torch.nn.Softmax: modules.Softmax, torch.nn.LogSoftmax: modules.LogSoftmax}
 
 
 def swap_modules(model):

@@ -332,7 +332,7 @@ with fused_softmax.use_backend('triton'):
     assert without_interpreter.returncode == 0, without_interpreter.stderr
 
 
-class _ProbeThat:
+class _StandInProbe:
     """A stand-in for the interpreter's probe kernel: ``fails`` raises as Triton 3.6's interpreter
     does under NumPy 2.4, else it runs and writes nothing."""
 
@@ -358,7 +358,7 @@ def test_an_interpreter_that_cannot_run_the_kernels_is_refused_clearly(monkeypat
     """The 'triton' backend on CPU tensors first runs a probe of the loop every kernel runs: an
     interpreter that cannot (Triton 3.6's under NumPy 2.4: every launch raised a TypeError from
     inside Triton) is refused with what it found, its versions and the remedy."""
-    monkeypatch.setattr(_runtime.kernels(), "persistent_loop_probe_kernel", _ProbeThat(fails))
+    monkeypatch.setattr(_runtime.kernels(), "persistent_loop_probe_kernel", _StandInProbe(fails))
     _runtime._interpreter_problem.cache_clear()
     try:
         with fused_softmax.use_backend("triton"), pytest.raises(RuntimeError, match=f"NumPy .*: {found}.*numpy<2.4"):
