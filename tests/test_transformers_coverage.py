@@ -159,3 +159,38 @@ def test_no_causal_model_sees_the_future(model_type, monkeypatch):
 def test_transformers_version_has_the_checks_register_wraps():
     assert callable(transformers.PreTrainedModel.get_correct_attn_implementation)
     assert transformers.PreTrainedModel.set_attn_implementation.refuses_unserved_models
+
+
+# An attention layer as Doge's was before transformers 5.25: it derives the mask it dispatches
+# from the causal mask transformers gives it, which may be None for "causal".
+_DERIVING_LAYER = """
+class ToyAttention(nn.Module):
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        attn_mask = self.prepare_dynamic_mask(
+            hidden_states,
+            attention_mask=attention_mask,
+        )
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager)
+        attn_output, attn_weights = attention_interface(self, q, k, v, attention_mask=attn_mask, scaling=1.0)
+        return attn_output
+"""
+
+
+@pytest.mark.parametrize(
+    "change, refused",
+    [
+        (lambda source: source, True),
+        (lambda source: source + "\nmask = create_causal_mask(config=c, allow_is_causal_skip=False)\n", False),
+        (lambda source: source.replace("**kwargs):", "**kwargs):\n        self.is_causal = False"), False),
+        (lambda source: source.replace("attention_mask=attn_mask", "attention_mask=attention_mask"), False),
+        (lambda source: source.replace("attention_mask=attention_mask,\n", "dt_states,\n"), False),
+    ],
+    ids=["derived from the causal mask", "mask always built", "not causal", "passed through", "not derived"],
+)
+def test_a_layer_deriving_its_mask_from_a_skippable_causal_mask_is_refused(change, refused):
+    """The source check that refuses Doge under transformers before 5.25 (its tiny model saw the
+    future under our attention, and under SDPA): only a causal layer that dispatches a mask derived
+    from transformers' causal mask, in a model that lets that mask be None."""
+    from fused_softmax.integrations.transformers import _derives_a_skippable_causal_mask
+
+    assert _derives_a_skippable_causal_mask(change(_DERIVING_LAYER)) is refused

@@ -91,6 +91,34 @@ def fused_attention_forward(
 # attention layer and looks its implementation up in ALL_ATTENTION_FUNCTIONS (``[name]`` before 5.0).
 _ATTENTION_LAYER = re.compile(r"^class \w*Attention\w*\(nn\.Module\):", re.MULTILINE)
 _INTERFACE_LOOKUP = re.compile(r"ALL_ATTENTION_FUNCTIONS(\.get_interface\(|\[)")
+# The name of the mask an attention layer hands the interface; a layer not causal; a model that
+# makes transformers build its causal mask even where None would mean "causal".
+_DISPATCHED_MASK = re.compile(r"attention_interface\((?:[^()]|\([^()]*\))*?attention_mask\s*=\s*(\w+)", re.DOTALL)
+_NOT_CAUSAL = re.compile(r"self\.is_causal\s*=\s*False")
+_CAUSAL_MASK_BUILT = re.compile(r"""["']?allow_is_causal_skip["']?\s*[=:]\s*False""")
+
+
+def _statements_assigning(source, name):
+    """Each statement of ``source`` that assigns ``name``: its first line and the lines under it."""
+    for start in re.finditer(rf"^([ \t]*){name}\s*=[^=]", source, re.MULTILINE):
+        first, *rest = source[start.start() :].split("\n")
+        statement = [first]
+        for line in rest:
+            if len(line) - len(line.lstrip()) <= len(start.group(1)) and line.strip() != ")":
+                break
+            statement.append(line)
+        yield "\n".join(statement)
+
+
+def _derives_a_skippable_causal_mask(source):
+    """Whether causal attention layers dispatch a mask they derive from the one transformers gives
+    them, where transformers may give None for "causal" (SDPA's convention, our mask function's):
+    the derived mask then lacks causality and the model sees the future (Doge before
+    transformers 5.25, which since builds its mask with allow_is_causal_skip=False)."""
+    if _NOT_CAUSAL.search(source) or _CAUSAL_MASK_BUILT.search(source):
+        return False
+    derived = set(_DISPATCHED_MASK.findall(source)) - {"attention_mask", "causal_mask", "None"}
+    return any("attention_mask" in statement for name in derived for statement in _statements_assigning(source, name))
 
 
 @functools.cache
@@ -111,6 +139,11 @@ def unserved_reason(model_class):
         return "its attention layers do not dispatch through transformers' AttentionInterface, so they would ignore it"
     if not (model_class._supports_sdpa or model_class._supports_flash_attn):
         return "it supports neither SDPA nor flash attention, whose mask conventions it relies on"
+    if _derives_a_skippable_causal_mask(source):
+        return (
+            "its causal attention layers derive the mask they dispatch from transformers' causal mask, which this "
+            "transformers version lets be None for 'causal', so the derived mask would let tokens see the future"
+        )
     return None
 
 
