@@ -23,12 +23,20 @@ from ._transforms import (
 _PYTHON_DTYPES = {float: torch.float64, int: torch.int64, bool: torch.bool, complex: torch.complex128}
 
 
-def _python_dtype(name, dtype):
+def _python_dtype(name, dtype, ndim):
     """A dtype= that is not a torch.dtype, as torch's argument parser takes it: Python's float
-    (float64), int, bool and complex; anything else its TypeError."""
+    (float64), int, bool and complex; anything else torch's own error."""
     if isinstance(dtype, type) and dtype in _PYTHON_DTYPES:
         return _PYTHON_DTYPES[dtype]
-    raise TypeError(f"{name}(): argument 'dtype' must be torch.dtype, not {type(dtype).__name__}")
+    _raise_torchs_error(name, ndim, 0, dtype)
+    raise TypeError(f"{name}(): torch takes dtype={dtype!r}, which fused_softmax cannot read")  # a newer torch's
+
+
+def _raise_torchs_error(name, ndim, dim, dtype=None):
+    """Raises what torch's own function raises for these arguments, on an empty tensor of ``ndim``
+    dims: its argument parser's words, which change between releases (torch 2.11 lists the
+    overloads it expected, 2.13 names the argument), rather than a copy of one release's."""
+    _TORCH[name](torch.empty((0,) * ndim), dim, dtype=dtype)
 
 
 def _implicit_dim(name, ndim, stacklevel):
@@ -40,31 +48,25 @@ def _implicit_dim(name, ndim, stacklevel):
 
 
 def _wrap_dim(name, dim, ndim):
-    """Check ``dim`` the way torch does (``_dim_error``) and make it non-negative."""
+    """``dim`` made non-negative; for a dim torch refuses (``_refused_dim``), torch's error."""
     if type(dim) is int and -ndim <= dim < ndim:
         return dim % ndim
-    error = _dim_error(name, dim, ndim)
-    if error is not None:
-        raise error
+    if _refused_dim(dim, ndim):
+        _raise_torchs_error(name, ndim, dim)
     return operator.index(dim) % max(ndim, 1)
 
 
-def _dim_error(name, dim, ndim):
-    """The error torch raises for ``dim`` of an ``ndim``-dim tensor, with its message (TypeError,
-    ValueError past int64, IndexError); None for a dim it takes. Returned, not raised: under
+def _refused_dim(dim, ndim):
+    """Whether torch refuses ``dim`` of an ``ndim``-dim tensor: not an index (a bool, a float, a
+    tensor of more than one element or of floats) or out of range. Python alone: under
     torch.compile a call that torch refuses goes to torch's op, which raises where dynamo cannot."""
+    if isinstance(dim, bool):
+        return True
     try:
-        if isinstance(dim, bool):
-            raise TypeError
-        dim = operator.index(dim)  # refuses a tensor of more than one element, or of floats
+        dim = operator.index(dim)
     except TypeError:
-        return TypeError(f"{name}(): argument 'dim' (position 1) must be int, not {type(dim).__name__}")
-    if not -(2**63) <= dim < 2**63:
-        return ValueError("Overflow when unpacking long long")
-    bound = max(ndim, 1)
-    if not -bound <= dim < bound:
-        return IndexError(f"Dimension out of range (expected to be in range of [{-bound}, {bound - 1}], but got {dim})")
-    return None
+        return True
+    return not -max(ndim, 1) <= dim < max(ndim, 1)
 
 
 def _setup_context(ctx, inputs, y):
@@ -240,7 +242,7 @@ def _kernel_input(name, input, dtype):
     """(input, dtype) as the kernels take them: dtype= read as torch's parser reads it, and
     cast first where the kernels cannot fuse the cast (``_fusable``; the dtype then None)."""
     if dtype is not None and not isinstance(dtype, torch.dtype):
-        dtype = _python_dtype(name, dtype)
+        dtype = _python_dtype(name, dtype, input.dim())
     if dtype is not None and not _fusable(input.dtype, dtype):
         return input.to(dtype), None
     return input, dtype
@@ -251,7 +253,7 @@ def _compiled(name, input, dim, dtype):
     refuses the call (a bad dim, a dtype the kernels do not take), so that torch raises its own
     error: dynamo cannot trace a raise under fullgraph."""
     input, dtype = _kernel_input(name, input, dtype)
-    if _dim_error(name, dim, input.dim()) is not None or not is_kernel_dtype(input.dtype):
+    if _refused_dim(dim, input.dim()) or not is_kernel_dtype(input.dtype):
         return _TORCH[name](input, dim, dtype=dtype)
     return getattr(ops, name)(input, _wrap_dim(name, dim, input.dim()), dtype)
 

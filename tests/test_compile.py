@@ -60,7 +60,8 @@ REFUSED_CALLS = {
 @pytest.mark.parametrize("op_name", ["softmax", "log_softmax"])
 def test_a_refused_call_raises_torchs_error_under_fullgraph(device, op_name, refused):
     """Under fullgraph, dynamo cannot trace a raise (it would report Unsupported): a call torch
-    refuses must fail with torch's own error type and message, as torch's function does there."""
+    refuses must fail with torch's own error type and message, as torch's function does there
+    (IndexError under torch 2.13; 2.11's dynamo wraps log_softmax's in a TorchRuntimeError)."""
     call, make = REFUSED_CALLS[refused]
     x = make(torch.randn(4, 8, device=device))
     errors = []
@@ -71,7 +72,7 @@ def test_a_refused_call_raises_torchs_error_under_fullgraph(device, op_name, ref
             compiled(x)
         errors.append((type(caught.value), str(caught.value).splitlines()[0]))  # less dynamo's trace of the user code
     assert errors[1] == errors[0]
-    assert errors[0][0] in (IndexError, NotImplementedError)
+    assert not issubclass(errors[0][0], torch._dynamo.exc.Unsupported)  # torch's error, not an untraceable raise
 
 
 def test_compiled_online_regime(kernels, device):
