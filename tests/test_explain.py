@@ -2,6 +2,8 @@
 without a GPU. Every shape of at least 4 MiB is predicted at 85 % of the bandwidth or more, and
 the traffic explain states is the traffic the kernels make, counted under the interpreter."""
 
+import re
+
 import pytest
 import torch
 from support import random
@@ -91,8 +93,8 @@ def test_a_shape_too_large_for_this_machine_is_explained():
 @pytest.mark.parametrize(
     "args, error, message",
     [
-        (((4, 8), 2), IndexError, r"Dimension out of range \(expected to be in range of \[-2, 1\], but got 2\)"),
-        (((4, 8), 1.0), TypeError, "argument 'dim'"),
+        (((4, 8), 2), IndexError, None),
+        (((4, 8), 1.0), TypeError, None),
         (((0, 8),), ValueError, "is empty, and softmax launches nothing"),
         (((4, -8),), ValueError, "no negative sizes"),
         ((8,), TypeError, "x is a tensor or a shape"),
@@ -100,6 +102,12 @@ def test_a_shape_too_large_for_this_machine_is_explained():
     ids=["dim-out-of-range", "dim-float", "empty", "negative-size", "not-a-shape"],
 )
 def test_what_softmax_refuses_explain_refuses(args, error, message):
+    """A shape explain cannot plan is refused; a dim with softmax's own error (None: the installed
+    torch's words, which change between releases)."""
+    if message is None:
+        with pytest.raises(error) as expected:
+            torch.nn.functional.softmax(torch.empty(args[0]), args[1])
+        message = re.escape(str(expected.value))
     with pytest.raises(error, match=message):
         fused_softmax.explain(*args)
     with pytest.raises(TypeError, match="the kernels take"):

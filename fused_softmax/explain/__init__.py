@@ -122,7 +122,7 @@ def explain(x, dim=-1, *, backward=False, dtype=None, device=None, cooperative=N
     A shape, dtype or dim softmax would refuse raises as softmax does; an empty tensor, which
     launches nothing, raises ValueError."""
     shape, dtype, strides = _described(x, dtype)
-    dim = _wrap_dim("explain", dim, len(shape))
+    dim = _wrap_dim("softmax", dim, len(shape))
     if not math.prod(shape):
         raise ValueError(f"explain: {list(shape)} is empty, and softmax launches nothing for it")
     properties = _properties(device)
