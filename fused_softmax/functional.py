@@ -29,7 +29,8 @@ def _python_dtype(name, dtype, ndim):
     if isinstance(dtype, type) and dtype in _PYTHON_DTYPES:
         return _PYTHON_DTYPES[dtype]
     _raise_torchs_error(name, ndim, 0, dtype)
-    raise TypeError(f"{name}(): torch takes dtype={dtype!r}, which fused_softmax cannot read")  # a newer torch's
+    # Reached only if this torch takes a dtype= the table above lacks.
+    raise TypeError(f"{name}(): dtype={dtype!r} is taken by this torch but not read by fused_softmax")
 
 
 def _raise_torchs_error(name, ndim, dim, dtype=None):
